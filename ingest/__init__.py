@@ -1,0 +1,1 @@
+"""ingest: the write side of knnlm (corpus readers and the ingest worker)."""

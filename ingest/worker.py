@@ -1,0 +1,246 @@
+"""The ingest worker: text -> LM keys -> (key, next token) points in the store.
+
+Resumable by construction: point ids are a function of (domain, text, position, token), so
+writing a point twice leaves one point, and a document whose points are all in the store is
+skipped. Kill it at any moment, run it again, and the store ends exactly as after a clean run.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from ingest.corpus import Document
+from knn_store import CorpusError, KnnStore, LanguageModel, PointBatch, sliding_windows
+from knn_store.store.base import DOC_FIELD, DOMAIN_FIELD, OFFSET_FIELD, SOURCE_FIELD
+from knn_store.store.point_ids import document_hash, document_key, make_point_ids
+from knn_store.windows import Window, pack_windows
+
+
+@dataclass(frozen=True)
+class _Tokenized:
+    document: Document
+    ids: np.ndarray  # int64 [n], with the BOS prefix
+    doc_hash: int
+
+    @property
+    def key(self) -> str:
+        return document_key(self.doc_hash)
+
+    @property
+    def n_points(self) -> int:
+        return max(len(self.ids) - 1, 0)
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    documents: int  # distinct documents read
+    resumed: int  # documents already complete in the store, skipped
+    tokens: int  # positions run through the LM in this run
+    points_before: int
+    points_after: int
+    seconds: float  # wall time of the LM + write phase
+    index_seconds: float  # time to flush and build the index
+
+    @property
+    def points_added(self) -> int:
+        return self.points_after - self.points_before
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class IngestWorker:
+    """Runs the LM over documents and upserts their points, writing while the LM computes.
+
+    Args:
+        lm: the language model (its key type decides what is stored).
+        store: the target collection; created on first use.
+        domain: tag of every point written (filterable at search time).
+        window, stride: sliding windows, see ``knn_store.windows``.
+        batch_size: windows per LM forward.
+        upsert_batch: points per upsert request.
+        progress: show a progress bar on stderr.
+    """
+
+    def __init__(
+        self,
+        lm: LanguageModel,
+        store: KnnStore,
+        *,
+        domain: str,
+        window: int,
+        stride: int,
+        batch_size: int = 1,
+        upsert_batch: int = 512,
+        progress: bool = True,
+    ) -> None:
+        if not domain:
+            raise ValueError("`domain` must be a non-empty string")
+        if window > lm.max_positions:
+            raise ValueError(
+                f"`window` ({window}) exceeds the model's context ({lm.max_positions})"
+            )
+        self.lm = lm
+        self.store = store
+        self.domain = domain
+        self.window = window
+        self.stride = stride
+        self.batch_size = batch_size
+        self.upsert_batch = upsert_batch
+        self.progress = progress
+
+    def run(self, documents: Iterable[Document]) -> IngestReport:
+        docs = self._tokenize(documents)  # reads everything first: bad input writes nothing
+        self.store.ensure_collection(self.lm.collection_meta())
+        points_before = self.store.count()
+        todo = [d for d in docs if self.store.count(doc=d.key) != d.n_points]
+        total = sum(d.n_points for d in todo)
+
+        started = time.perf_counter()
+        bar = tqdm(
+            total=total, unit="tok", unit_scale=True, desc="ingest", disable=not self.progress
+        )
+        with _BackgroundWriter(self.store) as writer, bar:
+            pending: list[PointBatch] = []
+            for batch in self._point_batches(todo):
+                pending.append(batch)
+                bar.update(len(batch))
+                while sum(len(b) for b in pending) >= self.upsert_batch:
+                    chunk, pending = _take(pending, self.upsert_batch)
+                    writer.put(chunk)
+            if pending:
+                writer.put(_concat(pending))
+        seconds = time.perf_counter() - started
+
+        started = time.perf_counter()
+        self.store.finalize()
+        index_seconds = time.perf_counter() - started
+        return IngestReport(
+            documents=len(docs),
+            resumed=len(docs) - len(todo),
+            tokens=total,
+            points_before=points_before,
+            points_after=self.store.count(),
+            seconds=seconds,
+            index_seconds=index_seconds,
+        )
+
+    def _tokenize(self, documents: Iterable[Document]) -> list[_Tokenized]:
+        seen: set[int] = set()
+        out: list[_Tokenized] = []
+        for doc in documents:
+            h = document_hash(self.domain, doc.text)
+            if h in seen:  # identical text gives identical points: store it once
+                continue
+            seen.add(h)
+            out.append(_Tokenized(doc, self.lm.encode(doc.text), h))
+        if not out:
+            raise CorpusError("the corpus holds no documents")
+        if sum(d.n_points for d in out) == 0:
+            raise CorpusError("the corpus yields no tokens to store")
+        return out
+
+    def _point_batches(self, docs: list[_Tokenized]) -> Iterator[PointBatch]:
+        """One PointBatch per LM forward of up to ``batch_size`` windows."""
+        group: list[tuple[_Tokenized, Window]] = []
+        for doc in docs:
+            for win in sliding_windows(len(doc.ids), window=self.window, stride=self.stride):
+                group.append((doc, win))
+                if len(group) == self.batch_size:
+                    yield self._forward(group)
+                    group = []
+        if group:
+            yield self._forward(group)
+
+    def _forward(self, group: list[tuple[_Tokenized, Window]]) -> PointBatch:
+        input_ids, mask = pack_windows([(d.ids, w) for d, w in group], pad_id=self.lm.pad_id)
+        keys = self.lm.forward(input_ids, attention_mask=mask, with_logits=False).keys  # [b, W, d]
+        keys_np = keys.cpu().numpy()
+
+        ids: list[str] = []
+        payloads: list[dict[str, object]] = []
+        rows: list[np.ndarray] = []
+        for row, (doc, win) in enumerate(group):
+            positions = win.positions  # [m] absolute positions scored here
+            tokens = doc.ids[positions + 1]  # [m] each position's next token
+            rows.append(keys_np[row, positions - win.start])  # [m, d]
+            ids += make_point_ids(doc.doc_hash, positions, tokens)
+            base = {
+                DOMAIN_FIELD: self.domain,
+                DOC_FIELD: doc.key,
+                SOURCE_FIELD: doc.document.source,
+            }
+            payloads += [{**base, OFFSET_FIELD: int(p)} for p in positions]
+        return PointBatch(ids=ids, keys=np.concatenate(rows), payloads=payloads)
+
+
+def _take(batches: list[PointBatch], n: int) -> tuple[PointBatch, list[PointBatch]]:
+    """Split the first n points off a list of batches."""
+    merged = _concat(batches)
+    head = PointBatch(merged.ids[:n], merged.keys[:n], merged.payloads[:n])
+    rest = PointBatch(merged.ids[n:], merged.keys[n:], merged.payloads[n:])
+    return head, [rest] if len(rest) else []
+
+
+def _concat(batches: list[PointBatch]) -> PointBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return PointBatch(
+        ids=[i for b in batches for i in b.ids],
+        keys=np.concatenate([b.keys for b in batches]),
+        payloads=[p for b in batches for p in b.payloads],
+    )
+
+
+class _BackgroundWriter:
+    """Upserts on a thread so the LM computes the next batch meanwhile.
+
+    The queue is short (memory stays bounded); an upsert error surfaces on the next ``put``
+    or at exit. On exit every queued batch is written before returning.
+    """
+
+    _DONE = object()
+
+    def __init__(self, store: KnnStore, depth: int = 4) -> None:
+        self._store = store
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="knnlm-upsert", daemon=True)
+
+    def __enter__(self) -> _BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._DONE:
+                return
+            if self._error is None:
+                try:
+                    assert isinstance(item, PointBatch)
+                    self._store.upsert(item)
+                except BaseException as exc:  # surfaced in the main thread
+                    self._error = exc
+
+    def put(self, batch: PointBatch) -> None:
+        self._raise_if_failed()
+        self._queue.put(batch)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._queue.put(self._DONE)
+        self._thread.join()
+        if exc_info[0] is None:
+            self._raise_if_failed()

@@ -1,0 +1,115 @@
+"""The kNN distribution and its interpolation with the LM, as pure tensor math.
+
+No I/O and no Qdrant here. Shapes: ``b`` queries, ``k`` neighbours, ``V`` vocabulary.
+A missing neighbour (fewer than k points in the store) has token id -1 and distance +inf;
+a query without any neighbour gets p_kNN = 0 everywhere (log = -inf), never NaN.
+
+Example:
+    >>> import torch
+    >>> d2 = torch.tensor([[0.0, 1.0, float("inf")]])      # squared L2, [1, 3]
+    >>> ids = torch.tensor([[5, 7, -1]])
+    >>> p = knn_log_probs(d2, ids, vocab_size=8, temperature=1.0).exp()
+    >>> round(p[0, 5].item(), 4), round(p[0, 7].item(), 4), p[0, 0].item()
+    (0.7311, 0.2689, 0.0)
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def neighbour_log_weights(sq_distances: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax_i(-d_i^2 / T) over each row's valid neighbours.
+
+    Args:
+        sq_distances: float [b, k], squared L2 distances; +inf marks a missing neighbour.
+        temperature: T > 0.
+
+    Returns:
+        float [b, k]; -inf for missing neighbours (and for every entry of an empty row).
+    """
+    if temperature <= 0:
+        raise ValueError(f"`temperature` must be positive, got {temperature}")
+    logits = -sq_distances / temperature  # [b, k]; -inf where missing
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [b, 1]; -inf for empty rows
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # avoid -inf - -inf
+    return logits - lse
+
+
+def knn_log_probs(
+    sq_distances: torch.Tensor,
+    token_ids: torch.Tensor,
+    *,
+    vocab_size: int,
+    temperature: float,
+) -> torch.Tensor:
+    """log p_kNN over the whole vocabulary: neighbour weights scatter-added per token.
+
+    Args:
+        sq_distances: float [b, k], squared L2 (+inf = missing).
+        token_ids: int64 [b, k], each neighbour's value (-1 = missing).
+        vocab_size: V.
+        temperature: softmax temperature T.
+
+    Returns:
+        float32 [b, V]; -inf for tokens no neighbour voted for.
+    """
+    if sq_distances.shape != token_ids.shape:
+        raise ValueError(
+            f"`sq_distances` {tuple(sq_distances.shape)} and `token_ids` "
+            f"{tuple(token_ids.shape)} must have the same shape"
+        )
+    weights = neighbour_log_weights(sq_distances.float(), temperature).exp()  # [b, k]
+    index = token_ids.clamp(min=0)  # missing ids carry weight 0, so any index will do
+    probs = torch.zeros(
+        (token_ids.shape[0], vocab_size), dtype=torch.float32, device=token_ids.device
+    )
+    probs.scatter_add_(1, index, weights)  # [b, V]
+    return probs.log()
+
+
+def knn_target_log_probs(
+    sq_distances: torch.Tensor,
+    token_ids: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float,
+) -> torch.Tensor:
+    """log p_kNN(target) for one target per query, without building [b, V].
+
+    Equals ``knn_log_probs(...).gather(1, targets[:, None])`` but costs O(b*k), and sums
+    in log space, so tiny probabilities keep their precision.
+
+    Args:
+        sq_distances: float [b, k], squared L2 (+inf = missing).
+        token_ids: int64 [b, k] (-1 = missing).
+        targets: int64 [b].
+        temperature: softmax temperature T.
+
+    Returns:
+        float32 [b]; -inf where no neighbour has the target as its value.
+    """
+    log_w = neighbour_log_weights(sq_distances.float(), temperature)  # [b, k]
+    hit = token_ids == targets[:, None]  # [b, k]
+    return torch.logsumexp(log_w.masked_fill(~hit, float("-inf")), dim=-1)
+
+
+def interpolate(
+    lm_log_probs: torch.Tensor, knn_log_probs: torch.Tensor, lmbda: torch.Tensor | float
+) -> torch.Tensor:
+    """log(lambda * p_kNN + (1 - lambda) * p_LM), computed in log space.
+
+    Args:
+        lm_log_probs: float [b, ...], log p_LM.
+        knn_log_probs: float, same shape, log p_kNN (-inf allowed).
+        lmbda: a float in [0, 1], or float [b] for one lambda per query.
+
+    Returns:
+        float, the shape of ``lm_log_probs``.
+    """
+    lmbda_t = torch.as_tensor(lmbda, dtype=torch.float32, device=lm_log_probs.device)
+    if torch.any((lmbda_t < 0) | (lmbda_t > 1)):
+        raise ValueError(f"`lmbda` must lie in [0, 1], got {lmbda}")
+    # [b] -> [b, 1, ...] so a per-query lambda broadcasts over the vocabulary
+    lmbda_t = lmbda_t.reshape(lmbda_t.shape + (1,) * (lm_log_probs.dim() - lmbda_t.dim()))
+    return torch.logaddexp(torch.log1p(-lmbda_t) + lm_log_probs, torch.log(lmbda_t) + knn_log_probs)

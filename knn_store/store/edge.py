@@ -1,0 +1,190 @@
+"""The embedded backend: a Qdrant Edge shard on local disk (the default).
+
+Layout of one collection: ``<data_dir>/<collection>/meta.json`` (what built it) and
+``<data_dir>/<collection>/shard/`` (Qdrant's segments and write-ahead log). Every
+acknowledged upsert is in the WAL, so a killed ingest loses nothing it was told was written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import qdrant_edge as qe
+
+from knn_store.errors import CollectionMissing, StoreError, StoreUnavailable
+from knn_store.store.base import (
+    DOC_FIELD,
+    DOMAIN_FIELD,
+    CollectionMeta,
+    Neighbours,
+    PointBatch,
+)
+from knn_store.store.point_ids import tokens_from_ids
+
+META_FILE = "meta.json"
+SHARD_DIR = "shard"
+
+
+class EdgeStore:
+    """A collection in an embedded Qdrant Edge shard.
+
+    >>> store = EdgeStore("/tmp/knnlm-data/wiki")  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.path = Path(path)
+        self.name = self.path.name
+        self._create = create
+        self._shard: qe.EdgeShard | None = None
+        self._meta: CollectionMeta | None = None
+        meta_file = self.path / META_FILE
+        if meta_file.exists():
+            try:
+                self._meta = CollectionMeta.from_dict(json.loads(meta_file.read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                raise StoreError(f"cannot read {meta_file}: {exc}") from exc
+            self._shard = self._open_shard(load=True)
+        elif not create:
+            raise CollectionMissing(
+                f"no collection {self.name!r} in {self.path.parent}; run `knnlm ingest` first"
+            )
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> CollectionMeta | None:
+        return self._meta
+
+    def ensure_collection(self, meta: CollectionMeta) -> None:
+        if self._meta is not None:
+            self._meta.check_compatible(meta, collection=self.name)
+            return
+        if (self.path / SHARD_DIR).exists():
+            raise StoreError(
+                f"{self.path / SHARD_DIR} exists but has no {META_FILE}; "
+                "remove the folder or use another --collection"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._shard = self._open_shard(load=False, dim=meta.dim)
+        for field in (DOMAIN_FIELD, DOC_FIELD):
+            self._shard.update(
+                qe.UpdateOperation.create_field_index(
+                    field, qe.KeywordIndexParams(is_tenant=field == DOMAIN_FIELD)
+                )
+            )
+        self._shard.flush()
+        # meta.json last, written atomically: its presence means "a valid collection".
+        tmp = self.path / (META_FILE + ".tmp")
+        tmp.write_text(meta.to_json())
+        tmp.replace(self.path / META_FILE)
+        self._meta = meta
+
+    def _open_shard(self, *, load: bool, dim: int = 0) -> qe.EdgeShard:
+        shard_path = str(self.path / SHARD_DIR)
+        try:
+            if load:
+                return qe.EdgeShard.load(shard_path)
+            config = qe.EdgeConfig(
+                vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid)
+            )
+            return qe.EdgeShard.create(shard_path, config)
+        except Exception as exc:  # qdrant_edge raises plain exceptions
+            hint = "is another knnlm process using it?" if load else "is the disk writable?"
+            raise StoreUnavailable(
+                f"cannot open Qdrant Edge store {shard_path}: {exc}; {hint}"
+            ) from exc
+
+    def _require_shard(self) -> qe.EdgeShard:
+        if self._shard is None:
+            raise CollectionMissing(f"collection {self.name!r} is empty; run `knnlm ingest` first")
+        return self._shard
+
+    def finalize(self) -> None:
+        shard = self._require_shard()
+        shard.flush()
+        shard.optimize()  # builds HNSW for segments past the indexing threshold
+
+    def close(self) -> None:
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
+
+    # --- writes ----------------------------------------------------------------------------
+
+    def upsert(self, batch: PointBatch) -> None:
+        shard = self._require_shard()
+        points = [
+            qe.Point(pid, key, payload)
+            for pid, key, payload in zip(batch.ids, batch.keys, batch.payloads, strict=True)
+        ]
+        shard.update(qe.UpdateOperation.upsert_points(points))
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def search(
+        self,
+        queries: np.ndarray,
+        *,
+        k: int,
+        exact: bool,
+        hnsw_ef: int,
+        domains: list[str] | None = None,
+    ) -> Neighbours:
+        shard = self._require_shard()
+        params = qe.SearchParams(hnsw_ef=max(hnsw_ef, k), exact=exact)
+        flt = _domain_filter(domains)
+        requests = [
+            qe.QueryRequest(
+                limit=k,
+                query=qe.Query.Nearest(row),
+                with_payload=False,  # the token is in the id: no payload fetch
+                with_vector=False,
+                params=params,
+                filter=flt,
+            )
+            for row in np.ascontiguousarray(queries, dtype=np.float32)
+        ]
+        results = shard.query_batch(qe.QueryBatchRequest(requests))
+        return _to_neighbours(
+            [[p.id for p in hits] for hits in results],
+            [[p.score for p in hits] for hits in results],
+            k=k,
+        )
+
+    def count(self, *, doc: str | None = None) -> int:
+        if self._shard is None:
+            return 0
+        flt = None
+        if doc is not None:
+            flt = qe.Filter(must=[qe.FieldCondition(key=DOC_FIELD, match=qe.MatchValue(doc))])
+        return self._shard.count(qe.CountRequest(exact=True, filter=flt))
+
+    def domains(self) -> dict[str, int]:
+        if self._shard is None:
+            return {}
+        facets = self._shard.facet(qe.FacetRequest(key=DOMAIN_FIELD, limit=10_000, exact=True))
+        return {str(hit.value): hit.count for hit in facets.hits}
+
+
+def _domain_filter(domains: list[str] | None) -> qe.Filter | None:
+    if not domains:
+        return None
+    return qe.Filter(must=[qe.FieldCondition(key=DOMAIN_FIELD, match=qe.MatchAny(domains))])
+
+
+def _to_neighbours(ids: list[list[object]], scores: list[list[float]], *, k: int) -> Neighbours:
+    """Pad per-query hit lists to [b, k] arrays; Qdrant's Euclid score is plain L2, so square it."""
+    b = len(ids)
+    token_ids = np.full((b, k), -1, dtype=np.int64)
+    sq_distances = np.full((b, k), np.inf, dtype=np.float32)
+    counts = np.fromiter((len(row) for row in ids), dtype=np.int64, count=b)  # [b]
+    if counts.sum():
+        mask = np.arange(k)[None, :] < counts[:, None]  # [b, k], True where a hit exists
+        flat_ids = [pid for row in ids for pid in row]
+        token_ids[mask] = tokens_from_ids(flat_ids)
+        dist = np.fromiter((s for row in scores for s in row), dtype=np.float64)
+        sq_distances[mask] = (dist * dist).astype(np.float32)
+    return Neighbours(token_ids=token_ids, sq_distances=sq_distances)

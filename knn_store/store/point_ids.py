@@ -1,0 +1,59 @@
+"""Point ids that carry the stored token, so a search never fetches a payload.
+
+A point id is a UUID of 128 bits: [64-bit document hash | 32-bit position | 32-bit token].
+The document hash covers the domain and the text (not the file name), so ingesting the same
+text again, from any path, writes the same ids and adds nothing. The token sits in the low
+32 bits, where the search side reads it back from the id alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+
+_MASK32 = (1 << 32) - 1
+
+
+def document_hash(domain: str, text: str) -> int:
+    """64-bit hash identifying one text in one domain."""
+    h = hashlib.blake2b(digest_size=8)
+    for part in (domain, text):
+        data = part.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))  # length-prefixed: no ambiguous joins
+        h.update(data)
+    return int.from_bytes(h.digest(), "big")
+
+
+def document_key(doc_hash: int) -> str:
+    """The payload value that tags every point of a document (16 hex digits)."""
+    return f"{doc_hash:016x}"
+
+
+def make_point_ids(doc_hash: int, positions: np.ndarray, tokens: np.ndarray) -> list[str]:
+    """UUID strings for points at ``positions`` (int [n]) whose values are ``tokens``."""
+    if positions.shape != tokens.shape:
+        raise ValueError("`positions` and `tokens` must have the same shape")
+    if positions.size and (positions.min() < 0 or positions.max() > _MASK32):
+        raise ValueError("positions must fit in 32 bits")
+    if tokens.size and (tokens.min() < 0 or tokens.max() > _MASK32):
+        raise ValueError("token ids must fit in 32 bits")
+    low = (positions.astype(np.uint64) << np.uint64(32)) | tokens.astype(np.uint64)  # [n]
+    prefix = f"{doc_hash:016x}"
+    # UUID text is 8-4-4-4-12 hex digits; the low 64 bits are the last 4 + 12.
+    return [
+        f"{prefix[:8]}-{prefix[8:12]}-{prefix[12:]}-{s[:4]}-{s[4:]}"
+        for s in np.char.zfill(np.char.mod("%x", low), 16).tolist()
+    ]
+
+
+def tokens_from_ids(ids: Sequence[object]) -> np.ndarray:
+    """int64 tokens from point ids, as UUID objects or strings (the backends differ)."""
+    if not ids:
+        return np.zeros(0, dtype=np.int64)
+    if isinstance(ids[0], uuid.UUID):
+        return np.fromiter((u.int & _MASK32 for u in ids), dtype=np.int64, count=len(ids))
+    # "xxxxxxxx-xxxx-xxxx-xxxx-xxxxPPPPTTTT": the token is the last 8 hex digits
+    return np.fromiter((int(s[-8:], 16) for s in ids), dtype=np.int64, count=len(ids))

@@ -1,0 +1,63 @@
+"""Sliding windows over a token sequence, shared by ingest and eval.
+
+Position p (0 <= p < n-1) predicts token p+1. Windows of W tokens advance by S; each window
+scores only the positions the previous one did not, so every position is scored exactly once
+and, past the first window, sees at least W-S tokens of context. The last window is pulled
+back to end at the sequence's end, which gives its positions more context, never less.
+
+>>> [(w.start, w.end, w.first) for w in sliding_windows(10, window=4, stride=2)]
+[(0, 4, 0), (2, 6, 3), (4, 8, 5), (6, 10, 7)]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens [start, end) go through the LM; positions [first, end-1) are scored."""
+
+    start: int
+    end: int
+    first: int
+
+    @property
+    def positions(self) -> np.ndarray:
+        """int64 [m] absolute positions this window scores."""
+        return np.arange(self.first, self.end - 1, dtype=np.int64)
+
+
+def sliding_windows(n: int, *, window: int, stride: int) -> Iterator[Window]:
+    """Windows covering the n-1 predictions of a sequence of n tokens."""
+    if window < 2:
+        raise ValueError(f"`window` must be at least 2, got {window}")
+    if not 1 <= stride <= window:
+        raise ValueError(f"`stride` must lie in [1, window={window}], got {stride}")
+    if n < 2:
+        return
+    start, scored_until = 0, 0  # positions < scored_until are done
+    while True:
+        end = min(start + window, n)
+        start = max(0, end - window)  # a short last window reaches back for context
+        yield Window(start=start, end=end, first=scored_until)
+        if end == n:
+            return
+        scored_until = end - 1
+        start = min(start + stride, scored_until)  # the window must hold what it scores
+
+
+def pack_windows(
+    group: list[tuple[np.ndarray, Window]], *, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int64 [b, W] input ids and attention mask for windows of token sequences."""
+    width = max(w.end - w.start for _, w in group)
+    input_ids = np.full((len(group), width), pad_id, dtype=np.int64)  # [b, W]
+    mask = np.zeros((len(group), width), dtype=np.int64)  # 1 = real token
+    for row, (seq, win) in enumerate(group):
+        input_ids[row, : win.end - win.start] = seq[win.start : win.end]
+        mask[row, : win.end - win.start] = 1
+    return input_ids, mask

@@ -1,0 +1,1 @@
+"""The knnlm command-line interface."""

@@ -1,0 +1,3 @@
+from knnlm.cli import main
+
+main()
