@@ -1,0 +1,126 @@
+"""Shared fixtures: tiny real models saved to disk, corpora, and settings pointing at temp dirs.
+
+The tiny models are built from configs (GPT-2 and Llama layouts) with a byte-level BPE
+tokenizer trained here, saved with ``save_pretrained`` and loaded back through the same
+``--model <folder>`` path that users take.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CORPUS_LINES = [
+    "def add(a, b):\n    return a + b\n",
+    "def mul(a, b):\n    return a * b\n",
+    "class Stack:\n    def push(self, x):\n        self.items.append(x)\n",
+    "for i in range(10):\n    print(i, i * i)\n",
+    "The quick brown fox jumps over the lazy dog.\n",
+    "import os\nimport sys\nprint(os.getcwd(), sys.argv)\n",
+]
+
+
+def _train_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>"
+    )
+
+
+def build_tiny_model(directory: Path, arch: str, *, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny causal LM of ``arch`` ('gpt2' or 'llama')."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+    tokenizer = _train_tokenizer(CORPUS_LINES)
+    vocab = len(tokenizer)
+    if arch == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab,
+            n_positions=128,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    elif arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_model(root / arch, arch) for arch in ("gpt2", "llama")}
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_model(request: pytest.FixtureRequest, tiny_models: dict[str, Path]) -> Path:
+    return tiny_models[request.param]
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """A folder of small text files (the datastore), plus nested files and an empty one."""
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i, line in enumerate(CORPUS_LINES):
+        (root / f"doc{i}.txt").write_text(line * 3)
+    (root / "sub" / "nested.txt").write_text("def add(a, b):\n    return a + b\n" * 2)
+    (root / "empty.txt").write_text("")
+    return root
+
+
+@pytest.fixture
+def settings_factory(tmp_path: Path):
+    """KnnlmSettings for a tiny model with data in a temp dir; keyword overrides apply."""
+    from knn_store import KnnlmSettings
+
+    def make(model: Path, **overrides):
+        base = dict(
+            model=str(model),
+            data_dir=tmp_path / "data",
+            model_cache=tmp_path / "cache",
+            window=16,
+            stride=8,
+            top_k=8,
+            collection="test",
+        )
+        base.update(overrides)
+        return KnnlmSettings(**base)
+
+    return make
