@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,18 +59,23 @@ def read_corpus(
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.glob(glob) if p.is_file())
+            try:
+                files = sorted(p for p in path.glob(glob) if p.is_file())
+            except (ValueError, NotImplementedError) as exc:  # '' or an absolute pattern
+                raise CorpusError(f"invalid glob {glob!r}: {exc}") from exc
             if not files:
                 raise CorpusError(f"folder {path} has no files matching {glob!r}")
             for file in files:
-                try:
-                    yield from _read_file(
-                        file, text_field=text_field, allow_empty=True, report=report
+                try:  # a whole file or nothing: a skipped file yields no records
+                    docs = list(
+                        _read_file(file, text_field=text_field, allow_empty=True, report=report)
                     )
                 except CorpusError:
                     if not skip_invalid:
                         raise
                     report.skipped.append(str(file))
+                    continue
+                yield from docs
         elif path.is_file():
             yield from _read_file(path, text_field=text_field, allow_empty=False, report=report)
         elif path.exists():
@@ -99,12 +105,12 @@ def _read_text(path: Path) -> str:
         data = path.read_bytes()
         if path.suffix == ".gz":
             data = gzip.decompress(data)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise CorpusError(f"cannot read {path}: {exc}") from exc
     if b"\x00" in data[:_SNIFF_BYTES]:
         raise CorpusError(f"{path} looks binary (it holds NUL bytes); pass text files only")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # drop a byte-order mark
     except UnicodeDecodeError as exc:
         raise CorpusError(
             f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
@@ -116,7 +122,8 @@ def _jsonl_records(
     path: Path, text: str, *, text_field: str, allow_empty: bool
 ) -> Iterator[Document]:
     found = 0
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: splitlines() also splits on U+2028/U+0085, legal inside JSON strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -172,7 +172,7 @@ def ingest(
         )
     )
     lm = load_language_model(settings)
-    window, stride = _windows(settings, lm.default_window())
+    window, stride = _windows(settings, lm.default_window(), lm.max_positions)
     store = open_store(settings, create=True)
     try:
         worker = IngestWorker(
@@ -254,7 +254,7 @@ def eval_(
         lm = load_language_model(settings)
         assert store.meta is not None
         store.meta.check_compatible(lm.collection_meta(), collection=settings.collection)
-        window, stride = _windows(settings, lm.default_window())
+        window, stride = _windows(settings, lm.default_window(), lm.max_positions)
         knn_lm = KnnLM(
             store,
             k=settings.top_k,
@@ -344,8 +344,14 @@ def info(as_json: bool, **params: Any) -> None:
         click.echo(f"{key:<{width}}  {value}")
 
 
-def _windows(settings: KnnlmSettings, default_window: int) -> tuple[int, int]:
+def _windows(
+    settings: KnnlmSettings, default_window: int, max_positions: int | None = None
+) -> tuple[int, int]:
     window = settings.window or default_window
+    if max_positions is not None and window > max_positions:
+        raise ConfigError(
+            f"--window ({window}) exceeds the model's context ({max_positions} tokens)"
+        )
     stride = settings.stride or max(1, window // 2)
     if stride > window:
         raise ConfigError(f"--stride ({stride}) must not exceed --window ({window})")

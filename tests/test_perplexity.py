@@ -1,0 +1,101 @@
+"""Ingest + eval against an independent numpy recomputation of every number.
+
+The reference takes keys straight from transformers (hidden states, or a hook placed by hand),
+searches them by brute force, and interpolates in float64. With windows longer than every
+document, both sides see the same contexts, so perplexities must agree to 1e-4.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ingest.corpus import read_corpus
+from ingest.worker import IngestWorker
+from knn_store import KnnLM, evaluate, load_language_model, open_store
+from knn_store.lambdas import FixedLambda
+from tests.reference import brute_force_knn, interpolated_log_prob, knn_probs, log_softmax
+from tests.test_lm import _post_attention_norm
+
+HELD_OUT = "def add(x, y):\n    return x + y\nfor i in range(3):\n    print(i * i)\n"
+
+
+def _reference_keys(lm, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 keys [n, d] and log-probs [n, V] of one whole sequence, straight from HF."""
+    seen: list[torch.Tensor] = []
+    handle = _post_attention_norm(lm.model).register_forward_hook(lambda m, a, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            out = lm.model(torch.from_numpy(ids[None]), output_hidden_states=True)
+    finally:
+        handle.remove()
+    keys = out.hidden_states[-1] if lm.key_type == "final" else seen[-1]
+    return keys[0].double().numpy(), log_softmax(out.logits[0].numpy())
+
+
+def _reference_perplexities(lm, train_docs, held_out_ids, *, k, lmbda, temperature):
+    keys, values = [], []
+    for ids in train_docs:
+        doc_keys, _ = _reference_keys(lm, ids)
+        keys.append(doc_keys[:-1])  # position p predicts token p+1
+        values.append(ids[1:])
+    keys_all, values_all = np.concatenate(keys), np.concatenate(values)
+    q_keys, q_logp = _reference_keys(lm, held_out_ids)
+    queries, lm_logp = q_keys[:-1], q_logp[:-1]
+    targets = held_out_ids[1:]
+    idx, d2 = brute_force_knn(keys_all, queries, k)
+    p_knn = knn_probs(d2, values_all[idx], lm.vocab_size, temperature)
+    logp = interpolated_log_prob(np.exp(lm_logp), p_knn, np.full(len(targets), lmbda))
+    rows = np.arange(len(targets))
+    base = math.exp(-lm_logp[rows, targets].mean())
+    knn = math.exp(-logp[rows, targets].mean())
+    return base, knn
+
+
+@pytest.mark.parametrize("backend", ["edge", "qdrant"])
+@pytest.mark.parametrize("key_type", ["final", "ffn_input"])
+def test_eval_matches_brute_force_reference(
+    tiny_model: Path, corpus_dir: Path, settings_factory, tmp_path: Path, backend: str, key_type: str
+) -> None:
+    extra = {"url": str(tmp_path / "local")} if backend == "qdrant" else {}
+    settings = settings_factory(
+        tiny_model, key_type=key_type, backend=backend, window=128, stride=64, top_k=12,
+        temperature=3.0, lmbda=0.4, exact=True, **extra,
+    )
+    lm = load_language_model(settings)
+    docs = list(read_corpus([corpus_dir], glob="**/*.txt"))
+    store = open_store(settings, create=True)
+    IngestWorker(lm, store, domain="code", window=128, stride=64, progress=False).run(docs)
+
+    knn_lm = KnnLM(store, k=12, temperature=3.0, lambda_policy=FixedLambda(0.4), exact=True)
+    held_out = lm.encode(HELD_OUT)
+    result = evaluate(lm, knn_lm, [held_out], window=128, stride=64)
+    store.close()
+
+    unique = {d.text: lm.encode(d.text) for d in docs}  # identical texts are stored once
+    base, knn = _reference_perplexities(lm, list(unique.values()), held_out, k=12, lmbda=0.4, temperature=3.0)
+    assert result.tokens == len(held_out) - 1
+    assert result.base_perplexity == pytest.approx(base, rel=1e-4)
+    assert result.knn_perplexity == pytest.approx(knn, rel=1e-4)
+    assert result.knn_perplexity != pytest.approx(result.base_perplexity, rel=1e-3)  # retrieval mattered
+
+
+def test_sliding_windows_score_every_token_once(tiny_models, corpus_dir, settings_factory) -> None:
+    """Short windows still score each held-out token exactly once, and lambda=0 is the base LM."""
+    settings = settings_factory(tiny_models["gpt2"], window=8, stride=3)
+    lm = load_language_model(settings)
+    store = open_store(settings, create=True)
+    IngestWorker(lm, store, domain="d", window=8, stride=3, batch_size=3, progress=False).run(
+        list(read_corpus([corpus_dir]))
+    )
+    seqs = [lm.encode(HELD_OUT), lm.encode("x = 1")]
+    knn_lm = KnnLM(store, k=4, temperature=1.0, lambda_policy=FixedLambda(0.0), exact=True)
+    result = evaluate(lm, knn_lm, seqs, window=8, stride=3, batch_size=2)
+    store.close()
+    assert result.tokens == sum(len(s) - 1 for s in seqs)
+    assert result.queries == result.tokens
+    assert result.knn_perplexity == pytest.approx(result.base_perplexity, rel=1e-6)

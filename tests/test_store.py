@@ -1,0 +1,160 @@
+"""Both Qdrant engines (Edge, qdrant-client local mode) against a numpy brute force.
+
+Set QDRANT_URL (and QDRANT_API_KEY) to also run these against a real Qdrant server.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from knn_store import CollectionMeta, CollectionMissing, DimensionMismatch, PointBatch
+from knn_store.store.base import KnnStore
+from knn_store.store.client import QdrantServerStore
+from knn_store.store.edge import EdgeStore
+from knn_store.store.point_ids import document_hash, document_key, make_point_ids, tokens_from_ids
+from tests.reference import brute_force_knn
+
+DIM, N, VOCAB = 16, 600, 70
+META = CollectionMeta(
+    model="tiny", model_fingerprint="abc", key_type="final", dim=DIM, vocab_size=VOCAB, tokenizer="t:1"
+)
+
+BACKENDS = ["edge", "local"] + (["server"] if os.environ.get("QDRANT_URL") else [])
+
+
+def _open(kind: str, tmp_path: Path, name: str = "c", create: bool = True) -> KnnStore:
+    if kind == "edge":
+        return EdgeStore(tmp_path / name, create=create)
+    if kind == "local":
+        return QdrantServerStore(str(tmp_path / "local"), collection=name, create=create)
+    return QdrantServerStore(
+        os.environ["QDRANT_URL"],
+        collection=f"knnlm-test-{uuid.uuid4().hex[:8]}-{name}",
+        api_key=os.environ.get("QDRANT_API_KEY"),
+        create=create,
+    )
+
+
+def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, PointBatch]:
+    rng = np.random.default_rng(seed)
+    keys = rng.standard_normal((N, DIM)).astype(np.float32)
+    tokens = rng.integers(0, VOCAB, N)
+    h = document_hash("dom", "text")
+    ids = make_point_ids(h, np.arange(N), tokens)
+    payloads = [
+        {"domain": "a" if i < N // 2 else "b", "doc": document_key(h), "source": "s", "offset": i}
+        for i in range(N)
+    ]
+    return keys, tokens, PointBatch(ids=ids, keys=keys, payloads=payloads)
+
+
+@pytest.fixture(params=BACKENDS)
+def filled(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[KnnStore, np.ndarray, np.ndarray]]:
+    keys, tokens, batch = _data()
+    store = _open(request.param, tmp_path)
+    store.ensure_collection(META)
+    store.upsert(batch)
+    store.finalize()
+    yield store, keys, tokens
+    store.close()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_search_matches_brute_force(filled, exact: bool) -> None:
+    store, keys, tokens = filled
+    rng = np.random.default_rng(5)
+    queries = keys[:20] + 0.05 * rng.standard_normal((20, DIM)).astype(np.float32)
+    got = store.search(queries, k=10, exact=exact, hnsw_ef=64)
+    idx, d2 = brute_force_knn(keys, queries, 10)
+    np.testing.assert_allclose(got.sq_distances, d2, rtol=1e-4, atol=1e-4)  # squared, not plain L2
+    np.testing.assert_array_equal(got.token_ids, tokens[idx])
+
+
+def test_fewer_points_than_k_are_padded(filled) -> None:
+    store, keys, _ = filled
+    got = store.search(keys[:2], k=N + 10, exact=True, hnsw_ef=10)
+    assert got.token_ids.shape == (2, N + 10)
+    assert (got.token_ids[:, N:] == -1).all() and np.isinf(got.sq_distances[:, N:]).all()
+    assert (got.token_ids[:, :N] >= 0).all()
+
+
+def test_domain_filter_and_counts(filled) -> None:
+    store, keys, tokens = filled
+    assert store.count() == N
+    assert store.domains() == {"a": N // 2, "b": N // 2}
+    got = store.search(keys[:5], k=5, exact=True, hnsw_ef=10, domains=["b"])
+    idx, _ = brute_force_knn(keys[N // 2 :], keys[:5], 5)
+    np.testing.assert_array_equal(got.token_ids, tokens[N // 2 :][idx])
+
+
+def test_upserting_the_same_points_again_adds_nothing(filled) -> None:
+    store, _, _ = filled
+    _, _, batch = _data()
+    store.upsert(batch)
+    assert store.count() == N
+    assert store.count(doc=document_key(document_hash("dom", "text"))) == N
+    assert store.count(doc="0000000000000000") == 0
+
+
+def test_meta_mismatch_names_both_sides(filled) -> None:
+    store, _, _ = filled
+    other_key = CollectionMeta(**{**META.to_dict(), "key_type": "ffn_input"})
+    with pytest.raises(DimensionMismatch, match=r"final.*ffn_input"):
+        store.ensure_collection(other_key)
+    other_model = CollectionMeta(**{**META.to_dict(), "model": "big", "model_fingerprint": "zz"})
+    with pytest.raises(DimensionMismatch, match=r"'tiny'.*'big'"):
+        store.ensure_collection(other_model)
+    store.ensure_collection(META)  # the same meta is accepted
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+def test_reopen_keeps_points_and_meta(kind: str, tmp_path: Path) -> None:
+    _, _, batch = _data()
+    store = _open(kind, tmp_path)
+    store.ensure_collection(META)
+    store.upsert(batch)
+    store.close()
+    again = _open(kind, tmp_path, create=False)
+    assert again.meta == META
+    assert again.count() == N
+    again.close()
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+def test_missing_collection(kind: str, tmp_path: Path) -> None:
+    with pytest.raises(CollectionMissing, match="knnlm ingest"):
+        _open(kind, tmp_path, name="nope", create=False)
+
+
+def test_backends_agree(tmp_path: Path) -> None:
+    """The congruence check: the same queries on both engines give the same neighbours."""
+    keys, _, batch = _data(seed=9)
+    stores = [_open("edge", tmp_path), _open("local", tmp_path)]
+    results = []
+    for store in stores:
+        store.ensure_collection(META)
+        store.upsert(batch)
+        store.finalize()
+        results.append(store.search(keys[:30] + 0.01, k=25, exact=True, hnsw_ef=50))
+        store.close()
+    np.testing.assert_array_equal(results[0].token_ids, results[1].token_ids)
+    np.testing.assert_allclose(results[0].sq_distances, results[1].sq_distances, rtol=1e-4)
+
+
+def test_point_ids_round_trip() -> None:
+    tokens = np.array([0, 1, 49151, 2**32 - 1])
+    ids = make_point_ids(document_hash("d", "t"), np.array([0, 7, 2**20, 2**32 - 1]), tokens)
+    assert len(set(ids)) == 4
+    np.testing.assert_array_equal(tokens_from_ids(ids), tokens)
+    np.testing.assert_array_equal(tokens_from_ids([uuid.UUID(i) for i in ids]), tokens)
+    assert ids == make_point_ids(document_hash("d", "t"), np.array([0, 7, 2**20, 2**32 - 1]), tokens)
+    assert document_hash("d", "t") != document_hash("e", "t")
+    assert document_hash("ab", "c") != document_hash("a", "bc")
+    with pytest.raises(ValueError, match="32 bits"):
+        make_point_ids(1, np.array([0]), np.array([2**32]))
