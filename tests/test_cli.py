@@ -57,9 +57,7 @@ class Knnlm:
         collection: str = "test",
         env: dict[str, str] | None = None,
     ) -> Result:
-        return self(
-            "ingest", *self.model_args(model), *self.store_args(collection), *args, env=env
-        )
+        return self("ingest", *self.model_args(model), *self.store_args(collection), *args, env=env)
 
     def eval(
         self,
@@ -273,12 +271,12 @@ def test_skip_invalid_and_text_field_reach_the_reader(knnlm: Knnlm, tmp_path: Pa
     folder = tmp_path / "mixed"
     _write(folder / "a.jsonl", '{"body": "first record here"}\n{"body": "second one"}\n')
     _write(folder / "b.bin", b"\x00\x01\x02\x03")
-    without = knnlm.ingest(str(folder), "--text-field", "body", "-q", "--json")
-    _one_line_error(without, "b.bin", "binary")
-    assert not knnlm.collection_exists()
-
-    wrong_field = knnlm.ingest(str(folder), "--skip-invalid", "-q", "--json")
-    _one_line_error(wrong_field, "--text-field")  # a.jsonl has no 'text': skipped too
+    wrong_field = knnlm.ingest(str(folder), "-q", "--json")
+    _one_line_error(wrong_field, "a.jsonl:1", "'text'", "--text-field")
+    binary = knnlm.ingest(str(folder), "--text-field", "body", "-q", "--json")
+    _one_line_error(binary, "b.bin", "binary")
+    both_skipped = knnlm.ingest(str(folder), "--skip-invalid", "-q", "--json")
+    _one_line_error(both_skipped, "no documents")
     assert not knnlm.collection_exists()
 
     out = _json_ok(
@@ -432,9 +430,7 @@ def test_unreachable_server(knnlm: Knnlm, corpus_dir: Path, command: str) -> Non
         (["--backend", "qdrant"], "needs a url"),
     ],
 )
-def test_invalid_settings(
-    knnlm: Knnlm, corpus_dir: Path, flags: list[str], fragment: str
-) -> None:
+def test_invalid_settings(knnlm: Knnlm, corpus_dir: Path, flags: list[str], fragment: str) -> None:
     result = knnlm.eval(str(corpus_dir / "doc0.txt"), "-q", *flags)
     _one_line_error(result, "invalid settings", fragment)
 
@@ -476,9 +472,7 @@ def test_environment_sets_top_k_and_a_flag_overrides_it(
     text = str(corpus_dir / "doc3.txt")
     from_env = _json_ok(knnlm.eval(text, "-q", "--json", env={"KNNLM_TOP_K": "3"}))
     assert from_env["k"] == 3
-    flag_wins = _json_ok(
-        knnlm.eval(text, "-q", "--json", "--top-k", "5", env={"KNNLM_TOP_K": "3"})
-    )
+    flag_wins = _json_ok(knnlm.eval(text, "-q", "--json", "--top-k", "5", env={"KNNLM_TOP_K": "3"}))
     assert flag_wins["k"] == 5
     default = _json_ok(knnlm.eval(text, "-q", "--json"))
     assert default["k"] == 1024
@@ -493,14 +487,13 @@ def test_environment_sets_lambda_and_exact(
     )
     assert out["lambda"] == 0.5
     assert out["exact"] is True
-    flag = _json_ok(knnlm.eval(text, "-q", "--json", "--lambda", "0.1", env={"KNNLM_LAMBDA": "0.5"}))
+    env = {"KNNLM_LAMBDA": "0.5"}
+    flag = _json_ok(knnlm.eval(text, "-q", "--json", "--lambda", "0.1", env=env))
     assert flag["lambda"] == 0.1
     assert flag["exact"] is False
 
 
-def test_store_location_from_the_environment(
-    knnlm: Knnlm, populated: dict[str, Any]
-) -> None:
+def test_store_location_from_the_environment(knnlm: Knnlm, populated: dict[str, Any]) -> None:
     env = {"KNNLM_DATA_DIR": str(knnlm.data_dir), "KNNLM_COLLECTION": "test"}
     assert _json_ok(knnlm("info", "--json", env=env)) == populated
     overridden = knnlm("info", "--json", "--collection", "other", env=env)

@@ -144,7 +144,8 @@ def test_jsonl_default_field_is_text(tmp_path: Path) -> None:
 
 
 def test_jsonl_records_with_blank_text_are_left_out(tmp_path: Path) -> None:
-    path = _write(tmp_path / "d.jsonl", _jsonl({"text": "kept"}, {"text": "  \n"}, {"text": "also"}))
+    body = _jsonl({"text": "kept"}, {"text": "  \n"}, {"text": "also"})
+    path = _write(tmp_path / "d.jsonl", body)
     assert [d.source for d in read_corpus([path])] == [f"{path}#1", f"{path}#3"]
 
 
@@ -300,7 +301,7 @@ def test_error_comes_before_any_later_path_is_read(tmp_path: Path) -> None:
     good = _write(tmp_path / "good.txt", "good\n")
     reader = read_corpus([good, tmp_path / "missing.txt"])
     assert next(reader).text == "good\n"
-    with pytest.raises(CorpusError, match="missing.txt"):
+    with pytest.raises(CorpusError, match=r"missing\.txt"):
         next(reader)
 
 
