@@ -46,7 +46,8 @@ def read_corpus(
     """Yield the documents under ``paths`` in a stable order.
 
     Args:
-        paths: files or folders. Folders are walked with ``glob`` (recursive by default).
+        paths: files or folders. Folders are walked with ``glob`` (recursive by default),
+            leaving out hidden files and folders such as ``.git``.
         glob: pattern for files inside folders, e.g. ``"**/*.py"``.
         text_field: the field holding the text in ``.jsonl`` / ``.jsonl.gz`` records.
         skip_invalid: skip binary, non-UTF-8 and malformed files found in folders instead of
@@ -60,7 +61,9 @@ def read_corpus(
         path = Path(raw)
         if path.is_dir():
             try:
-                files = sorted(p for p in path.glob(glob) if p.is_file())
+                files = sorted(
+                    p for p in path.glob(glob) if p.is_file() and not _hidden(p.relative_to(path))
+                )
             except (ValueError, NotImplementedError) as exc:  # '' or an absolute pattern
                 raise CorpusError(f"invalid glob {glob!r}: {exc}") from exc
             if not files:
@@ -82,6 +85,11 @@ def read_corpus(
             raise CorpusError(f"{path} is neither a file nor a folder")
         else:
             raise CorpusError(f"{path} does not exist")
+
+
+def _hidden(relative: Path) -> bool:
+    """Dotfiles and anything under a dot-folder (.git, .venv) are not corpus text."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def _read_file(

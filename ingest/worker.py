@@ -8,6 +8,7 @@ skipped. Kill it at any moment, run it again, and the store ends exactly as afte
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -121,6 +122,8 @@ class IngestWorker:
         seconds = time.perf_counter() - started
 
         started = time.perf_counter()
+        if self.progress:
+            print("ingest: flushing and building the search index ...", file=sys.stderr)
         self.store.finalize()
         index_seconds = time.perf_counter() - started
         return IngestReport(

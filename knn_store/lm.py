@@ -46,10 +46,10 @@ class _StopForward(Exception):
 
 @dataclass(frozen=True)
 class ForwardOutput:
-    """keys: float32 [b, t, dim]; log_probs: float32 [b, t, V] or None when not asked for."""
+    """keys: float32 [b, t, dim]; logits: [b, t, V], or None when not asked for."""
 
     keys: torch.Tensor
-    log_probs: torch.Tensor | None
+    logits: torch.Tensor | None
 
 
 class LanguageModel:
@@ -129,11 +129,10 @@ class LanguageModel:
         mask = (
             None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)
         )
-        log_probs = None
+        logits = None
         try:
             with torch.inference_mode():
-                out = self.model(input_ids=ids, attention_mask=mask, use_cache=False)
-                log_probs = torch.log_softmax(out.logits.float(), dim=-1)  # [b, t, V]
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         except _StopForward:
             pass
         finally:
@@ -141,7 +140,7 @@ class LanguageModel:
         if not captured:
             raise ConfigError(f"the key hook of model {self.name!r} never ran")
         keys = captured[-1].float()  # [b, t, dim]
-        return ForwardOutput(keys=keys, log_probs=log_probs)
+        return ForwardOutput(keys=keys, logits=logits)
 
     def collection_meta(self) -> CollectionMeta:
         return CollectionMeta(

@@ -116,10 +116,11 @@ def _score_windows(
         cols.append(positions - win.start)
         targets.append(seq[positions + 1])
     out = lm.forward(input_ids, attention_mask=mask, with_logits=True)
-    assert out.log_probs is not None
+    assert out.logits is not None
     r = torch.from_numpy(np.concatenate(rows)).to(out.keys.device)  # [m]
     c = torch.from_numpy(np.concatenate(cols)).to(out.keys.device)  # [m]
     t = torch.from_numpy(np.concatenate(targets)).to(out.keys.device)  # [m]
     keys = out.keys[r, c]  # [m, d]
-    lm_lp = out.log_probs[r, c].gather(1, t[:, None]).squeeze(1)  # [m]
+    log_probs = torch.log_softmax(out.logits[r, c].float(), dim=-1)  # [m, V], scored rows only
+    lm_lp = log_probs.gather(1, t[:, None]).squeeze(1)  # [m]
     return keys, lm_lp, t

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 KeyType = Literal["final", "ffn_input"]
@@ -24,7 +24,9 @@ def default_data_dir() -> Path:
 class KnnlmSettings(BaseSettings):
     """Every knob of knnlm. Environment variables use the prefix ``KNNLM_``."""
 
-    model_config = SettingsConfigDict(env_prefix="KNNLM_", extra="forbid", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="KNNLM_", extra="forbid", frozen=True, populate_by_name=True
+    )
 
     # --- language model ---------------------------------------------------------------------
     model: str | None = Field(
@@ -80,7 +82,7 @@ class KnnlmSettings(BaseSettings):
         default=0.25,
         ge=0.0,
         le=1.0,
-        validation_alias=AliasChoices("lmbda", "knnlm_lambda"),
+        validation_alias="knnlm_lambda",
         description="Weight of the kNN distribution (lambda).",
     )
     temperature: float = Field(default=1.0, gt=0.0, description="Softmax temperature T.")

@@ -22,7 +22,9 @@ def brute_force_knn(keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.n
     return out_idx, out_d2
 
 
-def knn_probs(d2: np.ndarray, values: np.ndarray, vocab_size: int, temperature: float) -> np.ndarray:
+def knn_probs(
+    d2: np.ndarray, values: np.ndarray, vocab_size: int, temperature: float
+) -> np.ndarray:
     """p_kNN [b, V]: softmax over valid neighbours of -d2/T, summed per token value."""
     probs = np.zeros((len(d2), vocab_size))
     for i in range(len(d2)):

@@ -530,6 +530,27 @@ def test_api_key_never_printed_on_unreachable_server(
     _assert_secret_absent(result)
 
 
+def test_unreachable_server_in_a_real_process(tmp_path: Path) -> None:
+    # Outside pytest, Python warnings reach stderr too: the error line must still be the only
+    # 'knnlm: error:' line, the last line, with no traceback and no key anywhere.
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("KNNLM_")}
+    env.update(KNNLM_API_KEY=SECRET, KNNLM_DATA_DIR=str(tmp_path / "data"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "knnlm", "info", "--collection", "test", *UNREACHABLE],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    assert SECRET not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert [line for line in lines if line.startswith("knnlm: error:")] == lines[-1:]
+    assert "cannot reach Qdrant at http://127.0.0.1:9" in lines[-1]
+
+
 def test_api_key_not_in_debug_errors_or_other_output(
     knnlm: Knnlm, populated: dict[str, Any], corpus_dir: Path
 ) -> None:
@@ -584,3 +605,14 @@ def test_version() -> None:
     result = CliRunner().invoke(cli, ["--version"])
     assert result.exit_code == 0
     assert "0.1.0" in result.stdout
+
+
+def test_unprefixed_lambda_variable_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    from knn_store import KnnlmSettings
+
+    monkeypatch.setenv("LMBDA", "0.9")
+    monkeypatch.setenv("LAMBDA", "0.9")
+    assert KnnlmSettings().lmbda == 0.25
+    monkeypatch.setenv("KNNLM_LAMBDA", "0.6")
+    assert KnnlmSettings().lmbda == 0.6
+    assert KnnlmSettings(lmbda=0.1).lmbda == 0.1

@@ -381,3 +381,11 @@ def test_skip_invalid_does_not_excuse_files_named_directly(tmp_path: Path) -> No
 
 def test_without_a_report_argument_skipping_still_works(mixed: Path) -> None:
     assert len(list(read_corpus([mixed], skip_invalid=True))) == 2
+
+
+def test_hidden_files_and_folders_are_left_out(tmp_path: Path) -> None:
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / ".env").write_text("SECRET=1\n")
+    (tmp_path / "a.txt").write_text("kept\n")
+    assert [Path(d.source).name for d in read_corpus([tmp_path])] == ["a.txt"]

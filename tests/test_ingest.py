@@ -45,7 +45,9 @@ def test_ingest_stores_one_point_per_position_and_rerun_adds_nothing(
     store.close()
 
 
-def test_same_text_from_another_path_adds_nothing(tiny_models, corpus_dir: Path, settings_factory, tmp_path: Path) -> None:
+def test_same_text_from_another_path_adds_nothing(
+    tiny_models, corpus_dir: Path, settings_factory, tmp_path: Path
+) -> None:
     settings = settings_factory(tiny_models["llama"])
     lm = load_language_model(settings)
     store = open_store(settings, create=True)
@@ -168,11 +170,17 @@ def test_kill_9_then_rerun_gives_the_clean_count(tiny_models, tmp_path: Path) ->
 
     resumed = subprocess.run(
         [sys.executable, "-m", "knnlm", "ingest", str(corpus), "--json", "-q"],
-        env={**os.environ, **killed_env}, capture_output=True, text=True, check=True,
+        env={**os.environ, **killed_env},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     clean = subprocess.run(
         [sys.executable, "-m", "knnlm", "ingest", str(corpus), "--json", "-q"],
-        env={**os.environ, **clean_env}, capture_output=True, text=True, check=True,
+        env={**os.environ, **clean_env},
+        capture_output=True,
+        text=True,
+        check=True,
     )
     resumed_summary, clean_summary = json.loads(resumed.stdout), json.loads(clean.stdout)
     assert resumed_summary["points_total"] == clean_summary["points_total"]

@@ -33,7 +33,9 @@ def _random_neighbours(rng: np.random.Generator, b: int, k: int, missing: int = 
 def test_knn_log_probs_match_reference(temperature: float, missing: int) -> None:
     rng = np.random.default_rng(1)
     d2, ids = _random_neighbours(rng, b=6, k=16, missing=missing)
-    got = knn_log_probs(torch.from_numpy(d2), torch.from_numpy(ids), vocab_size=V, temperature=temperature)
+    got = knn_log_probs(
+        torch.from_numpy(d2), torch.from_numpy(ids), vocab_size=V, temperature=temperature
+    )
     want = knn_probs(d2.astype(np.float64), ids, V, temperature)
     np.testing.assert_allclose(got.exp().numpy(), want, atol=1e-5)
     np.testing.assert_allclose(got.exp().sum(-1).numpy(), 1.0, atol=1e-5)
@@ -56,7 +58,9 @@ def test_no_neighbours_gives_zero_probability_not_nan() -> None:
     ids = torch.full((2, 4), -1)
     lp = knn_log_probs(d2, ids, vocab_size=V, temperature=1.0)
     assert torch.isneginf(lp).all()
-    assert torch.isneginf(knn_target_log_probs(d2, ids, torch.tensor([1, 2]), temperature=1.0)).all()
+    assert torch.isneginf(
+        knn_target_log_probs(d2, ids, torch.tensor([1, 2]), temperature=1.0)
+    ).all()
     assert not torch.isnan(neighbour_log_weights(d2, 1.0)).any()
     lmbda = FixedLambda(0.3)(d2)
     assert torch.equal(lmbda, torch.zeros(2))  # the LM keeps its own distribution
@@ -71,7 +75,9 @@ def test_interpolation_matches_reference(lmbda: float) -> None:
     lm = log_softmax(rng.normal(size=(5, V)))
     knn = knn_log_probs(torch.from_numpy(d2), torch.from_numpy(ids), vocab_size=V, temperature=1.0)
     got = interpolate(torch.from_numpy(lm).float(), knn, lmbda)
-    want = interpolated_log_prob(np.exp(lm), knn_probs(d2.astype(np.float64), ids, V, 1.0), np.full(5, lmbda))
+    want = interpolated_log_prob(
+        np.exp(lm), knn_probs(d2.astype(np.float64), ids, V, 1.0), np.full(5, lmbda)
+    )
     finite = np.isfinite(want)
     assert not torch.isnan(got).any()
     np.testing.assert_array_equal(np.isfinite(got.numpy()), finite)
@@ -103,4 +109,6 @@ def test_temperature_must_be_positive() -> None:
 
 def test_shape_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="same shape"):
-        knn_log_probs(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.long), vocab_size=V, temperature=1.0)
+        knn_log_probs(
+            torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.long), vocab_size=V, temperature=1.0
+        )

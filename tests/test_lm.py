@@ -33,10 +33,12 @@ def test_final_key_is_the_state_feeding_the_lm_head(tiny_model: Path, tmp_path: 
     with torch.no_grad():
         ref = lm.model(torch.from_numpy(ids), output_hidden_states=True)
     torch.testing.assert_close(out.keys, ref.hidden_states[-1])
-    torch.testing.assert_close(out.log_probs, torch.log_softmax(ref.logits, -1))
+    torch.testing.assert_close(out.logits, ref.logits)
 
 
-def test_ffn_input_key_is_the_normed_input_of_the_last_mlp(tiny_model: Path, tmp_path: Path) -> None:
+def test_ffn_input_key_is_the_normed_input_of_the_last_mlp(
+    tiny_model: Path, tmp_path: Path
+) -> None:
     lm = _load(tiny_model, "ffn_input", tmp_path)
     ids = lm.encode(TEXT)[None]
     seen: list[torch.Tensor] = []
@@ -46,12 +48,14 @@ def test_ffn_input_key_is_the_normed_input_of_the_last_mlp(tiny_model: Path, tmp
     finally:
         handle.remove()
     torch.testing.assert_close(out.keys, seen[-1])
-    assert out.log_probs is None
+    assert out.logits is None
     assert lm.dim == 32
 
 
 @pytest.mark.parametrize("key_type", ["final", "ffn_input"])
-def test_early_stop_gives_the_same_keys(tiny_models: dict[str, Path], tmp_path: Path, key_type: str) -> None:
+def test_early_stop_gives_the_same_keys(
+    tiny_models: dict[str, Path], tmp_path: Path, key_type: str
+) -> None:
     lm = _load(tiny_models["llama"], key_type, tmp_path)
     ids = lm.encode(TEXT)[None]
     full = lm.forward(ids, with_logits=True)
@@ -68,7 +72,7 @@ def test_right_padded_batch_matches_single_sequences(tiny_model: Path, tmp_path:
     out = lm.forward(batch, attention_mask=mask, with_logits=True)
     single = lm.forward(b[None], with_logits=True)
     torch.testing.assert_close(out.keys[1, : len(b)], single.keys[0], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out.log_probs[1, : len(b)], single.log_probs[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logits[1, : len(b)], single.logits[0], atol=1e-5, rtol=1e-4)
 
 
 def test_encode_prefixes_bos(tiny_model: Path, tmp_path: Path) -> None:
@@ -77,7 +81,9 @@ def test_encode_prefixes_bos(tiny_model: Path, tmp_path: Path) -> None:
     assert ids[0] == lm.tokenizer.bos_token_id and len(ids) > 1
 
 
-def test_collection_meta_identifies_model_and_key(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_collection_meta_identifies_model_and_key(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     a = _load(tiny_models["llama"], "final", tmp_path).collection_meta()
     again = _load(tiny_models["llama"], "final", tmp_path).collection_meta()
     other = _load(tiny_models["gpt2"], "final", tmp_path).collection_meta()

@@ -59,12 +59,25 @@ def _reference_perplexities(lm, train_docs, held_out_ids, *, k, lmbda, temperatu
 @pytest.mark.parametrize("backend", ["edge", "qdrant"])
 @pytest.mark.parametrize("key_type", ["final", "ffn_input"])
 def test_eval_matches_brute_force_reference(
-    tiny_model: Path, corpus_dir: Path, settings_factory, tmp_path: Path, backend: str, key_type: str
+    tiny_model: Path,
+    corpus_dir: Path,
+    settings_factory,
+    tmp_path: Path,
+    backend: str,
+    key_type: str,
 ) -> None:
     extra = {"url": str(tmp_path / "local")} if backend == "qdrant" else {}
     settings = settings_factory(
-        tiny_model, key_type=key_type, backend=backend, window=128, stride=64, top_k=12,
-        temperature=3.0, lmbda=0.4, exact=True, **extra,
+        tiny_model,
+        key_type=key_type,
+        backend=backend,
+        window=128,
+        stride=64,
+        top_k=12,
+        temperature=3.0,
+        lmbda=0.4,
+        exact=True,
+        **extra,
     )
     lm = load_language_model(settings)
     docs = list(read_corpus([corpus_dir], glob="**/*.txt"))
@@ -77,11 +90,15 @@ def test_eval_matches_brute_force_reference(
     store.close()
 
     unique = {d.text: lm.encode(d.text) for d in docs}  # identical texts are stored once
-    base, knn = _reference_perplexities(lm, list(unique.values()), held_out, k=12, lmbda=0.4, temperature=3.0)
+    base, knn = _reference_perplexities(
+        lm, list(unique.values()), held_out, k=12, lmbda=0.4, temperature=3.0
+    )
     assert result.tokens == len(held_out) - 1
     assert result.base_perplexity == pytest.approx(base, rel=1e-4)
     assert result.knn_perplexity == pytest.approx(knn, rel=1e-4)
-    assert result.knn_perplexity != pytest.approx(result.base_perplexity, rel=1e-3)  # retrieval mattered
+    assert result.knn_perplexity != pytest.approx(
+        result.base_perplexity, rel=1e-3
+    )  # retrieval mattered
 
 
 def test_sliding_windows_score_every_token_once(tiny_models, corpus_dir, settings_factory) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from knn_store import CollectionMeta, CollectionMissing, DimensionMismatch, PointBatch
+from knn_store import CollectionMeta, CollectionMissing, DimensionMismatch, PointBatch, StoreError
 from knn_store.store.base import KnnStore
 from knn_store.store.client import QdrantServerStore
 from knn_store.store.edge import EdgeStore
@@ -22,7 +22,12 @@ from tests.reference import brute_force_knn
 
 DIM, N, VOCAB = 16, 600, 70
 META = CollectionMeta(
-    model="tiny", model_fingerprint="abc", key_type="final", dim=DIM, vocab_size=VOCAB, tokenizer="t:1"
+    model="tiny",
+    model_fingerprint="abc",
+    key_type="final",
+    dim=DIM,
+    vocab_size=VOCAB,
+    tokenizer="t:1",
 )
 
 BACKENDS = ["edge", "local"] + (["server"] if os.environ.get("QDRANT_URL") else [])
@@ -55,7 +60,9 @@ def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, PointBatch]:
 
 
 @pytest.fixture(params=BACKENDS)
-def filled(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[KnnStore, np.ndarray, np.ndarray]]:
+def filled(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[KnnStore, np.ndarray, np.ndarray]]:
     keys, tokens, batch = _data()
     store = _open(request.param, tmp_path)
     store.ensure_collection(META)
@@ -153,8 +160,27 @@ def test_point_ids_round_trip() -> None:
     assert len(set(ids)) == 4
     np.testing.assert_array_equal(tokens_from_ids(ids), tokens)
     np.testing.assert_array_equal(tokens_from_ids([uuid.UUID(i) for i in ids]), tokens)
-    assert ids == make_point_ids(document_hash("d", "t"), np.array([0, 7, 2**20, 2**32 - 1]), tokens)
+    assert ids == make_point_ids(
+        document_hash("d", "t"), np.array([0, 7, 2**20, 2**32 - 1]), tokens
+    )
     assert document_hash("d", "t") != document_hash("e", "t")
     assert document_hash("ab", "c") != document_hash("a", "bc")
     with pytest.raises(ValueError, match="32 bits"):
         make_point_ids(1, np.array([0]), np.array([2**32]))
+
+
+def test_edge_recovers_from_a_creation_cut_short(tmp_path: Path) -> None:
+    """A shard without meta.json (killed while creating) is redone when empty, refused if not."""
+    store = EdgeStore(tmp_path / "c")
+    store.ensure_collection(META)
+    store.close()
+    (tmp_path / "c" / "meta.json").unlink()
+    again = EdgeStore(tmp_path / "c")
+    assert again.meta is None
+    again.ensure_collection(META)
+    _, _, batch = _data()
+    again.upsert(batch)
+    again.close()
+    (tmp_path / "c" / "meta.json").unlink()
+    with pytest.raises(StoreError, match="holds 600 points"):
+        EdgeStore(tmp_path / "c").ensure_collection(META)

@@ -54,8 +54,14 @@ class QdrantServerStore:
                 Path(url).mkdir(parents=True, exist_ok=True)
                 self._client = QdrantClient(path=url)
             else:
+                # No version probe at connect: its failure would only add a warning, and the
+                # first real call below reports an unreachable server properly.
                 self._client = QdrantClient(
-                    url=url, api_key=api_key, prefer_grpc=prefer_grpc, timeout=timeout
+                    url=url,
+                    api_key=api_key,
+                    prefer_grpc=prefer_grpc,
+                    timeout=timeout,
+                    check_compatibility=False,
                 )
             exists = self._client.collection_exists(collection)
         except Exception as exc:

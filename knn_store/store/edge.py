@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +64,7 @@ class EdgeStore:
             self._meta.check_compatible(meta, collection=self.name)
             return
         if (self.path / SHARD_DIR).exists():
-            raise StoreError(
-                f"{self.path / SHARD_DIR} exists but has no {META_FILE}; "
-                "remove the folder or use another --collection"
-            )
+            self._discard_unfinished_shard()
         self.path.mkdir(parents=True, exist_ok=True)
         self._shard = self._open_shard(load=False, dim=meta.dim)
         for field in (DOMAIN_FIELD, DOC_FIELD):
@@ -81,6 +79,18 @@ class EdgeStore:
         tmp.write_text(meta.to_json())
         tmp.replace(self.path / META_FILE)
         self._meta = meta
+
+    def _discard_unfinished_shard(self) -> None:
+        """A shard without meta.json is a creation cut short; if it holds no points, redo it."""
+        shard = self._open_shard(load=True)
+        points = shard.count(qe.CountRequest(exact=True))
+        shard.close()
+        if points:
+            raise StoreError(
+                f"{self.path / SHARD_DIR} holds {points} points but no {META_FILE}; "
+                "remove the folder or use another --collection"
+            )
+        shutil.rmtree(self.path / SHARD_DIR)
 
     def _open_shard(self, *, load: bool, dim: int = 0) -> qe.EdgeShard:
         shard_path = str(self.path / SHARD_DIR)
