@@ -10,13 +10,16 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from pydantic import ValidationError
 
 from knn_store.errors import ConfigError, KnnlmError
 from knn_store.settings import KnnlmSettings
+
+if TYPE_CHECKING:
+    from knn_store.lm import LanguageModel
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -172,7 +175,7 @@ def ingest(
         )
     )
     lm = load_language_model(settings)
-    window, stride = _windows(settings, lm.default_window(), lm.max_positions)
+    window, stride = _windows(settings, lm)
     store = open_store(settings, create=True)
     try:
         worker = IngestWorker(
@@ -254,7 +257,7 @@ def eval_(
         lm = load_language_model(settings)
         assert store.meta is not None
         store.meta.check_compatible(lm.collection_meta(), collection=settings.collection)
-        window, stride = _windows(settings, lm.default_window(), lm.max_positions)
+        window, stride = _windows(settings, lm)
         knn_lm = KnnLM(
             store,
             k=settings.top_k,
@@ -344,13 +347,11 @@ def info(as_json: bool, **params: Any) -> None:
         click.echo(f"{key:<{width}}  {value}")
 
 
-def _windows(
-    settings: KnnlmSettings, default_window: int, max_positions: int | None = None
-) -> tuple[int, int]:
-    window = settings.window or default_window
-    if max_positions is not None and window > max_positions:
+def _windows(settings: KnnlmSettings, lm: LanguageModel) -> tuple[int, int]:
+    window = settings.window or lm.default_window()
+    if window > lm.max_positions:
         raise ConfigError(
-            f"--window ({window}) exceeds the model's context ({max_positions} tokens)"
+            f"--window ({window}) exceeds the model's context ({lm.max_positions} tokens)"
         )
     stride = settings.stride or max(1, window // 2)
     if stride > window:

@@ -112,3 +112,33 @@ def test_shape_mismatch_is_rejected() -> None:
         knn_log_probs(
             torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.long), vocab_size=V, temperature=1.0
         )
+
+
+def test_full_vocabulary_path_agrees_with_target_path(tmp_path) -> None:
+    """What generation will use ([n, V]) gives eval's numbers at the target tokens."""
+    from knn_store import CollectionMeta, PointBatch
+    from knn_store.knn_lm import KnnLM
+    from knn_store.store.edge import EdgeStore
+    from knn_store.store.point_ids import document_hash, make_point_ids
+
+    rng = np.random.default_rng(4)
+    keys = rng.standard_normal((200, 8)).astype(np.float32)
+    tokens = rng.integers(0, V, 200)
+    store = EdgeStore(tmp_path / "c")
+    store.ensure_collection(
+        CollectionMeta(
+            model="m", model_fingerprint="f", key_type="final", dim=8, vocab_size=V, tokenizer="t"
+        )
+    )
+    ids = make_point_ids(document_hash("d", "t"), np.arange(200), tokens)
+    store.upsert(PointBatch(ids=ids, keys=keys, payloads=[{} for _ in ids]))
+    knn_lm = KnnLM(store, k=16, temperature=2.0, lambda_policy=FixedLambda(0.3), exact=True)
+    queries = torch.from_numpy(keys[:10] + 0.1)
+    neighbours = knn_lm.neighbours(queries)
+    lm = torch.log_softmax(torch.randn(10, V), -1)
+    targets = torch.from_numpy(tokens[:10])
+    full = knn_lm.next_token_log_probs(lm, neighbours)  # [10, V]
+    torch.testing.assert_close(full.exp().sum(-1), torch.ones(10))
+    via_target = knn_lm.target_log_probs(lm.gather(1, targets[:, None])[:, 0], neighbours, targets)
+    torch.testing.assert_close(full.gather(1, targets[:, None])[:, 0], via_target)
+    store.close()

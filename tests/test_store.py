@@ -184,3 +184,16 @@ def test_edge_recovers_from_a_creation_cut_short(tmp_path: Path) -> None:
     (tmp_path / "c" / "meta.json").unlink()
     with pytest.raises(StoreError, match="holds 600 points"):
         EdgeStore(tmp_path / "c").ensure_collection(META)
+
+
+def test_edge_engine_failures_become_store_errors(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path / "c")
+    store.ensure_collection(META)
+    bad = PointBatch(
+        ids=[str(uuid.UUID(int=1))], keys=np.zeros((1, DIM + 1), np.float32), payloads=[{}]
+    )
+    with pytest.raises(StoreError, match="failed to write points"):
+        store.upsert(bad)
+    with pytest.raises(StoreError, match="failed to search"):
+        store.search(np.zeros((1, DIM + 1), np.float32), k=3, exact=True, hnsw_ef=3)
+    store.close()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import qdrant_edge as qe
@@ -25,6 +27,8 @@ from knn_store.store.base import (
 )
 from knn_store.store.point_ids import tokens_from_ids
 
+T = TypeVar("T")
+
 META_FILE = "meta.json"
 SHARD_DIR = "shard"
 
@@ -36,7 +40,7 @@ class EdgeStore:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
-        self.path = Path(path)
+        self.path = Path(path).absolute()
         self.name = self.path.name
         self._create = create
         self._shard: qe.EdgeShard | None = None
@@ -107,6 +111,13 @@ class EdgeStore:
                 f"cannot open Qdrant Edge store {shard_path}: {exc}; {hint}"
             ) from exc
 
+    def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
+        """Run a shard operation; engine failures (disk full, WAL damage) become StoreError."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            raise StoreError(f"Qdrant Edge store {self.path} failed to {what}: {exc}") from exc
+
     def _require_shard(self) -> qe.EdgeShard:
         if self._shard is None:
             raise CollectionMissing(f"collection {self.name!r} is empty; run `knnlm ingest` first")
@@ -114,8 +125,8 @@ class EdgeStore:
 
     def finalize(self) -> None:
         shard = self._require_shard()
-        shard.flush()
-        shard.optimize()  # builds HNSW for segments past the indexing threshold
+        self._call("flush", shard.flush)
+        self._call("build its index", shard.optimize)  # HNSW for segments past the threshold
 
     def close(self) -> None:
         if self._shard is not None:
@@ -130,7 +141,7 @@ class EdgeStore:
             qe.Point(pid, key, payload)
             for pid, key, payload in zip(batch.ids, batch.keys, batch.payloads, strict=True)
         ]
-        shard.update(qe.UpdateOperation.upsert_points(points))
+        self._call("write points", shard.update, qe.UpdateOperation.upsert_points(points))
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -157,7 +168,7 @@ class EdgeStore:
             )
             for row in np.ascontiguousarray(queries, dtype=np.float32)
         ]
-        results = shard.query_batch(qe.QueryBatchRequest(requests))
+        results = self._call("search", shard.query_batch, qe.QueryBatchRequest(requests))
         return _to_neighbours(
             [[p.id for p in hits] for hits in results],
             [[p.score for p in hits] for hits in results],
@@ -170,12 +181,15 @@ class EdgeStore:
         flt = None
         if doc is not None:
             flt = qe.Filter(must=[qe.FieldCondition(key=DOC_FIELD, match=qe.MatchValue(doc))])
-        return self._shard.count(qe.CountRequest(exact=True, filter=flt))
+        return self._call(
+            "count points", self._shard.count, qe.CountRequest(exact=True, filter=flt)
+        )
 
     def domains(self) -> dict[str, int]:
         if self._shard is None:
             return {}
-        facets = self._shard.facet(qe.FacetRequest(key=DOMAIN_FIELD, limit=10_000, exact=True))
+        request = qe.FacetRequest(key=DOMAIN_FIELD, limit=10_000, exact=True)
+        facets = self._call("count domains", self._shard.facet, request)
         return {str(hit.value): hit.count for hit in facets.hits}
 
 
