@@ -20,6 +20,7 @@ import importlib.util
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -282,14 +283,19 @@ def _from_pretrained(
 
 def _gguf_cache(gguf: Path, cache_root: Path) -> Path:
     """Dequantize a .gguf once into a transformers folder; later loads take a second."""
-    stat = gguf.stat()
-    tag = hashlib.blake2b(
-        f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode(), digest_size=6
-    ).hexdigest()
+    # Keyed by content, not location, so every venv that installs the same file shares it.
+    # Size plus the first and last MiB tell GGUF files apart at a glance.
+    size = gguf.stat().st_size
+    h = hashlib.blake2b(f"{gguf.name}|{size}".encode(), digest_size=6)
+    with gguf.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read())
+    tag = h.hexdigest()
     target = cache_root / f"{gguf.stem}-{tag}"
     if (target / "config.json").is_file():
         return target
-    print(f"knnlm: converting {gguf.name} once into {target} ...", file=sys.stderr)
+    print(f"knnlm: converting {gguf.name} once (about 20 s) into {target}", file=sys.stderr)
     model, tokenizer = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     from transformers import AutoModelForCausalLM
 
@@ -299,9 +305,12 @@ def _gguf_cache(gguf: Path, cache_root: Path) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(model.state_dict())
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=cache_root))
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(target)
+    try:
+        tmp.replace(target)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# CLI flag -> settings field, for the few whose names differ.
-_FLAG_NAMES = {"lmbda": "lambda"}
+# Settings field (or its env alias) -> CLI flag name, where they differ.
+_FLAG_NAMES = {"lmbda": "lambda", "knnlm_lambda": "lambda"}
 
 
 def _option(field: str, **overrides: Any) -> Callable[[F], F]:
@@ -46,7 +46,16 @@ def _option(field: str, **overrides: Any) -> Callable[[F], F]:
     return click.option(flag, field, **kwargs)
 
 
-MODEL_OPTIONS = ("model", "key_type", "device", "threads", "window", "stride", "batch_size")
+MODEL_OPTIONS = (
+    "model",
+    "key_type",
+    "device",
+    "threads",
+    "model_cache",
+    "window",
+    "stride",
+    "batch_size",
+)
 STORE_OPTIONS = ("backend", "collection", "data_dir", "url", "api_key", "prefer_grpc", "timeout")
 SEARCH_OPTIONS = ("top_k", "lmbda", "temperature", "exact", "hnsw_ef", "search_batch")
 
@@ -75,11 +84,14 @@ def _settings(params: dict[str, Any]) -> KnnlmSettings:
     try:
         return KnnlmSettings(**given)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}"
-            for err in exc.errors()
-        )
-        raise ConfigError(f"invalid settings: {problems}") from None
+        problems = []
+        for err in exc.errors():
+            message = err["msg"].removeprefix("Value error, ")
+            if err["loc"]:
+                field = _FLAG_NAMES.get(str(err["loc"][0]), str(err["loc"][0]))
+                message = f"--{field.replace('_', '-')}: {message}"
+            problems.append(message)
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
 
 
 def _corpus_options(fn: F) -> F:
@@ -103,6 +115,11 @@ def _corpus_options(fn: F) -> F:
     )(fn)
     fn = click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))(fn)
     return fn
+
+
+def _output_options(fn: F) -> F:
+    fn = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(fn)
+    return click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")(fn)
 
 
 class _Group(click.Group):
@@ -138,8 +155,7 @@ def cli(debug: bool) -> None:
 @cli.command()
 @_corpus_options
 @_options(*MODEL_OPTIONS, *STORE_OPTIONS, "domain", "upsert_batch")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_output_options
 def ingest(
     paths: tuple[str, ...],
     glob_pattern: str,
@@ -225,8 +241,7 @@ def ingest(
     multiple=True,
     help="Retrieve only from this domain (repeatable).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@_output_options
 def eval_(
     paths: tuple[str, ...],
     glob_pattern: str,

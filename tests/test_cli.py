@@ -420,12 +420,12 @@ def test_unreachable_server(knnlm: Knnlm, corpus_dir: Path, command: str) -> Non
 @pytest.mark.parametrize(
     ("flags", "fragment"),
     [
-        (["--top-k", "0"], "top_k"),
-        (["--lambda", "1.5"], "lmbda"),
-        (["--lambda", "-0.1"], "lmbda"),
-        (["--temperature", "0"], "temperature"),
+        (["--top-k", "0"], "--top-k"),
+        (["--lambda", "1.5"], "--lambda"),
+        (["--lambda", "-0.1"], "--lambda"),
+        (["--temperature", "0"], "--temperature"),
         (["--stride", "20", "--window", "16"], "stride (20) must not exceed window (16)"),
-        (["--window", "1"], "window"),
+        (["--window", "1"], "--window"),
         (["--collection", "a/b"], "plain name"),
         (["--backend", "qdrant"], "needs a url"),
     ],
@@ -437,7 +437,11 @@ def test_invalid_settings(knnlm: Knnlm, corpus_dir: Path, flags: list[str], frag
 
 @pytest.mark.parametrize(
     ("variable", "value", "fragment"),
-    [("KNNLM_TOP_K", "0", "top_k"), ("KNNLM_TOP_K", "many", "top_k"), ("KNNLM_LAMBDA", "2", "")],
+    [
+        ("KNNLM_TOP_K", "0", "--top-k"),
+        ("KNNLM_TOP_K", "many", "--top-k"),
+        ("KNNLM_LAMBDA", "2", "--lambda"),
+    ],
 )
 def test_invalid_settings_from_the_environment(
     knnlm: Knnlm, corpus_dir: Path, variable: str, value: str, fragment: str
@@ -447,7 +451,7 @@ def test_invalid_settings_from_the_environment(
 
 
 def test_invalid_settings_stop_ingest_before_writing(knnlm: Knnlm, corpus_dir: Path) -> None:
-    _one_line_error(knnlm.ingest(str(corpus_dir), "-q", "--upsert-batch", "0"), "upsert_batch")
+    _one_line_error(knnlm.ingest(str(corpus_dir), "-q", "--upsert-batch", "0"), "--upsert-batch")
     assert not knnlm.collection_exists()
 
 

@@ -116,3 +116,38 @@ def test_sliding_windows_score_every_token_once(tiny_models, corpus_dir, setting
     assert result.tokens == sum(len(s) - 1 for s in seqs)
     assert result.queries == result.tokens
     assert result.knn_perplexity == pytest.approx(result.base_perplexity, rel=1e-6)
+
+
+def test_cli_eval_exact_matches_reference(tiny_models, corpus_dir: Path, tmp_path: Path) -> None:
+    """`knnlm ingest` then `knnlm eval --exact --json`, against the float64 brute force."""
+    import json
+
+    from click.testing import CliRunner
+
+    from knn_store import KnnlmSettings
+    from knnlm.cli import cli
+
+    model = tiny_models["llama"]
+    env = {
+        "KNNLM_MODEL": str(model),
+        "KNNLM_DATA_DIR": str(tmp_path / "data"),
+        "KNNLM_MODEL_CACHE": str(tmp_path / "cache"),
+        "KNNLM_WINDOW": "128",
+        "KNNLM_STRIDE": "64",
+    }
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(HELD_OUT)
+    runner = CliRunner()
+    assert runner.invoke(cli, ["ingest", str(corpus_dir), "-q"], env=env).exit_code == 0
+    args = ["eval", str(held_out), "--exact", "--json", "-q", "--top-k", "12", "--lambda", "0.4"]
+    result = runner.invoke(cli, [*args, "--temperature", "3"], env=env)
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+
+    lm = load_language_model(KnnlmSettings(model=str(model), key_type="ffn_input"))
+    docs = {d.text: lm.encode(d.text) for d in read_corpus([corpus_dir])}
+    base, knn = _reference_perplexities(
+        lm, list(docs.values()), lm.encode(HELD_OUT), k=12, lmbda=0.4, temperature=3.0
+    )
+    assert got["base_perplexity"] == pytest.approx(base, rel=1e-4)
+    assert got["knn_perplexity"] == pytest.approx(knn, rel=1e-4)

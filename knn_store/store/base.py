@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from knn_store.errors import DimensionMismatch
+from knn_store.store.point_ids import tokens_from_ids
 
 # Payload fields. "domain" and "doc" carry keyword indexes: domain for filtering a search to
 # some domains, doc for counting what a resumed ingest already stored.
@@ -95,6 +96,23 @@ class CollectionMeta:
                 f"collection {collection!r} holds {self.dim}-d keys, but the model gives "
                 f"{other.dim}-d keys; use another --collection"
             )
+
+
+def neighbours_from_hits(
+    ids: list[list[object]], scores: list[list[float]], *, k: int
+) -> Neighbours:
+    """Pad per-query hit lists to [b, k] arrays; Qdrant's Euclid score is plain L2, so square it."""
+    b = len(ids)
+    token_ids = np.full((b, k), -1, dtype=np.int64)
+    sq_distances = np.full((b, k), np.inf, dtype=np.float32)
+    counts = np.fromiter((len(row) for row in ids), dtype=np.int64, count=b)  # [b]
+    if counts.sum():
+        mask = np.arange(k)[None, :] < counts[:, None]  # [b, k], True where a hit exists
+        flat_ids = [pid for row in ids for pid in row]
+        token_ids[mask] = tokens_from_ids(flat_ids)
+        dist = np.fromiter((s for row in scores for s in row), dtype=np.float64)
+        sq_distances[mask] = (dist * dist).astype(np.float32)
+    return Neighbours(token_ids=token_ids, sq_distances=sq_distances)
 
 
 class KnnStore(Protocol):

@@ -14,8 +14,14 @@ from typing import Any
 import numpy as np
 
 from knn_store.errors import CollectionMissing, StoreError, StoreUnavailable
-from knn_store.store.base import DOC_FIELD, DOMAIN_FIELD, CollectionMeta, Neighbours, PointBatch
-from knn_store.store.edge import _to_neighbours
+from knn_store.store.base import (
+    DOC_FIELD,
+    DOMAIN_FIELD,
+    CollectionMeta,
+    Neighbours,
+    PointBatch,
+    neighbours_from_hits,
+)
 
 _META_KEY = "knnlm"
 
@@ -167,7 +173,7 @@ class QdrantServerStore:
         results = self._call(
             "search", self._client.query_batch_points, self.name, requests=requests
         )
-        return _to_neighbours(
+        return neighbours_from_hits(
             [[p.id for p in r.points] for r in results],
             [[p.score for p in r.points] for r in results],
             k=k,

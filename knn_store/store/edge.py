@@ -24,8 +24,8 @@ from knn_store.store.base import (
     CollectionMeta,
     Neighbours,
     PointBatch,
+    neighbours_from_hits,
 )
-from knn_store.store.point_ids import tokens_from_ids
 
 T = TypeVar("T")
 
@@ -169,7 +169,7 @@ class EdgeStore:
             for row in np.ascontiguousarray(queries, dtype=np.float32)
         ]
         results = self._call("search", shard.query_batch, qe.QueryBatchRequest(requests))
-        return _to_neighbours(
+        return neighbours_from_hits(
             [[p.id for p in hits] for hits in results],
             [[p.score for p in hits] for hits in results],
             k=k,
@@ -197,18 +197,3 @@ def _domain_filter(domains: list[str] | None) -> qe.Filter | None:
     if not domains:
         return None
     return qe.Filter(must=[qe.FieldCondition(key=DOMAIN_FIELD, match=qe.MatchAny(domains))])
-
-
-def _to_neighbours(ids: list[list[object]], scores: list[list[float]], *, k: int) -> Neighbours:
-    """Pad per-query hit lists to [b, k] arrays; Qdrant's Euclid score is plain L2, so square it."""
-    b = len(ids)
-    token_ids = np.full((b, k), -1, dtype=np.int64)
-    sq_distances = np.full((b, k), np.inf, dtype=np.float32)
-    counts = np.fromiter((len(row) for row in ids), dtype=np.int64, count=b)  # [b]
-    if counts.sum():
-        mask = np.arange(k)[None, :] < counts[:, None]  # [b, k], True where a hit exists
-        flat_ids = [pid for row in ids for pid in row]
-        token_ids[mask] = tokens_from_ids(flat_ids)
-        dist = np.fromiter((s for row in scores for s in row), dtype=np.float64)
-        sq_distances[mask] = (dist * dist).astype(np.float32)
-    return Neighbours(token_ids=token_ids, sq_distances=sq_distances)
