@@ -69,6 +69,8 @@ def filled(
     store.upsert(batch)
     store.finalize()
     yield store, keys, tokens
+    if request.param == "server":  # leave the real server as we found it
+        store._client.delete_collection(store.name)
     store.close()
 
 
