@@ -139,7 +139,10 @@ class IngestWorker:
     def _tokenize(self, documents: Iterable[Document]) -> list[_Tokenized]:
         seen: set[int] = set()
         out: list[_Tokenized] = []
-        for doc in documents:
+        reading = tqdm(
+            documents, desc="tokenize", unit="doc", leave=False, disable=not self.progress
+        )
+        for doc in reading:
             h = document_hash(self.domain, doc.text)
             if h in seen:  # identical text gives identical points: store it once
                 continue

@@ -4,6 +4,12 @@ A point id is a UUID of 128 bits: [64-bit document hash | 32-bit position | 32-b
 The document hash covers the domain and the text (not the file name), so ingesting the same
 text again, from any path, writes the same ids and adds nothing. The token sits in the low
 32 bits, where the search side reads it back from the id alone.
+
+Why 128 bits and not a 64-bit integer id (which Qdrant Edge returns about 1 ms/query faster
+at k=1024, since no ``uuid.UUID`` is built per hit): after the token's 16-18 bits, a 64-bit id
+keeps ~47 bits of hash, and at the 1e8 points of a WikiText-103 datastore that means dozens
+of colliding ids, each a point silently overwritten. 96 bits of (hash, position) make that
+impossible in practice.
 """
 
 from __future__ import annotations
