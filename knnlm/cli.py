@@ -269,8 +269,10 @@ def eval_(
     )
     store = open_store(settings, create=False)
     try:
-        lm = load_language_model(settings)
         assert store.meta is not None
+        if "key_type" not in settings.model_fields_set:  # no --key-type: the collection's own
+            settings = settings.model_copy(update={"key_type": store.meta.key_type})
+        lm = load_language_model(settings)
         store.meta.check_compatible(lm.collection_meta(), collection=settings.collection)
         window, stride = _windows(settings, lm)
         knn_lm = KnnLM(

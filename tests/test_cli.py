@@ -355,6 +355,16 @@ def test_other_key_type_is_refused(
     _one_line_error(knnlm.eval(*args), "ffn_input", "final")
 
 
+def test_eval_takes_the_collections_key_type_when_none_is_given(
+    tmp_path: Path, tiny_model: Path, corpus_dir: Path
+) -> None:
+    knnlm = Knnlm(tmp_path, tiny_model)
+    _json_ok(knnlm.ingest(str(corpus_dir), "--key-type", "final", "-q", "--json"))
+    assert knnlm.info_json()["key_type"] == "final"
+    scores = _json_ok(knnlm.eval(str(corpus_dir / "doc0.txt"), "-q", "--json", "--exact"))
+    assert scores["knn_perplexity"] < scores["base_perplexity"]
+
+
 def test_other_model_is_refused(
     tmp_path: Path, tiny_models: dict[str, Path], tiny_model: Path, corpus_dir: Path
 ) -> None:
