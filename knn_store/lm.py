@@ -41,8 +41,11 @@ DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FFN_NAME = re.compile(r"^(mlp|ffn|feed_?forward|block_sparse_moe|moe)$", re.IGNORECASE)
 
 
-class _StopForward(Exception):
-    """Raised inside a hook to end a forward pass once the key is captured."""
+class _StopForward(BaseException):
+    """Raised inside a hook to end a forward pass once the key is captured.
+
+    A BaseException, so that no ``except Exception`` inside model code can swallow it.
+    """
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,8 @@ class LanguageModel:
 
     def encode(self, text: str) -> np.ndarray:
         """int64 [n] token ids of ``text``, with the BOS prefix."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        # verbose=False: long documents are fine here, sliding windows split them.
+        ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         return np.asarray(self.prefix_ids + list(ids), dtype=np.int64)
 
     def default_window(self) -> int:
