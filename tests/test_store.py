@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from knn_store import CollectionMeta, CollectionMissing, DimensionMismatch, PointBatch, StoreError
+from knn_store import (
+    CollectionMeta,
+    CollectionMissing,
+    DimensionMismatch,
+    PointBatch,
+    StoreError,
+    StoreUnavailable,
+)
 from knn_store.store.base import KnnStore
 from knn_store.store.client import QdrantServerStore
 from knn_store.store.edge import EdgeStore
@@ -199,3 +206,16 @@ def test_edge_engine_failures_become_store_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="failed to search"):
         store.search(np.zeros((1, DIM + 1), np.float32), k=3, exact=True, hnsw_ef=3)
     store.close()
+
+
+def test_server_errors_are_told_apart_from_an_unreachable_server(tmp_path: Path) -> None:
+    store = QdrantServerStore(":memory:", collection="c")
+    store.ensure_collection(META)
+    bad = PointBatch(
+        ids=[str(uuid.UUID(int=1))], keys=np.zeros((1, DIM + 1), np.float32), payloads=[{}]
+    )
+    with pytest.raises(StoreError, match="failed to upsert") as info:
+        store.upsert(bad)
+    assert not isinstance(info.value, StoreUnavailable)  # it answered: the request was wrong
+    with pytest.raises(StoreUnavailable, match="cannot reach Qdrant"):
+        QdrantServerStore("http://127.0.0.1:9", collection="c", timeout=2)

@@ -95,12 +95,12 @@ class QdrantServerStore:
         return self._meta
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run a client call; no answer is StoreUnavailable, an error answer StoreError."""
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            raise StoreUnavailable(
-                f"Qdrant at {self.url} failed to {what}: {_first_line(exc)}"
-            ) from exc
+            error = StoreUnavailable if _is_transport_error(exc) else StoreError
+            raise error(f"Qdrant at {self.url} failed to {what}: {_first_line(exc)}") from exc
 
     def ensure_collection(self, meta: CollectionMeta) -> None:
         from qdrant_client import models
@@ -215,6 +215,20 @@ class QdrantServerStore:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """True when the server never answered (refused, timed out), over REST or gRPC."""
+    import grpc
+    import httpx
+    from qdrant_client.http.exceptions import ResponseHandlingException
+
+    if isinstance(exc, (ResponseHandlingException, httpx.TransportError, ConnectionError)):
+        return True
+    if isinstance(exc, grpc.RpcError):
+        code = exc.code() if callable(getattr(exc, "code", None)) else None
+        return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    return False
 
 
 def _first_line(exc: BaseException) -> str:

@@ -34,15 +34,15 @@ SHARD_DIR = "shard"
 
 
 class EdgeStore:
-    """A collection in an embedded Qdrant Edge shard.
+    """A collection in an embedded Qdrant Edge shard at ``path`` (one folder per collection).
 
-    >>> store = EdgeStore("/tmp/knnlm-data/wiki")  # doctest: +SKIP
+    With ``create=False`` a missing collection raises ``CollectionMissing``; otherwise it is
+    made by the first ``ensure_collection``. Only one process may hold a shard at a time.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
         self.path = Path(path).absolute()
         self.name = self.path.name
-        self._create = create
         self._shard: qe.EdgeShard | None = None
         self._meta: CollectionMeta | None = None
         meta_file = self.path / META_FILE
