@@ -25,6 +25,7 @@ from knn_store.errors import (
     StoreUnavailable,
 )
 from knnlm.cli import cli
+from tests.files import write as _write
 
 UNREACHABLE = ["--backend", "qdrant", "--url", "http://127.0.0.1:9", "--timeout", "2"]
 SECRET = "s3cr3t-api-key-7f2c9d"
@@ -121,15 +122,6 @@ def populated(knnlm: Knnlm, corpus_dir: Path) -> dict[str, Any]:
     info = knnlm.info_json()
     assert info["points"] > 0
     return info
-
-
-def _write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        path.write_text(data, encoding="utf-8")
-    else:
-        path.write_bytes(data)
-    return path
 
 
 # --- help ----------------------------------------------------------------------------------

@@ -10,15 +10,7 @@ import pytest
 
 from ingest.corpus import CorpusReport, Document, read_corpus
 from knn_store.errors import CorpusError, KnnlmError
-
-
-def _write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        path.write_text(data, encoding="utf-8")
-    else:
-        path.write_bytes(data)
-    return path
+from tests.files import write as _write
 
 
 def _jsonl(*records: object) -> str:
