@@ -110,15 +110,15 @@ class IngestWorker:
             total=total, unit="tok", unit_scale=True, desc="ingest", disable=not self.progress
         )
         with _BackgroundWriter(self.store) as writer, bar:
-            pending: list[PointBatch] = []
+            buffer: PointBatch | None = None  # points computed, not yet sent
             for batch in self._point_batches(todo):
-                pending.append(batch)
                 bar.update(len(batch))
-                while sum(len(b) for b in pending) >= self.upsert_batch:
-                    chunk, pending = _take(pending, self.upsert_batch)
-                    writer.put(chunk)
-            if pending:
-                writer.put(_concat(pending))
+                buffer = batch if buffer is None else PointBatch.concat([buffer, batch])
+                while len(buffer) >= self.upsert_batch:
+                    writer.put(buffer[: self.upsert_batch])
+                    buffer = buffer[self.upsert_batch :]
+            if buffer is not None and len(buffer):
+                writer.put(buffer)
         seconds = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -186,24 +186,6 @@ class IngestWorker:
             }
             payloads += [{**base, OFFSET_FIELD: int(p)} for p in positions]
         return PointBatch(ids=ids, keys=np.concatenate(rows), payloads=payloads)
-
-
-def _take(batches: list[PointBatch], n: int) -> tuple[PointBatch, list[PointBatch]]:
-    """Split the first n points off a list of batches."""
-    merged = _concat(batches)
-    head = PointBatch(merged.ids[:n], merged.keys[:n], merged.payloads[:n])
-    rest = PointBatch(merged.ids[n:], merged.keys[n:], merged.payloads[n:])
-    return head, [rest] if len(rest) else []
-
-
-def _concat(batches: list[PointBatch]) -> PointBatch:
-    if len(batches) == 1:
-        return batches[0]
-    return PointBatch(
-        ids=[i for b in batches for i in b.ids],
-        keys=np.concatenate([b.keys for b in batches]),
-        payloads=[p for b in batches for p in b.payloads],
-    )
 
 
 class _BackgroundWriter:

@@ -219,3 +219,24 @@ def test_server_errors_are_told_apart_from_an_unreachable_server(tmp_path: Path)
     assert not isinstance(info.value, StoreUnavailable)  # it answered: the request was wrong
     with pytest.raises(StoreUnavailable, match="cannot reach Qdrant"):
         QdrantServerStore("http://127.0.0.1:9", collection="c", timeout=2)
+
+
+def test_collection_from_a_newer_knnlm_is_refused(tmp_path: Path) -> None:
+    import json
+
+    store = EdgeStore(tmp_path / "c")
+    store.ensure_collection(META)
+    store.close()
+    meta_file = tmp_path / "c" / "meta.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "format_version": 99}))
+    with pytest.raises(StoreError, match=r"format 99.*upgrade knnlm"):
+        EdgeStore(tmp_path / "c", create=False)
+
+
+def test_point_batches_slice_and_concat() -> None:
+    _, _, batch = _data()
+    head, tail = batch[:100], batch[100:]
+    assert (len(head), len(tail)) == (100, N - 100)
+    joined = PointBatch.concat([head, tail])
+    assert joined.ids == batch.ids and joined.payloads == batch.payloads
+    np.testing.assert_array_equal(joined.keys, batch.keys)

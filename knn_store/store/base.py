@@ -7,12 +7,12 @@ Qdrant types never leave a backend module: callers see ``Neighbours``, ``PointBa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from knn_store.errors import DimensionMismatch
+from knn_store.errors import DimensionMismatch, StoreError
 from knn_store.store.point_ids import tokens_from_ids
 
 # Payload fields. "domain" and "doc" carry keyword indexes: domain for filtering a search to
@@ -51,6 +51,22 @@ class PointBatch:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def __getitem__(self, rows: slice) -> PointBatch:
+        return PointBatch(self.ids[rows], self.keys[rows], self.payloads[rows])
+
+    @classmethod
+    def concat(cls, batches: list[PointBatch]) -> PointBatch:
+        if len(batches) == 1:
+            return batches[0]
+        return cls(
+            ids=[i for b in batches for i in b.ids],
+            keys=np.concatenate([b.keys for b in batches]),
+            payloads=[p for b in batches for p in b.payloads],
+        )
+
+
+FORMAT_VERSION = 1  # bump when the stored layout (ids, payloads, meta) changes
+
 
 @dataclass(frozen=True)
 class CollectionMeta:
@@ -62,14 +78,19 @@ class CollectionMeta:
     dim: int
     vocab_size: int
     tokenizer: str  # tokenizer class and a hash of its vocabulary
-    format_version: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CollectionMeta:
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"this collection has format {version}, newer than this knnlm reads "
+                f"({FORMAT_VERSION}); upgrade knnlm"
+            )
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 
