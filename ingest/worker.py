@@ -19,9 +19,17 @@ from tqdm import tqdm
 
 from ingest.corpus import Document
 from knn_store import CorpusError, KnnStore, LanguageModel, PointBatch, sliding_windows
-from knn_store.store.base import DOC_FIELD, DOMAIN_FIELD, OFFSET_FIELD, SOURCE_FIELD
+from knn_store.store.base import (
+    CONTEXT_FIELD,
+    DOC_FIELD,
+    DOMAIN_FIELD,
+    OFFSET_FIELD,
+    SOURCE_FIELD,
+)
 from knn_store.store.point_ids import document_hash, document_key, make_point_ids
 from knn_store.windows import Window, pack_windows
+
+CONTEXT_TOKENS = 24  # tokens of text kept with each point, ending at its key's position
 
 
 @dataclass(frozen=True)
@@ -184,7 +192,15 @@ class IngestWorker:
                 DOC_FIELD: doc.key,
                 SOURCE_FIELD: doc.document.source,
             }
-            payloads += [{**base, OFFSET_FIELD: int(p)} for p in positions]
+            # skip the BOS prefix: it has no text
+            first = np.maximum(positions - CONTEXT_TOKENS + 1, len(self.lm.prefix_ids))
+            contexts = self.lm.tokenizer.batch_decode(
+                [doc.ids[a : p + 1].tolist() for a, p in zip(first, positions, strict=True)]
+            )
+            payloads += [
+                {**base, OFFSET_FIELD: int(p), CONTEXT_FIELD: c}
+                for p, c in zip(positions, contexts, strict=True)
+            ]
         return PointBatch(ids=ids, keys=np.concatenate(rows), payloads=payloads)
 
 

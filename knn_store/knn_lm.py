@@ -7,12 +7,13 @@ The hot path is batched: keys of many positions go to the store as one search pe
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from knn_store.knn import interpolate, knn_log_probs, knn_target_log_probs
-from knn_store.lambdas import LambdaPolicy
+from knn_store.lambdas import LambdaPolicy, QueryFeatures
 from knn_store.store.base import KnnStore, Neighbours
 
 
@@ -59,51 +60,102 @@ class KnnLM:
         self.search_seconds = 0.0  # cumulative, for reporting
         self.queries = 0
 
-    def neighbours(self, keys: torch.Tensor) -> Neighbours:
-        """Top-k neighbours of float [n, dim] keys, searched in batches."""
+    def neighbours(self, keys: torch.Tensor, *, with_cosine: bool | None = None) -> Neighbours:
+        """Top-k neighbours of float [n, dim] keys, searched in batches.
+
+        ``with_cosine`` (default: when the policy needs it) also reads each query's nearest
+        key back from the store and fills ``Neighbours.cosine``.
+        """
+        if with_cosine is None:
+            with_cosine = self.lambda_policy.needs_cosine
         queries = keys.detach().float().cpu().numpy()  # [n, dim]
         parts: list[Neighbours] = []
         started = time.perf_counter()
         for lo in range(0, len(queries), self.search_batch):
-            parts.append(
-                self.store.search(
-                    queries[lo : lo + self.search_batch],
-                    k=self.k,
-                    exact=self.exact,
-                    hnsw_ef=self.hnsw_ef,
-                    domains=self.domains,
-                )
+            part = self.store.search(
+                queries[lo : lo + self.search_batch],
+                k=self.k,
+                exact=self.exact,
+                hnsw_ef=self.hnsw_ef,
+                domains=self.domains,
             )
+            if with_cosine:
+                part = replace(
+                    part, cosine=self._nearest_cosine(queries[lo : lo + len(part)], part)
+                )
+            parts.append(part)
         self.search_seconds += time.perf_counter() - started
         self.queries += len(queries)
-        if not parts:
-            empty = np.zeros((0, self.k))
-            return Neighbours(empty.astype(np.int64), empty.astype(np.float32))
-        return Neighbours(
-            token_ids=np.concatenate([p.token_ids for p in parts]),
-            sq_distances=np.concatenate([p.sq_distances for p in parts]),
+        return Neighbours.concat(parts, k=self.k)
+
+    def _nearest_cosine(self, queries: np.ndarray, neighbours: Neighbours) -> np.ndarray:
+        """float32 [b]: cosine of each query and its nearest stored key (0 without one)."""
+        assert neighbours.point_ids is not None
+        nearest = neighbours.point_ids[:, 0]  # [b]
+        found = self.store.retrieve(
+            [i for i in nearest if i is not None], with_keys=True, with_payload=False
+        )
+        keys = np.zeros_like(queries)  # [b, dim]; a zero key gives cosine 0
+        for row, pid in enumerate(nearest):
+            if pid is not None and str(pid) in found:
+                keys[row] = found[str(pid)].key
+        dot = (queries * keys).sum(-1)
+        norms = np.linalg.norm(queries, axis=-1) * np.linalg.norm(keys, axis=-1)
+        return (dot / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def features(
+        self,
+        neighbours: Neighbours,
+        *,
+        lm_entropy: torch.Tensor,
+        lm_max_log_prob: torch.Tensor,
+    ) -> QueryFeatures:
+        """What the lambda policy sees, from neighbours and two summaries of p_LM (float [n])."""
+        device = lm_entropy.device
+        cosine = None if neighbours.cosine is None else torch.from_numpy(neighbours.cosine)
+        return QueryFeatures(
+            sq_distances=torch.from_numpy(neighbours.sq_distances).to(device),
+            token_ids=torch.from_numpy(neighbours.token_ids).to(device),
+            lm_entropy=lm_entropy,
+            lm_max_log_prob=lm_max_log_prob,
+            cosine=None if cosine is None else cosine.to(device),
         )
 
     def target_log_probs(
-        self, lm_target_log_probs: torch.Tensor, neighbours: Neighbours, targets: torch.Tensor
+        self,
+        lm_target_log_probs: torch.Tensor,
+        features: QueryFeatures,
+        targets: torch.Tensor,
     ) -> torch.Tensor:
         """Interpolated log p(target), float [n], from the LM's log p(target) (float [n])."""
-        sq, ids = _as_tensors(neighbours, lm_target_log_probs.device)  # [n, k] each
-        knn = knn_target_log_probs(sq, ids, targets, temperature=self.temperature)  # [n]
-        return interpolate(lm_target_log_probs, knn, self.lambda_policy(sq))
+        knn = knn_target_log_probs(
+            features.sq_distances, features.token_ids, targets, temperature=self.temperature
+        )  # [n]
+        return interpolate(lm_target_log_probs, knn, self.lambda_policy(features))
 
     def next_token_log_probs(
         self, lm_log_probs: torch.Tensor, neighbours: Neighbours
     ) -> torch.Tensor:
         """Interpolated log p over the vocabulary, float [n, V], from the LM's [n, V]."""
-        sq, ids = _as_tensors(neighbours, lm_log_probs.device)
+        return self.distributions(lm_log_probs, neighbours)[2]
+
+    def distributions(
+        self, lm_log_probs: torch.Tensor, neighbours: Neighbours
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """log p_kNN [n, V], lambda [n] and the interpolated log p [n, V]."""
+        entropy, max_log_prob = lm_summary(lm_log_probs)
+        features = self.features(neighbours, lm_entropy=entropy, lm_max_log_prob=max_log_prob)
         knn = knn_log_probs(
-            sq, ids, vocab_size=lm_log_probs.shape[-1], temperature=self.temperature
+            features.sq_distances,
+            features.token_ids,
+            vocab_size=lm_log_probs.shape[-1],
+            temperature=self.temperature,
         )
-        return interpolate(lm_log_probs, knn, self.lambda_policy(sq))
+        lmbda = self.lambda_policy(features)
+        return knn, lmbda, interpolate(lm_log_probs, knn, lmbda)
 
 
-def _as_tensors(neighbours: Neighbours, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    sq = torch.from_numpy(neighbours.sq_distances).to(device)
-    ids = torch.from_numpy(neighbours.token_ids).to(device)
-    return sq, ids
+def lm_summary(lm_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy (nats) and log max-probability of each row of LM log-probs [n, V]: [n], [n]."""
+    entropy = -(lm_log_probs.exp() * lm_log_probs).nan_to_num().sum(-1)
+    return entropy, lm_log_probs.max(-1).values

@@ -1,40 +1,247 @@
 """Lambda policies: how much weight p_kNN gets at each position.
 
-A policy is a callable ``(sq_distances [b, k]) -> lambda [b]`` that holds no state across
-calls, so eval and generation give the same answer at the same position.
+A policy maps ``QueryFeatures`` (what retrieval and the LM say about one position) to a lambda
+per query. Policies hold no state across calls, so eval and generation give the same answer
+at the same position. Three kinds:
+
+- ``FixedLambda``: one lambda everywhere (Khandelwal et al.);
+- ``BucketLambda``: equal-population buckets of one feature, one lambda each (Drozdov et
+  al. use the nearest squared distance ``d_min``; ``cosine`` is the other choice here);
+- ``LearnedLambda``: a small logistic or MLP model of several cheap features.
+
+Every policy gives lambda = 0 to a query without any neighbour, which keeps the LM's
+distribution there. ``policy_from_dict`` reads back what ``to_dict`` wrote.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import itertools
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
+FEATURES = ("d_min", "cosine", "lm_entropy", "lm_max_prob", "agreement")
+AGREEMENT_TOP = 16  # "agreement": share of the nearest 16 neighbours voting like the nearest
+
+
+@dataclass(frozen=True)
+class QueryFeatures:
+    """Per-query evidence a policy may use. Shapes: ``b`` queries, ``k`` neighbours.
+
+    sq_distances: float [b, k], ascending, +inf where missing.
+    token_ids: int [b, k], -1 where missing.
+    lm_entropy: float [b], entropy of the LM's next-token distribution (nats).
+    lm_max_log_prob: float [b], log of the LM's top probability.
+    cosine: float [b], cosine similarity of the query and its nearest key; None when the
+        policy does not need it (it costs one extra lookup per query).
+    """
+
+    sq_distances: torch.Tensor
+    token_ids: torch.Tensor
+    lm_entropy: torch.Tensor
+    lm_max_log_prob: torch.Tensor
+    cosine: torch.Tensor | None = None
+
+    @property
+    def has_neighbour(self) -> torch.Tensor:
+        """bool [b]."""
+        return torch.isfinite(self.sq_distances[:, 0])
+
+    def __getitem__(self, rows: torch.Tensor | slice) -> QueryFeatures:
+        return QueryFeatures(
+            self.sq_distances[rows],
+            self.token_ids[rows],
+            self.lm_entropy[rows],
+            self.lm_max_log_prob[rows],
+            None if self.cosine is None else self.cosine[rows],
+        )
+
+    def column(self, name: str) -> torch.Tensor:
+        """One named feature, float32 [b]. Rows without neighbours hold finite filler."""
+        if name == "d_min":
+            d = self.sq_distances[:, 0].float()
+            return torch.where(torch.isfinite(d), d, torch.finfo(torch.float32).max)
+        if name == "cosine":
+            if self.cosine is None:
+                raise ValueError("the cosine feature was not computed for these queries")
+            return self.cosine.float()
+        if name == "lm_entropy":
+            return self.lm_entropy.float()
+        if name == "lm_max_prob":
+            return self.lm_max_log_prob.float().exp()
+        if name == "agreement":
+            top = self.token_ids[:, :AGREEMENT_TOP]
+            same = (top == top[:, :1]) & (top >= 0)
+            return same.float().mean(-1)
+        raise ValueError(f"unknown feature {name!r}; known: {', '.join(FEATURES)}")
+
 
 class LambdaPolicy(Protocol):
-    def __call__(self, sq_distances: torch.Tensor) -> torch.Tensor:
-        """float [b, k] squared distances -> float [b] lambdas in [0, 1]."""
+    needs_cosine: bool
+
+    def __call__(self, features: QueryFeatures) -> torch.Tensor:
+        """Lambdas in [0, 1], float32 [b]."""
         ...
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 class FixedLambda:
     """The same lambda everywhere (Khandelwal et al.'s interpolation).
 
-    Queries with no neighbour at all get lambda = 0, so they keep the LM's distribution.
-
     >>> import torch
-    >>> FixedLambda(0.25)(torch.tensor([[1.0, 2.0], [float("inf"), float("inf")]]))
+    >>> sq = torch.tensor([[1.0, 2.0], [float("inf"), float("inf")]])
+    >>> f = QueryFeatures(sq, torch.tensor([[3, 4], [-1, -1]]), torch.zeros(2), torch.zeros(2))
+    >>> FixedLambda(0.25)(f)
     tensor([0.2500, 0.0000])
     """
+
+    needs_cosine = False
 
     def __init__(self, lmbda: float) -> None:
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"`lmbda` must lie in [0, 1], got {lmbda}")
-        self.lmbda = lmbda
+        self.lmbda = float(lmbda)
 
-    def __call__(self, sq_distances: torch.Tensor) -> torch.Tensor:
-        has_neighbour = torch.isfinite(sq_distances).any(dim=-1)  # [b]
-        return torch.where(has_neighbour, self.lmbda, 0.0).to(torch.float32)
+    def __call__(self, features: QueryFeatures) -> torch.Tensor:
+        return torch.where(features.has_neighbour, self.lmbda, 0.0).to(torch.float32)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "fixed", "lambda": self.lmbda}
 
     def __repr__(self) -> str:
         return f"FixedLambda({self.lmbda})"
+
+
+class BucketLambda:
+    """One lambda per bucket of a feature (Drozdov et al. 2022).
+
+    Args:
+        feature: ``"d_min"`` (squared distance to the nearest key) or ``"cosine"``.
+        edges: ascending inner bucket edges, B - 1 floats; value v falls in bucket
+            ``searchsorted(edges, v, right=True)``.
+        lambdas: B lambdas.
+    """
+
+    def __init__(self, feature: str, edges: list[float], lambdas: list[float]) -> None:
+        if feature not in ("d_min", "cosine"):
+            raise ValueError(f"bucket feature must be 'd_min' or 'cosine', got {feature!r}")
+        if len(lambdas) != len(edges) + 1:
+            raise ValueError(
+                f"{len(edges)} edges need {len(edges) + 1} lambdas, not {len(lambdas)}"
+            )
+        if any(not 0.0 <= x <= 1.0 for x in lambdas):
+            raise ValueError("every lambda must lie in [0, 1]")
+        if any(b < a for a, b in itertools.pairwise(edges)):
+            raise ValueError("bucket edges must be ascending")
+        self.feature = feature
+        self.edges = [float(e) for e in edges]
+        self.lambdas = [float(x) for x in lambdas]
+        self.needs_cosine = feature == "cosine"
+        self._edges = torch.tensor(self.edges, dtype=torch.float32)
+        self._lambdas = torch.tensor(self.lambdas, dtype=torch.float32)
+
+    def buckets(self, features: QueryFeatures) -> torch.Tensor:
+        """int64 [b], each query's bucket."""
+        values = features.column(self.feature).contiguous()
+        return torch.searchsorted(self._edges.to(values.device), values, right=True)
+
+    def __call__(self, features: QueryFeatures) -> torch.Tensor:
+        lmbda = self._lambdas.to(features.sq_distances.device)[self.buckets(features)]
+        return torch.where(features.has_neighbour, lmbda, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "buckets",
+            "feature": self.feature,
+            "edges": self.edges,
+            "lambdas": self.lambdas,
+        }
+
+    def __repr__(self) -> str:
+        return f"BucketLambda({self.feature!r}, {len(self.lambdas)} buckets)"
+
+
+class LearnedLambda:
+    """lambda = sigmoid(MLP(standardized features)); no hidden layer is logistic regression.
+
+    Args:
+        features: names from ``FEATURES``.
+        mean, std: per-feature standardization, fit on the tuning data.
+        layers: ``[(weight [out, in], bias [out]), ...]`` as nested lists; tanh between
+            layers, one output.
+    """
+
+    def __init__(
+        self,
+        features: list[str],
+        mean: list[float],
+        std: list[float],
+        layers: list[tuple[list[list[float]], list[float]]],
+    ) -> None:
+        unknown = set(features) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown features {sorted(unknown)}; known: {', '.join(FEATURES)}")
+        if not layers or len(mean) != len(features) or len(std) != len(features):
+            raise ValueError("a learned policy needs layers and one mean/std per feature")
+        self.features = list(features)
+        self.mean = [float(x) for x in mean]
+        self.std = [float(x) for x in std]
+        self.layers = [(w, b) for w, b in layers]
+        self.needs_cosine = "cosine" in self.features
+        self._mean = torch.tensor(self.mean)
+        self._std = torch.tensor(self.std)
+        self._layers = [
+            (torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+            for w, b in layers
+        ]
+
+    @staticmethod
+    def inputs(features: QueryFeatures, names: list[str]) -> torch.Tensor:
+        """Raw model inputs, float32 [b, len(names)]; distances enter as log(1 + d_min)."""
+        cols = [features.column(n) for n in names]
+        cols = [
+            c.clamp(max=1e30).log1p() if n == "d_min" else c
+            for n, c in zip(names, cols, strict=True)
+        ]
+        return torch.stack(cols, dim=-1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-sigmoid output for raw inputs float [b, f] -> [b]."""
+        h = (x - self._mean.to(x.device)) / self._std.to(x.device)
+        for i, (w, b) in enumerate(self._layers):
+            h = h @ w.to(x.device).T + b.to(x.device)
+            if i < len(self._layers) - 1:
+                h = torch.tanh(h)
+        return h.squeeze(-1)
+
+    def __call__(self, features: QueryFeatures) -> torch.Tensor:
+        lmbda = torch.sigmoid(self.logits(self.inputs(features, self.features)))
+        return torch.where(features.has_neighbour, lmbda, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "learned",
+            "features": self.features,
+            "mean": self.mean,
+            "std": self.std,
+            "layers": [[w, b] for w, b in self.layers],
+        }
+
+    def __repr__(self) -> str:
+        hidden = [len(b) for _, b in self.layers[:-1]]
+        return f"LearnedLambda({self.features}, hidden={hidden})"
+
+
+def policy_from_dict(data: dict[str, Any]) -> LambdaPolicy:
+    """Rebuild a policy from ``to_dict()`` output."""
+    kind = data.get("kind")
+    if kind == "fixed":
+        return FixedLambda(data["lambda"])
+    if kind == "buckets":
+        return BucketLambda(data["feature"], data["edges"], data["lambdas"])
+    if kind == "learned":
+        layers = [(w, b) for w, b in data["layers"]]
+        return LearnedLambda(data["features"], data["mean"], data["std"], layers)
+    raise ValueError(f"unknown lambda policy kind {kind!r}")

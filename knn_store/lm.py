@@ -81,7 +81,7 @@ class LanguageModel:
         self.name = name
         self.key_type = key_type
         self.device = next(model.parameters()).device
-        self._key_module = _find_key_module(model, key_type)
+        self.key_module = _find_key_module(model, key_type)
         head = model.get_output_embeddings()
         if head is None:
             raise ConfigError(f"model {name!r} has no output embeddings (LM head)")
@@ -129,7 +129,7 @@ class LanguageModel:
             if not with_logits:
                 raise _StopForward
 
-        handle = self._key_module.register_forward_pre_hook(hook, with_kwargs=True)
+        handle = self.key_module.register_forward_pre_hook(hook, with_kwargs=True)
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         mask = (
             None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from knn_store.knn_lm import KnnLM
+from knn_store.knn_lm import KnnLM, lm_summary
 from knn_store.lm import LanguageModel
 from knn_store.windows import Window, pack_windows, sliding_windows
 
@@ -86,13 +86,17 @@ def evaluate(
     for lo in range(0, len(jobs), batch_size):
         group = jobs[lo : lo + batch_size]
         started = time.perf_counter()
-        keys, lm_lp, targets = _score_windows(lm, group)  # [m, d], [m], [m]
+        scored = score_windows(lm, group)
         lm_seconds += time.perf_counter() - started
-        neighbours = knn_lm.neighbours(keys)
-        knn_lp = knn_lm.target_log_probs(lm_lp, neighbours, targets)  # [m]
-        base_nll -= lm_lp.double().sum().item()
+        features = knn_lm.features(
+            knn_lm.neighbours(scored.keys),
+            lm_entropy=scored.lm_entropy,
+            lm_max_log_prob=scored.lm_max_log_prob,
+        )
+        knn_lp = knn_lm.target_log_probs(scored.lm_target_log_probs, features, scored.targets)
+        base_nll -= scored.lm_target_log_probs.double().sum().item()
         knn_nll -= knn_lp.double().sum().item()
-        bar.update(len(targets))
+        bar.update(len(scored.targets))
     bar.close()
     return EvalResult(
         tokens=total,
@@ -104,10 +108,19 @@ def evaluate(
     )
 
 
-def _score_windows(
-    lm: LanguageModel, group: list[tuple[np.ndarray, Window]]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keys, LM log p(target) and targets of every scored position in a batch of windows."""
+@dataclass(frozen=True)
+class ScoredPositions:
+    """The LM's view of every scored position in a batch of windows; ``m`` positions."""
+
+    keys: torch.Tensor  # float32 [m, dim]
+    targets: torch.Tensor  # int64 [m], the true next tokens
+    lm_target_log_probs: torch.Tensor  # float32 [m]
+    lm_entropy: torch.Tensor  # float32 [m]
+    lm_max_log_prob: torch.Tensor  # float32 [m]
+
+
+def score_windows(lm: LanguageModel, group: list[tuple[np.ndarray, Window]]) -> ScoredPositions:
+    """One LM forward over a batch of windows, reduced to what eval and tuning need."""
     input_ids, mask = pack_windows(group, pad_id=lm.pad_id)  # [b, W] each
     rows, cols, targets = [], [], []
     for row, (seq, win) in enumerate(group):
@@ -120,7 +133,12 @@ def _score_windows(
     r = torch.from_numpy(np.concatenate(rows)).to(out.keys.device)  # [m]
     c = torch.from_numpy(np.concatenate(cols)).to(out.keys.device)  # [m]
     t = torch.from_numpy(np.concatenate(targets)).to(out.keys.device)  # [m]
-    keys = out.keys[r, c]  # [m, d]
     log_probs = torch.log_softmax(out.logits[r, c].float(), dim=-1)  # [m, V], scored rows only
-    lm_lp = log_probs.gather(1, t[:, None]).squeeze(1)  # [m]
-    return keys, lm_lp, t
+    entropy, max_log_prob = lm_summary(log_probs)
+    return ScoredPositions(
+        keys=out.keys[r, c],
+        targets=t,
+        lm_target_log_probs=log_probs.gather(1, t[:, None]).squeeze(1),
+        lm_entropy=entropy,
+        lm_max_log_prob=max_log_prob,
+    )

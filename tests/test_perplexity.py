@@ -17,7 +17,7 @@ import torch
 from ingest.corpus import read_corpus
 from ingest.worker import IngestWorker
 from knn_store import KnnLM, evaluate, load_language_model, open_store
-from knn_store.lambdas import FixedLambda
+from knn_store.lambdas import BucketLambda, FixedLambda
 from tests.reference import brute_force_knn, interpolated_log_prob, knn_probs, log_softmax
 from tests.test_lm import _post_attention_norm
 
@@ -38,6 +38,7 @@ def _reference_keys(lm, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _reference_perplexities(lm, train_docs, held_out_ids, *, k, lmbda, temperature):
+    """``lmbda``: a float, or a function of the nearest squared distances [n] -> [n]."""
     keys, values = [], []
     for ids in train_docs:
         doc_keys, _ = _reference_keys(lm, ids)
@@ -49,7 +50,8 @@ def _reference_perplexities(lm, train_docs, held_out_ids, *, k, lmbda, temperatu
     targets = held_out_ids[1:]
     idx, d2 = brute_force_knn(keys_all, queries, k)
     p_knn = knn_probs(d2, values_all[idx], lm.vocab_size, temperature)
-    logp = interpolated_log_prob(np.exp(lm_logp), p_knn, np.full(len(targets), lmbda))
+    lam = lmbda(d2[:, 0]) if callable(lmbda) else np.full(len(targets), lmbda)
+    logp = interpolated_log_prob(np.exp(lm_logp), p_knn, lam)
     rows = np.arange(len(targets))
     base = math.exp(-lm_logp[rows, targets].mean())
     knn = math.exp(-logp[rows, targets].mean())
@@ -99,6 +101,40 @@ def test_eval_matches_brute_force_reference(
     assert result.knn_perplexity != pytest.approx(
         result.base_perplexity, rel=1e-3
     )  # retrieval mattered
+
+
+def test_eval_with_bucketed_lambda_matches_reference(
+    tiny_models, corpus_dir: Path, settings_factory
+) -> None:
+    """Adaptive lambda: each token's lambda from its nearest distance, as numpy computes it."""
+    settings = settings_factory(tiny_models["llama"], window=128, stride=64, exact=True)
+    lm = load_language_model(settings)
+    docs = list(read_corpus([corpus_dir], glob="**/*.txt"))
+    store = open_store(settings, create=True)
+    IngestWorker(lm, store, domain="code", window=128, stride=64, progress=False).run(docs)
+    held_out = lm.encode(HELD_OUT)
+    probe = KnnLM(store, k=12, temperature=2.0, lambda_policy=FixedLambda(0.5), exact=True)
+    keys = lm.forward(held_out[None], with_logits=False).keys[0, :-1]
+    d_min = probe.neighbours(keys).sq_distances[:, 0]
+    # four populated buckets, with edges midway between distances so that float32 (store)
+    # and float64 (reference) rounding cannot put a token in different buckets
+    distinct = np.unique(d_min)
+    edges = [float(distinct[i - 1] + distinct[i]) / 2 for i in np.arange(1, 4) * len(distinct) // 4]
+    lambdas = [0.9, 0.6, 0.3, 0.05]
+    policy = BucketLambda("d_min", edges, lambdas)
+    knn_lm = KnnLM(store, k=12, temperature=2.0, lambda_policy=policy, exact=True)
+    result = evaluate(lm, knn_lm, [held_out], window=128, stride=64)
+    store.close()
+
+    def reference_lambda(nearest: np.ndarray) -> np.ndarray:
+        return np.asarray(lambdas)[np.searchsorted(edges, nearest, side="right")]
+
+    unique = {d.text: lm.encode(d.text) for d in docs}
+    base, knn = _reference_perplexities(
+        lm, list(unique.values()), held_out, k=12, lmbda=reference_lambda, temperature=2.0
+    )
+    assert result.base_perplexity == pytest.approx(base, rel=1e-4)
+    assert result.knn_perplexity == pytest.approx(knn, rel=1e-4)
 
 
 def test_sliding_windows_score_every_token_once(tiny_models, corpus_dir, settings_factory) -> None:

@@ -20,7 +20,8 @@ from knn_store.store.point_ids import tokens_from_ids
 DOMAIN_FIELD = "domain"
 DOC_FIELD = "doc"
 SOURCE_FIELD = "source"
-OFFSET_FIELD = "offset"
+OFFSET_FIELD = "offset"  # token position in the document (BOS = 0)
+CONTEXT_FIELD = "context"  # the text just before the stored next token, for `explain`
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,44 @@ class Neighbours:
 
     token_ids: int64 [b, k], each neighbour's value (the next token); -1 where fewer than k.
     sq_distances: float32 [b, k], squared L2, ascending per row; +inf where fewer than k.
+    point_ids: object [b, k], the point ids (None where fewer than k), for looking up a
+        neighbour's key or provenance; None when not kept.
+    cosine: float32 [b], cosine similarity of each query and its nearest key (0 where there
+        is none); None unless asked for (``KnnLM.neighbours``).
     """
 
     token_ids: np.ndarray
     sq_distances: np.ndarray
+    point_ids: np.ndarray | None = None
+    cosine: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @classmethod
+    def concat(cls, parts: list[Neighbours], *, k: int) -> Neighbours:
+        if not parts:
+            empty = np.zeros((0, k))
+            return cls(empty.astype(np.int64), empty.astype(np.float32), empty.astype(object))
+
+        def join(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+            return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+        return cls(
+            token_ids=np.concatenate([p.token_ids for p in parts]),
+            sq_distances=np.concatenate([p.sq_distances for p in parts]),
+            point_ids=join([p.point_ids for p in parts]),
+            cosine=join([p.cosine for p in parts]),
+        )
+
+
+@dataclass(frozen=True)
+class StoredPoint:
+    """One point read back by id: its key and/or payload, as asked for."""
+
+    id: str
+    key: np.ndarray | None  # float32 [dim]
+    payload: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -41,7 +76,7 @@ class PointBatch:
 
     ids: list of point ids (UUID strings), n.
     keys: float32 [n, dim].
-    payloads: n dicts with domain, doc, source and offset.
+    payloads: n dicts with domain, doc, source, offset and context.
     """
 
     ids: list[str]
@@ -126,14 +161,16 @@ def neighbours_from_hits(
     b = len(ids)
     token_ids = np.full((b, k), -1, dtype=np.int64)
     sq_distances = np.full((b, k), np.inf, dtype=np.float32)
+    point_ids = np.full((b, k), None, dtype=object)
     counts = np.fromiter((len(row) for row in ids), dtype=np.int64, count=b)  # [b]
     if counts.sum():
         mask = np.arange(k)[None, :] < counts[:, None]  # [b, k], True where a hit exists
         flat_ids = [pid for row in ids for pid in row]
         token_ids[mask] = tokens_from_ids(flat_ids)
+        point_ids[mask] = flat_ids
         dist = np.fromiter((s for row in scores for s in row), dtype=np.float64)
         sq_distances[mask] = (dist * dist).astype(np.float32)
-    return Neighbours(token_ids=token_ids, sq_distances=sq_distances)
+    return Neighbours(token_ids=token_ids, sq_distances=sq_distances, point_ids=point_ids)
 
 
 class KnnStore(Protocol):
@@ -166,8 +203,22 @@ class KnnStore(Protocol):
         """Top-k neighbours of each row of ``queries`` (float32 [b, dim])."""
         ...
 
+    def retrieve(
+        self, ids: list[Any], *, with_keys: bool, with_payload: bool
+    ) -> dict[str, StoredPoint]:
+        """Points by id (as ``Neighbours.point_ids`` holds them), keyed by their id string."""
+        ...
+
     def count(self, *, doc: str | None = None) -> int:
         """Number of points, optionally of one document."""
+        ...
+
+    def load_policy(self) -> dict[str, Any] | None:
+        """The lambda policy saved by ``knnlm tune``, or None."""
+        ...
+
+    def save_policy(self, policy: dict[str, Any]) -> None:
+        """Keep ``policy`` with the collection, replacing any earlier one."""
         ...
 
     def domains(self) -> dict[str, int]:

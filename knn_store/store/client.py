@@ -20,10 +20,12 @@ from knn_store.store.base import (
     CollectionMeta,
     Neighbours,
     PointBatch,
+    StoredPoint,
     neighbours_from_hits,
 )
 
 _META_KEY = "knnlm"
+_POLICY_KEY = "knnlm_policy"
 
 
 class QdrantServerStore:
@@ -76,8 +78,10 @@ class QdrantServerStore:
                 "(`docker compose up -d`), and are the URL and API key right?"
             ) from exc
         self._meta: CollectionMeta | None = None
+        self._policy: dict[str, Any] | None = None
         if exists:
             info = self._call("read collection info", self._client.get_collection, collection)
+            self._policy = (info.config.metadata or {}).get(_POLICY_KEY)
             raw = (info.config.metadata or {}).get(_META_KEY)
             if raw is None:
                 raise StoreError(
@@ -178,6 +182,41 @@ class QdrantServerStore:
             [[p.score for p in r.points] for r in results],
             k=k,
         )
+
+    def retrieve(
+        self, ids: list[Any], *, with_keys: bool, with_payload: bool
+    ) -> dict[str, StoredPoint]:
+        records = self._call(
+            "read points",
+            self._client.retrieve,
+            self.name,
+            ids=[str(i) for i in ids],
+            with_payload=with_payload,
+            with_vectors=with_keys,
+        )
+        return {
+            str(r.id): StoredPoint(
+                id=str(r.id),
+                key=np.asarray(r.vector, dtype=np.float32) if with_keys else None,
+                payload=dict(r.payload or {}) if with_payload else None,
+            )
+            for r in records
+        }
+
+    def load_policy(self) -> dict[str, Any] | None:
+        return self._policy
+
+    def save_policy(self, policy: dict[str, Any]) -> None:
+        if self._meta is None:
+            raise CollectionMissing(f"collection {self.name!r} is empty; run `knnlm ingest` first")
+        # Qdrant merges metadata keys, so this leaves the collection's own record alone.
+        self._call(
+            "save the policy",
+            self._client.update_collection,
+            self.name,
+            metadata={_POLICY_KEY: policy},
+        )
+        self._policy = policy
 
     def count(self, *, doc: str | None = None) -> int:
         from qdrant_client import models

@@ -12,7 +12,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import qdrant_edge as qe
@@ -24,12 +24,14 @@ from knn_store.store.base import (
     CollectionMeta,
     Neighbours,
     PointBatch,
+    StoredPoint,
     neighbours_from_hits,
 )
 
 T = TypeVar("T")
 
 META_FILE = "meta.json"
+POLICY_FILE = "policy.json"
 SHARD_DIR = "shard"
 
 
@@ -79,10 +81,21 @@ class EdgeStore:
             )
         self._shard.flush()
         # meta.json last, written atomically: its presence means "a valid collection".
-        tmp = self.path / (META_FILE + ".tmp")
-        tmp.write_text(meta.to_json())
-        tmp.replace(self.path / META_FILE)
+        _write_atomically(self.path / META_FILE, meta.to_json())
         self._meta = meta
+
+    def load_policy(self) -> dict[str, Any] | None:
+        path = self.path / POLICY_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"cannot read {path}: {exc}") from exc
+
+    def save_policy(self, policy: dict[str, Any]) -> None:
+        self._require_shard()
+        _write_atomically(self.path / POLICY_FILE, json.dumps(policy, indent=1))
 
     def _discard_unfinished_shard(self) -> None:
         """A shard without meta.json is a creation cut short; if it holds no points, redo it."""
@@ -175,6 +188,20 @@ class EdgeStore:
             k=k,
         )
 
+    def retrieve(
+        self, ids: list[Any], *, with_keys: bool, with_payload: bool
+    ) -> dict[str, StoredPoint]:
+        shard = self._require_shard()
+        records = self._call("read points", shard.retrieve, list(ids), with_payload, with_keys)
+        return {
+            str(r.id): StoredPoint(
+                id=str(r.id),
+                key=np.asarray(r.vector, dtype=np.float32) if with_keys else None,
+                payload=dict(r.payload or {}) if with_payload else None,
+            )
+            for r in records
+        }
+
     def count(self, *, doc: str | None = None) -> int:
         if self._shard is None:
             return 0
@@ -191,6 +218,12 @@ class EdgeStore:
         request = qe.FacetRequest(key=DOMAIN_FIELD, limit=10_000, exact=True)
         facets = self._call("count domains", self._shard.facet, request)
         return {str(hit.value): hit.count for hit in facets.hits}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _domain_filter(domains: list[str] | None) -> qe.Filter | None:

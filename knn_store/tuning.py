@@ -1,0 +1,406 @@
+"""Choosing T and lambda: retrieve once, then sweep every policy on the cached evidence.
+
+``collect`` runs the LM and one search per scored position of a validation corpus and keeps
+what the kNN-LM's probability of the true token depends on: the k squared distances and
+values, the LM's log p(target), its entropy and top probability, and the cosine to the
+nearest key. Everything after that is tensor math on the cache:
+
+- a fixed lambda: perplexity for every (T, lambda) on a grid;
+- buckets (Drozdov et al. 2022): equal-population buckets of d_min (or cosine) on the tuning
+  tokens, and per bucket the lambda of the grid with the lowest loss;
+- a learned policy: a small MLP of several features, fit by gradient descent on the
+  interpolated log-likelihood itself.
+
+Policies are scored with the same callables that eval and generation use, so a perplexity
+computed here is the one ``knnlm eval`` reports on the same text.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from knn_store.knn import interpolate
+from knn_store.knn_lm import KnnLM
+from knn_store.lambdas import (
+    FEATURES,
+    BucketLambda,
+    FixedLambda,
+    LambdaPolicy,
+    LearnedLambda,
+    QueryFeatures,
+)
+from knn_store.lm import LanguageModel
+from knn_store.perplexity import score_windows
+from knn_store.windows import sliding_windows
+
+LAMBDA_GRID = torch.arange(100, dtype=torch.float32) / 100  # 0.00 .. 0.99
+_ROWS = 8192  # rows per chunk of [n, k] work: bounds memory at ~4 * 8192 * k bytes
+
+
+@dataclass
+class TuningData:
+    """Cached evidence for n scored positions of a corpus."""
+
+    features: QueryFeatures  # sq_distances / token_ids [n, k], cosine [n]
+    targets: torch.Tensor  # int64 [n]
+    lm_target_log_probs: torch.Tensor  # float32 [n]
+    _knn: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)
+    _hits: torch.Tensor | None = field(default=None, repr=False)  # bool [n, k]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def base_nll(self) -> float:
+        return -self.lm_target_log_probs.double().mean().item()
+
+    def knn_log_probs(self, temperature: float) -> torch.Tensor:
+        """log p_kNN(target), float32 [n], memoized per temperature.
+
+        The sweep's inner loop, so it works in place on row chunks: with rows sorted
+        ascending, exp((d_0 - d_i) / T) is at most 1 and the nearest term is exactly 1, so
+        the plain sums below cannot overflow. A target whose weight underflows float32
+        (below 1e-38 of the nearest's) gets -inf here, where ``knn_target_log_probs`` keeps
+        a finite value; either way the interpolated probability is the LM's to float
+        precision.
+        """
+        if temperature in self._knn:
+            return self._knn[temperature]
+        if temperature <= 0:
+            raise ValueError(f"`temperature` must be positive, got {temperature}")
+        sq = self.features.sq_distances
+        if self._hits is None:
+            ids = self.features.token_ids
+            self._hits = ids == self.targets[:, None].to(ids.dtype)
+        hits = self._hits
+        out = torch.empty(len(self), dtype=torch.float32)
+        buf = torch.empty((min(_ROWS, len(self)), sq.shape[1]), dtype=torch.float32)
+        for lo in range(0, len(self), _ROWS):
+            d = sq[lo : lo + _ROWS]
+            w = buf[: len(d)]
+            nearest = d[:, :1]
+            shift = torch.where(torch.isfinite(nearest), nearest, 0.0)
+            torch.sub(shift, d, out=w)  # [m, k], <= 0; -inf where missing
+            w.mul_(1.0 / temperature).exp_()
+            total = w.sum(1)  # >= 1, or 0 for a row without neighbours
+            on_target = w.mul_(hits[lo : lo + _ROWS]).sum(1)
+            out[lo : lo + len(d)] = torch.where(
+                total > 0, on_target.log() - total.log(), float("-inf")
+            )
+        self._knn[temperature] = out
+        return out
+
+    def nll(self, policy: LambdaPolicy, temperature: float) -> float:
+        """Mean negative log-likelihood (nats/token) of the kNN-LM under ``policy``."""
+        mixed = interpolate(
+            self.lm_target_log_probs, self.knn_log_probs(temperature), policy(self.features)
+        )
+        return -mixed.double().mean().item()
+
+    def lambda_losses(self, temperature: float) -> torch.Tensor:
+        """float64 [len(LAMBDA_GRID), n]: -log p(target) for every lambda of the grid.
+
+        With r = p_kNN / p_LM, -log((1 - l) p_LM + l p_kNN) = -log p_LM - log1p(l (r - 1)):
+        one multiply-add and one log1p per cell. Positions without any neighbour get
+        lambda 0 whatever the grid says, as in the policies.
+        """
+        lm = self.lm_target_log_probs.double()
+        ratio = torch.exp(self.knn_log_probs(temperature).double() - lm)  # [n]
+        grid = LAMBDA_GRID.double()[:, None]  # [G, 1]
+        loss = torch.log1p(grid * (ratio - 1.0)[None, :]).neg_().sub_(lm)  # [G, n]
+        return torch.where(self.features.has_neighbour[None, :], loss, -lm[None, :])
+
+
+def collect(
+    lm: LanguageModel,
+    knn_lm: KnnLM,
+    sequences: Sequence[np.ndarray],
+    *,
+    window: int,
+    stride: int,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> TuningData:
+    """One LM pass and one search per scored position of ``sequences``, kept for sweeping."""
+    jobs = [
+        (s, w) for s in sequences for w in sliding_windows(len(s), window=window, stride=stride)
+    ]
+    total = sum(len(w.positions) for _, w in jobs)
+    if total == 0:
+        raise ValueError("nothing to tune on: every sequence is shorter than 2 tokens")
+    parts: list[tuple[QueryFeatures, torch.Tensor, torch.Tensor]] = []
+    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="retrieve", disable=not progress)
+    for lo in range(0, len(jobs), batch_size):
+        scored = score_windows(lm, jobs[lo : lo + batch_size])
+        features = knn_lm.features(
+            knn_lm.neighbours(scored.keys, with_cosine=True),
+            lm_entropy=scored.lm_entropy,
+            lm_max_log_prob=scored.lm_max_log_prob,
+        )
+        # int32 values halve the cache; a vocabulary has far fewer than 2^31 tokens
+        features = QueryFeatures(
+            features.sq_distances.cpu(),
+            features.token_ids.to(torch.int32).cpu(),
+            features.lm_entropy.cpu(),
+            features.lm_max_log_prob.cpu(),
+            None if features.cosine is None else features.cosine.cpu(),
+        )
+        parts.append((features, scored.targets.cpu(), scored.lm_target_log_probs.cpu()))
+        bar.update(len(scored.targets))
+    bar.close()
+    fs = [p[0] for p in parts]
+    return TuningData(
+        features=QueryFeatures(
+            torch.cat([f.sq_distances for f in fs]),
+            torch.cat([f.token_ids for f in fs]),
+            torch.cat([f.lm_entropy for f in fs]),
+            torch.cat([f.lm_max_log_prob for f in fs]),
+            torch.cat([f.cosine for f in fs if f.cosine is not None]),
+        ),
+        targets=torch.cat([p[1] for p in parts]),
+        lm_target_log_probs=torch.cat([p[2] for p in parts]),
+    )
+
+
+# --- sweeps --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A fitted policy, its temperature and its mean NLL on the tuning data."""
+
+    name: str
+    policy: LambdaPolicy
+    temperature: float
+    nll: float
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+
+def fit_fixed(data: TuningData, temperature: float, losses: torch.Tensor | None = None) -> Tuned:
+    """The lambda of the grid with the lowest loss at temperature T."""
+    if losses is None:
+        losses = data.lambda_losses(temperature)
+    mean = losses.mean(-1)  # [G]
+    best = int(mean.argmin())
+    return Tuned("fixed", FixedLambda(float(LAMBDA_GRID[best])), temperature, float(mean[best]))
+
+
+def bucket_edges(values: torch.Tensor, buckets: int) -> list[float]:
+    """Inner edges of ``buckets`` equal-population buckets of float [n] ``values``."""
+    q = np.arange(1, buckets) / buckets
+    return np.quantile(values.double().numpy(), q).tolist()
+
+
+class _Buckets:
+    """Equal-population buckets of one feature over the tuning tokens, assigned once."""
+
+    def __init__(self, data: TuningData, feature: str, buckets: int) -> None:
+        has = data.features.has_neighbour
+        self.feature = feature
+        self.count = buckets
+        self.edges = bucket_edges(data.features.column(feature)[has], buckets)
+        self.index = BucketLambda(feature, self.edges, [0.0] * buckets).buckets(data.features)
+        self.populated = torch.bincount(self.index[has], minlength=buckets) > 0  # [B]
+
+    def fit(self, data: TuningData, temperature: float, losses: torch.Tensor) -> Tuned:
+        """Per bucket, the lambda of the grid with the lowest summed loss.
+
+        Buckets that hold no tuning token (tied edges) take the best fixed lambda.
+        """
+        per_bucket = torch.zeros(len(LAMBDA_GRID), self.count, dtype=losses.dtype)
+        per_bucket.index_add_(1, self.index, losses)  # [G, B]
+        fallback = losses.mean(-1).argmin()
+        choice = torch.where(self.populated, per_bucket.argmin(0), fallback)  # [B]
+        policy = BucketLambda(self.feature, self.edges, LAMBDA_GRID[choice].tolist())
+        name = "buckets" if self.feature == "d_min" else f"{self.feature}-buckets"
+        return Tuned(name, policy, temperature, data.nll(policy, temperature))
+
+
+def fit_buckets(
+    data: TuningData, temperature: float, *, feature: str = "d_min", buckets: int = 64
+) -> Tuned:
+    """Drozdov et al.'s policy at temperature T: one grid lambda per bucket of ``feature``."""
+    return _Buckets(data, feature, buckets).fit(data, temperature, data.lambda_losses(temperature))
+
+
+def sweep_temperatures(
+    data: TuningData,
+    fit_at: Callable[[float], dict[str, Tuned]],
+    *,
+    octaves: tuple[int, int] = (-6, 4),
+) -> dict[str, Tuned]:
+    """Per policy name, its best ``fit_at(T)`` over T = 2^i * median(d_min), then refined
+    by half and quarter octaves around that policy's best.
+
+    Distances scale with the model and the key type, so the grid is centred on the data
+    rather than on the paper's T = 1. ``fit_at`` fits every policy at one T, so each T
+    costs one pass over the cache whatever the number of policies.
+    """
+    d_min = data.features.sq_distances[:, 0]
+    finite = d_min[torch.isfinite(d_min)]
+    centre = float(finite.median()) if len(finite) else 1.0
+    centre = centre if centre > 0 else 1.0
+    tried: dict[float, dict[str, Tuned]] = {}
+
+    def at(t: float) -> dict[str, Tuned]:
+        t = float(f"{t:.4g}")  # stable keys and readable values
+        if t not in tried:
+            tried[t] = fit_at(t)
+        return tried[t]
+
+    for i in range(octaves[0], octaves[1] + 1):
+        at(centre * 2.0**i)
+    names = list(next(iter(tried.values())))
+
+    def best(name: str) -> Tuned:
+        return min((fits[name] for fits in tried.values()), key=lambda r: r.nll)
+
+    for name in names:
+        for step in (0.5, 0.25):
+            t = best(name).temperature
+            at(t * 2.0**step)
+            at(t / 2.0**step)
+    return {name: best(name) for name in names}
+
+
+def fit_learned(
+    data: TuningData,
+    temperature: float,
+    *,
+    features: Sequence[str] = FEATURES,
+    hidden: int = 16,
+    steps: int = 100,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> Tuned:
+    """An MLP (``hidden=0``: logistic regression) from features to lambda, trained to
+    maximize the interpolated log-likelihood of the tuning tokens directly.
+
+    Full-batch L-BFGS: the model is tiny and the data fits in memory, so a second-order
+    method converges in ``steps`` iterations where Adam needs thousands.
+    """
+    names = list(features)
+    has = data.features.has_neighbour
+    x = LearnedLambda.inputs(data.features, names)[has]  # [m, f]
+    lm = data.lm_target_log_probs[has]
+    knn = data.knn_log_probs(temperature)[has]
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / std
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [len(names), *([hidden] if hidden else []), 1]
+    layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
+    with torch.no_grad():  # deterministic init
+        for layer in layers:
+            layer.weight.copy_(
+                torch.randn(layer.weight.shape, generator=gen) / math.sqrt(layer.in_features)
+            )
+            layer.bias.zero_()
+        layers[-1].bias.fill_(-1.0)  # start near lambda = 0.27, the usual hand-set value
+    params = [p for layer in layers for p in layer.parameters()]
+    optim = torch.optim.LBFGS(
+        params, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def logit(inp: torch.Tensor) -> torch.Tensor:
+        h = inp
+        for i, layer in enumerate(layers):
+            h = layer(h)
+            if i < len(layers) - 1:
+                h = torch.tanh(h)
+        return h.squeeze(-1)
+
+    def closure() -> torch.Tensor:
+        optim.zero_grad()
+        s = logit(z)
+        # log(lambda) = logsigmoid(s), log(1 - lambda) = logsigmoid(-s)
+        nll = -torch.logaddexp(
+            torch.nn.functional.logsigmoid(-s) + lm, torch.nn.functional.logsigmoid(s) + knn
+        ).mean()
+        loss = nll + weight_decay * sum(layer.weight.pow(2).sum() for layer in layers)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optim.step(closure)
+    policy = LearnedLambda(
+        names,
+        mean.tolist(),
+        std.tolist(),
+        [(layer.weight.detach().tolist(), layer.bias.detach().tolist()) for layer in layers],
+    )
+    name = "learned" if hidden else "logistic"
+    return Tuned(name, policy, temperature, data.nll(policy, temperature))
+
+
+# --- the whole tuning run ------------------------------------------------------------------
+
+POLICIES = ("fixed", "buckets", "cosine-buckets", "learned")
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """Every policy fitted on validation, with validation and (optionally) test NLLs."""
+
+    policies: dict[str, Tuned]  # name -> fitted on validation
+    validation: dict[str, float]  # name (and "base", "paper") -> mean NLL
+    test: dict[str, float] | None
+    validation_tokens: int
+    test_tokens: int | None
+    sweep_seconds: float
+    # fixed-lambda perplexity curves: T -> [len(LAMBDA_GRID)] on validation
+    curves: dict[float, list[float]]
+
+
+def tune(
+    validation: TuningData, test: TuningData | None = None, *, buckets: int = 64
+) -> TuneResult:
+    """Fit every policy of ``POLICIES`` on ``validation``; score each on both splits."""
+    import time
+
+    started = time.perf_counter()
+    by_feature = [_Buckets(validation, f, buckets) for f in ("d_min", "cosine")]
+
+    def fit_at(t: float) -> dict[str, Tuned]:
+        losses = validation.lambda_losses(t)  # [G, n], shared by every policy at this T
+        fits = [
+            fit_fixed(validation, t, losses),
+            *(b.fit(validation, t, losses) for b in by_feature),
+        ]
+        return {r.name: r for r in fits}
+
+    fitted = sweep_temperatures(validation, fit_at)
+    # One T for the learned policy: the buckets' (an MLP fit per T would cost minutes).
+    fitted["learned"] = fit_learned(validation, fitted["buckets"].temperature)
+    curves = {
+        t: torch.exp(validation.lambda_losses(t).double().mean(-1)).tolist()
+        for t in sorted(validation._knn)
+    }
+    sweep_seconds = time.perf_counter() - started
+
+    paper = FixedLambda(0.25), 1.0  # Khandelwal et al.'s hand-set values, for reference
+
+    def score(data: TuningData) -> dict[str, float]:
+        out = {"base": data.base_nll, "paper": data.nll(*paper)}
+        out.update({name: data.nll(r.policy, r.temperature) for name, r in fitted.items()})
+        return out
+
+    return TuneResult(
+        policies=fitted,
+        validation=score(validation),
+        test=None if test is None else score(test),
+        validation_tokens=len(validation),
+        test_tokens=None if test is None else len(test),
+        sweep_seconds=sweep_seconds,
+        curves=curves,
+    )

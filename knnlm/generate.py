@@ -1,0 +1,218 @@
+"""``knnlm generate`` and ``knnlm explain``: use the kNN-LM on a prompt, and look inside it."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from knn_store.errors import ConfigError
+from knnlm.options import (
+    MODEL_OPTIONS,
+    SEARCH_OPTIONS,
+    STORE_OPTIONS,
+    describe_policy,
+    open_session,
+    options,
+    settings_from,
+)
+
+_QUERY_OPTIONS = (*[o for o in MODEL_OPTIONS if o not in ("window", "stride")], *STORE_OPTIONS)
+
+
+@click.command()
+@click.option("--prompt", "-p", required=True, help="Text to continue.")
+@click.option(
+    "--max-new-tokens", default=64, show_default=True, type=click.IntRange(1), help="Tokens to add."
+)
+@click.option(
+    "--sample-temperature",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.0),
+    help="Sampling temperature over the interpolated distribution; 0 = greedy. "
+    "(--temperature is the kNN softmax's.)",
+)
+@click.option(
+    "--sample-top-k",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Sample among the k likeliest tokens only; 0 = all. (--top-k counts neighbours.)",
+)
+@click.option(
+    "--sample-top-p",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Nucleus sampling: the smallest set of tokens holding this much probability.",
+)
+@click.option("--seed", type=int, help="Random seed, for repeatable samples.")
+@click.option("--no-knn", is_flag=True, help="Generate with the base LM alone, to compare.")
+@click.option(
+    "--search-domain", "search_domains", multiple=True, help="Retrieve only from this domain."
+)
+@options(*_QUERY_OPTIONS, *SEARCH_OPTIONS)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming."
+)
+def generate(
+    prompt: str,
+    max_new_tokens: int,
+    sample_temperature: float,
+    sample_top_k: int,
+    sample_top_p: float,
+    seed: int | None,
+    no_knn: bool,
+    search_domains: tuple[str, ...],
+    as_json: bool,
+    **params: Any,
+) -> None:
+    """Continue a prompt, sampling from the kNN-LM's distribution, streaming as it goes.
+
+    Every step searches the datastore with the newest position's key and interpolates
+    with the LM exactly as `knnlm eval` does, using the collection's tuned policy unless
+    --lambda/--temperature say otherwise.
+
+    \b
+    Examples:
+      knnlm generate -p "The scheduler" --max-new-tokens 40 --seed 1
+      knnlm generate -p "def parse(" --sample-temperature 0     # greedy
+    """
+    import torch
+    from transformers import LogitsProcessorList, TextStreamer
+
+    from knn_store.generation import KnnLogitsProcessor
+
+    settings = settings_from(params)
+    with open_session(settings, search_domains=search_domains) as session:
+        lm = session.lm
+        ids = torch.as_tensor(lm.encode(prompt), device=lm.device)[None, :]  # [1, t]
+        if ids.shape[1] + max_new_tokens > lm.max_positions:
+            raise ConfigError(
+                f"prompt ({ids.shape[1]} tokens) plus --max-new-tokens exceeds the model's "
+                f"context ({lm.max_positions})"
+            )
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling: dict[str, Any] = {"do_sample": False}
+        if sample_temperature > 0:
+            sampling = {
+                "do_sample": True,
+                "temperature": sample_temperature,
+                "top_k": sample_top_k or None,
+                "top_p": sample_top_p,
+            }
+        streamer = None if as_json else TextStreamer(lm.tokenizer, skip_prompt=True)
+        if streamer is not None:
+            click.echo(prompt, nl=False)
+        started = time.perf_counter()
+        with KnnLogitsProcessor(lm, session.knn_lm) as knn:
+            out = lm.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                logits_processor=LogitsProcessorList([] if no_knn else [knn]),
+                streamer=streamer,
+                pad_token_id=lm.pad_id,
+                **sampling,
+            )
+        seconds = time.perf_counter() - started
+    new = out[0, ids.shape[1] :]
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "prompt": prompt,
+                    "completion": lm.tokenizer.decode(new, skip_special_tokens=True),
+                    "new_tokens": len(new),
+                    "seconds": round(seconds, 2),
+                    "knn": not no_knn,
+                    "policy": session.resolved.policy.to_dict(),
+                    "temperature": session.resolved.temperature,
+                }
+            )
+        )
+        return
+    source = "base LM only" if no_knn else describe_policy(session)
+    click.echo(f"[{len(new)} tokens in {seconds:.1f}s; {source}]", err=True)
+
+
+@click.command()
+@click.option("--text", "-t", required=True, help="Text to explain, token by token.")
+@click.option(
+    "--top",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Predictions shown per distribution.",
+)
+@click.option(
+    "--neighbours",
+    "show_neighbours",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Nearest neighbours shown per token.",
+)
+@click.option(
+    "--search-domain", "search_domains", multiple=True, help="Retrieve only from this domain."
+)
+@options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one per token.")
+def explain(
+    text: str,
+    top: int,
+    show_neighbours: int,
+    search_domains: tuple[str, ...],
+    as_json: bool,
+    **params: Any,
+) -> None:
+    """Show, per token of TEXT, what the LM and the datastore predicted and why.
+
+    For each token: its probability under the kNN-LM, the LM and the kNN distribution,
+    lambda, the top predictions of both, and the nearest neighbours with the source,
+    position and text they were memorized from.
+
+    \b
+    Example:
+      knnlm explain -t "The kernel schedules tasks" --neighbours 2
+    """
+    from knn_store.explain import explain_text
+
+    settings = settings_from(params)
+    with open_session(settings, search_domains=search_domains) as session:
+        rows = explain_text(
+            session.lm,
+            session.knn_lm,
+            text,
+            window=session.window,
+            stride=session.stride,
+            top=top,
+            show_neighbours=show_neighbours,
+        )
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row.to_dict()))
+        return
+    click.echo(describe_policy(session))
+    for row in rows:
+        click.echo(
+            f"\n{row.position:4d} {row.token!r:16} p={row.prob:.3f}  "
+            f"(LM {row.lm_prob:.3f}, kNN {row.knn_prob:.3f}, lambda {row.lmbda:.2f})"
+        )
+        click.echo(f"     LM : {_tops(row.lm_top)}")
+        click.echo(f"     kNN: {_tops(row.knn_top)}")
+        for i, n in enumerate(row.neighbours, 1):
+            where = f"{n.source or '?'}:{n.offset if n.offset is not None else '?'}"
+            snippet = (n.context or "").replace("\n", "\u21b5")[-60:]
+            click.echo(
+                f"     {i}. d2={n.sq_distance:<9.4g} -> {n.token!r:12} {where} [{n.domain}]"
+                + (f"\n        \u2026{snippet}\u2016{n.token}" if n.context is not None else "")
+            )
+
+
+def _tops(pairs: list[tuple[str, float]]) -> str:
+    return " | ".join(f"{t!r} {p:.3f}" for t, p in pairs) or "-"

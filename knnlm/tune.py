@@ -1,0 +1,216 @@
+"""``knnlm tune``: fit T and the lambda policies on validation text, report, save one."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from knn_store.errors import ConfigError
+from knnlm.options import (
+    MODEL_OPTIONS,
+    STORE_OPTIONS,
+    corpus_options,
+    open_session,
+    options,
+    output_options,
+    settings_from,
+)
+
+POLICY_CHOICES = ("fixed", "buckets", "cosine-buckets", "learned")
+LABELS = {
+    "base": "base LM",
+    "paper": "lambda 0.25, T 1",
+    "fixed": "fixed lambda",
+    "buckets": "d_min buckets",
+    "cosine-buckets": "cosine buckets",
+    "learned": "learned (MLP)",
+}
+
+
+@click.command()
+@corpus_options
+@click.option(
+    "--test",
+    "test_paths",
+    multiple=True,
+    type=click.Path(path_type=str),
+    help="Test text (repeatable): scored with the policies fitted on PATHS, never fitted on.",
+)
+@click.option(
+    "--buckets",
+    default=64,
+    show_default=True,
+    type=click.IntRange(2, 10_000),
+    help="Equal-population buckets of the adaptive policies.",
+)
+@click.option(
+    "--save",
+    "save_kind",
+    type=click.Choice([*POLICY_CHOICES, "none"]),
+    default="buckets",
+    show_default=True,
+    help="Which fitted policy to save with the collection for eval and generate.",
+)
+@click.option(
+    "--plots",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Folder for PNG charts: perplexity vs lambda per T, lambda per bucket.",
+)
+@click.option(
+    "--search-domain", "search_domains", multiple=True, help="Retrieve only from this domain."
+)
+@options(*MODEL_OPTIONS, *STORE_OPTIONS, "top_k", "exact", "hnsw_ef", "search_batch")
+@output_options
+def tune(
+    paths: tuple[str, ...],
+    glob_pattern: str,
+    text_field: str,
+    skip_invalid: bool,
+    test_paths: tuple[str, ...],
+    buckets: int,
+    save_kind: str,
+    plots: Path | None,
+    search_domains: tuple[str, ...],
+    as_json: bool,
+    quiet: bool,
+    **params: Any,
+) -> None:
+    """Choose T and lambda on validation text, and save the policy with the collection.
+
+    Retrieves once for every token of PATHS, caches the neighbours' distances and values
+    with the LM's probabilities, then fits from that cache in seconds: a fixed lambda (every
+    T and lambda on a grid), Drozdov et al.'s adaptive lambda (equal-population buckets of
+    the nearest distance, or of the cosine to the nearest key), and a small learned model
+    of several features. Use text the datastore does not hold, and report on --test text:
+    never tune and report on the same text.
+
+    \b
+    Examples:
+      knnlm tune valid/ --test test/ --plots results/
+      knnlm tune valid.jsonl --save learned --json
+    """
+    from ingest.corpus import read_corpus
+    from knn_store.saved_policy import SavedPolicy
+    from knn_store.tuning import collect
+    from knn_store.tuning import tune as fit_all
+
+    settings = settings_from(params)
+
+    def read(where: tuple[str, ...]) -> list[str]:
+        docs = read_corpus(
+            where, glob=glob_pattern, text_field=text_field, skip_invalid=skip_invalid
+        )
+        return [d.text for d in docs]
+
+    validation_texts = read(paths)
+    test_texts = read(test_paths) if test_paths else []
+    shared = set(validation_texts) & set(test_texts)
+    if shared:
+        raise ConfigError(
+            f"{len(shared)} documents are both in the validation PATHS and in --test; "
+            "tuning and reporting on the same text overstates the gain"
+        )
+    with open_session(settings, search_domains=search_domains) as session:
+        lm, knn_lm = session.lm, session.knn_lm
+
+        def cache(texts: list[str]):
+            return collect(
+                lm,
+                knn_lm,
+                [lm.encode(t) for t in texts],
+                window=session.window,
+                stride=session.stride,
+                batch_size=settings.batch_size,
+                progress=not quiet,
+            )
+
+        started = time.perf_counter()
+        validation = cache(validation_texts)
+        test = cache(test_texts) if test_texts else None
+        retrieve_seconds = time.perf_counter() - started
+        result = fit_all(validation, test, buckets=buckets)
+        summary = _summary(result, retrieve_seconds)
+        if save_kind != "none":
+            chosen = result.policies[save_kind]
+            meta = session.store.meta
+            assert meta is not None
+            saved = SavedPolicy(
+                policy=chosen.policy,
+                temperature=chosen.temperature,
+                k=settings.top_k,
+                model_fingerprint=meta.model_fingerprint,
+                key_type=meta.key_type,
+                report={"name": save_kind, **summary["policies"][save_kind]},
+            )
+            session.store.save_policy(saved.to_dict())
+    summary.update(collection=settings.collection, saved=None if save_kind == "none" else save_kind)
+    if plots is not None:
+        from knnlm.plots import write_tuning_plots
+
+        title = f"{settings.collection} ({session.lm.key_type})"
+        summary["plots"] = [str(p) for p in write_tuning_plots(result, plots, title=title)]
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    _print_table(summary)
+
+
+def _summary(result: Any, retrieve_seconds: float) -> dict[str, Any]:
+    def ppl(nll: float | None) -> float | None:
+        return None if nll is None else math.exp(nll)
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name in ("base", "paper", *POLICY_CHOICES):
+        fitted = result.policies.get(name)
+        rows[name] = {
+            "temperature": 1.0 if name == "paper" else (fitted.temperature if fitted else None),
+            "policy": fitted.policy.to_dict() if fitted else None,
+            "validation_perplexity": ppl(result.validation[name]),
+            "test_perplexity": ppl(result.test[name]) if result.test else None,
+        }
+    return {
+        "validation_tokens": result.validation_tokens,
+        "test_tokens": result.test_tokens,
+        "retrieve_seconds": round(retrieve_seconds, 2),
+        "sweep_seconds": round(result.sweep_seconds, 3),
+        "policies": rows,
+    }
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    rows = summary["policies"]
+    has_test = summary["test_tokens"] is not None
+    header = f"{'policy':18}{'T':>9}  {'validation':>18}"
+    click.echo(header + (f"  {'test':>18}" if has_test else ""))
+
+    def cell(name: str, split: str) -> str:
+        value, base = rows[name][f"{split}_perplexity"], rows["base"][f"{split}_perplexity"]
+        if name == "base":
+            return f"{value:10.3f}{'':8}"
+        return f"{value:10.3f} ({100 * (value / base - 1):+5.1f}%)"
+
+    for name, row in rows.items():
+        t = "-" if row["temperature"] is None else f"{row['temperature']:.4g}"
+        label = LABELS[name]
+        if name == "fixed":
+            label += f" {row['policy']['lambda']:.2f}"
+        line = f"{label:18}{t:>9}  {cell(name, 'validation'):>18}"
+        click.echo(line + (f"  {cell(name, 'test'):>18}" if has_test else ""))
+    tokens = f"{summary['validation_tokens']:,} validation"
+    if has_test:
+        tokens += f" + {summary['test_tokens']:,} test"
+    click.echo(
+        f"retrieval {summary['retrieve_seconds']:.1f}s for {tokens} tokens; "
+        f"sweep {summary['sweep_seconds']:.2f}s"
+    )
+    if summary["saved"]:
+        click.echo(f"saved the {LABELS[summary['saved']]} policy with {summary['collection']!r}")
+    for path in summary.get("plots", []):
+        click.echo(f"wrote {path}", err=True)
+    sys.stdout.flush()
