@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from knn_store.knn_lm import KnnLM, lm_summary
+from knn_store.lambdas import QueryFeatures
 from knn_store.lm import LanguageModel
 from knn_store.windows import Window, pack_windows, sliding_windows
 
@@ -71,33 +72,24 @@ def evaluate(
         window, stride: sliding windows (``knn_store.windows``).
         batch_size: windows per LM forward.
     """
-    jobs = [
-        (seq, w)
-        for seq in sequences
-        for w in sliding_windows(len(seq), window=window, stride=stride)
-    ]
-    total = sum(len(w.positions) for _, w in jobs)
-    if total == 0:
-        raise ValueError("nothing to evaluate: every sequence is shorter than 2 tokens")
     base_nll = knn_nll = 0.0
     lm_seconds = 0.0
     search_before, queries_before = knn_lm.search_seconds, knn_lm.queries
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="eval", disable=not progress)
-    for lo in range(0, len(jobs), batch_size):
-        group = jobs[lo : lo + batch_size]
-        started = time.perf_counter()
-        scored = score_windows(lm, group)
-        lm_seconds += time.perf_counter() - started
-        features = knn_lm.features(
-            knn_lm.neighbours(scored.keys),
-            lm_entropy=scored.lm_entropy,
-            lm_max_log_prob=scored.lm_max_log_prob,
-        )
+    for scored, features, seconds in retrieved_batches(
+        lm,
+        knn_lm,
+        sequences,
+        window=window,
+        stride=stride,
+        batch_size=batch_size,
+        progress=progress,
+        desc="eval",
+    ):
+        lm_seconds += seconds
         knn_lp = knn_lm.target_log_probs(scored.lm_target_log_probs, features, scored.targets)
         base_nll -= scored.lm_target_log_probs.double().sum().item()
         knn_nll -= knn_lp.double().sum().item()
-        bar.update(len(scored.targets))
-    bar.close()
+    total = knn_lm.queries - queries_before
     return EvalResult(
         tokens=total,
         base_nll=base_nll,
@@ -117,6 +109,42 @@ class ScoredPositions:
     lm_target_log_probs: torch.Tensor  # float32 [m]
     lm_entropy: torch.Tensor  # float32 [m]
     lm_max_log_prob: torch.Tensor  # float32 [m]
+
+
+def retrieved_batches(
+    lm: LanguageModel,
+    knn_lm: KnnLM,
+    sequences: Sequence[np.ndarray],
+    *,
+    window: int,
+    stride: int,
+    batch_size: int = 1,
+    progress: bool = False,
+    desc: str = "eval",
+    with_cosine: bool | None = None,
+) -> Iterator[tuple[ScoredPositions, QueryFeatures, float]]:
+    """Per batch of windows: the LM's view of each scored position, what the lambda policy
+    sees there, and the seconds the LM took. A progress bar counts tokens."""
+    jobs = [
+        (seq, w)
+        for seq in sequences
+        for w in sliding_windows(len(seq), window=window, stride=stride)
+    ]
+    total = sum(len(w.positions) for _, w in jobs)
+    if total == 0:
+        raise ValueError("nothing to evaluate: every sequence is shorter than 2 tokens")
+    with tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress) as bar:
+        for lo in range(0, len(jobs), batch_size):
+            started = time.perf_counter()
+            scored = score_windows(lm, jobs[lo : lo + batch_size])
+            seconds = time.perf_counter() - started
+            features = knn_lm.features(
+                knn_lm.neighbours(scored.keys, with_cosine=with_cosine),
+                lm_entropy=scored.lm_entropy,
+                lm_max_log_prob=scored.lm_max_log_prob,
+            )
+            yield scored, features, seconds
+            bar.update(len(scored.targets))
 
 
 def score_windows(lm: LanguageModel, group: list[tuple[np.ndarray, Window]]) -> ScoredPositions:

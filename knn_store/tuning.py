@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from knn_store.knn import interpolate
 from knn_store.knn_lm import KnnLM
@@ -37,8 +36,7 @@ from knn_store.lambdas import (
     QueryFeatures,
 )
 from knn_store.lm import LanguageModel
-from knn_store.perplexity import score_windows
-from knn_store.windows import sliding_windows
+from knn_store.perplexity import retrieved_batches
 
 LAMBDA_GRID = torch.arange(100, dtype=torch.float32) / 100  # 0.00 .. 0.99
 _ROWS = 8192  # rows per chunk of [n, k] work: bounds memory at ~4 * 8192 * k bytes
@@ -129,21 +127,18 @@ def collect(
     progress: bool = False,
 ) -> TuningData:
     """One LM pass and one search per scored position of ``sequences``, kept for sweeping."""
-    jobs = [
-        (s, w) for s in sequences for w in sliding_windows(len(s), window=window, stride=stride)
-    ]
-    total = sum(len(w.positions) for _, w in jobs)
-    if total == 0:
-        raise ValueError("nothing to tune on: every sequence is shorter than 2 tokens")
     parts: list[tuple[QueryFeatures, torch.Tensor, torch.Tensor]] = []
-    bar = tqdm(total=total, unit="tok", unit_scale=True, desc="retrieve", disable=not progress)
-    for lo in range(0, len(jobs), batch_size):
-        scored = score_windows(lm, jobs[lo : lo + batch_size])
-        features = knn_lm.features(
-            knn_lm.neighbours(scored.keys, with_cosine=True),
-            lm_entropy=scored.lm_entropy,
-            lm_max_log_prob=scored.lm_max_log_prob,
-        )
+    for scored, features, _ in retrieved_batches(
+        lm,
+        knn_lm,
+        sequences,
+        window=window,
+        stride=stride,
+        batch_size=batch_size,
+        progress=progress,
+        desc="retrieve",
+        with_cosine=True,
+    ):
         # int32 values halve the cache; a vocabulary has far fewer than 2^31 tokens
         features = QueryFeatures(
             features.sq_distances.cpu(),
@@ -153,8 +148,6 @@ def collect(
             None if features.cosine is None else features.cosine.cpu(),
         )
         parts.append((features, scored.targets.cpu(), scored.lm_target_log_probs.cpu()))
-        bar.update(len(scored.targets))
-    bar.close()
     fs = [p[0] for p in parts]
     return TuningData(
         features=QueryFeatures(

@@ -24,6 +24,7 @@ from knnlm.options import (
     open_session,
     options,
     output_options,
+    search_domain_option,
     settings_from,
     windows_for,
 )
@@ -146,12 +147,7 @@ def ingest(
 @cli.command("eval")
 @corpus_options
 @options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS)
-@click.option(
-    "--search-domain",
-    "search_domains",
-    multiple=True,
-    help="Retrieve only from this domain (repeatable).",
-)
+@search_domain_option
 @output_options
 def eval_(
     paths: tuple[str, ...],

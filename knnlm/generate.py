@@ -16,6 +16,7 @@ from knnlm.options import (
     describe_policy,
     open_session,
     options,
+    search_domain_option,
     settings_from,
 )
 
@@ -51,9 +52,7 @@ _QUERY_OPTIONS = (*[o for o in MODEL_OPTIONS if o not in ("window", "stride")], 
 )
 @click.option("--seed", type=int, help="Random seed, for repeatable samples.")
 @click.option("--no-knn", is_flag=True, help="Generate with the base LM alone, to compare.")
-@click.option(
-    "--search-domain", "search_domains", multiple=True, help="Retrieve only from this domain."
-)
+@search_domain_option
 @options(*_QUERY_OPTIONS, *SEARCH_OPTIONS)
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming."
@@ -157,9 +156,7 @@ def generate(
     type=click.IntRange(0),
     help="Nearest neighbours shown per token.",
 )
-@click.option(
-    "--search-domain", "search_domains", multiple=True, help="Retrieve only from this domain."
-)
+@search_domain_option
 @options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one per token.")
 def explain(

@@ -120,6 +120,14 @@ def corpus_options(fn: F) -> F:
     return fn
 
 
+search_domain_option = click.option(
+    "--search-domain",
+    "search_domains",
+    multiple=True,
+    help="Retrieve only from this domain (repeatable; default: every domain).",
+)
+
+
 def output_options(fn: F) -> F:
     fn = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(fn)
     return click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")(fn)

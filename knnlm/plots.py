@@ -40,8 +40,9 @@ def write_tuning_plots(result: TuneResult, folder: Path, *, title: str) -> list[
     ax.axhline(_ppl(base), color="grey", linestyle="--", label="base LM")
     ax.set_xlabel("lambda (fixed)")
     ax.set_ylabel("validation perplexity")
-    ax.set_ylim(top=_ppl(base) * 1.3)
-    ax.set_title(f"{title}: perplexity against lambda, per temperature")
+    lowest = min(min(c) for c in result.curves.values())
+    ax.set_ylim(lowest * 0.97, _ppl(base) * 1.3)
+    ax.set_title(f"{title}: validation perplexity per T")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     first = folder / "perplexity_vs_lambda.png"

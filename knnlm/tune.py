@@ -19,6 +19,7 @@ from knnlm.options import (
     open_session,
     options,
     output_options,
+    search_domain_option,
     settings_from,
 )
 
@@ -62,9 +63,7 @@ LABELS = {
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder for PNG charts: perplexity vs lambda per T, lambda per bucket.",
 )
-@click.option(
-    "--search-domain", "search_domains", multiple=True, help="Retrieve only from this domain."
-)
+@search_domain_option
 @options(*MODEL_OPTIONS, *STORE_OPTIONS, "top_k", "exact", "hnsw_ef", "search_batch")
 @output_options
 def tune(

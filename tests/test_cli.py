@@ -130,13 +130,19 @@ def populated(knnlm: Knnlm, corpus_dir: Path) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        ([], ["ingest", "eval", "info", "--debug", "--version"]),
+        ([], ["ingest", "eval", "tune", "generate", "explain", "info", "--debug"]),
         (
             ["ingest"],
             ["--glob", "--text-field", "--skip-invalid", "--key-type", "--domain", "--json"],
         ),
         (["eval"], ["--top-k", "--lambda", "--temperature", "--exact", "--search-domain"]),
         (["info"], ["--collection", "--data-dir", "--url", "--backend", "--json"]),
+        (["tune"], ["--test", "--buckets", "--save", "--plots", "--exact", "--top-k"]),
+        (
+            ["generate"],
+            ["--prompt", "--max-new-tokens", "--sample-temperature", "--sample-top-p", "--seed"],
+        ),
+        (["explain"], ["--text", "--neighbours", "--top", "--lambda", "--json"]),
     ],
 )
 def test_help_lists_the_flags(command: list[str], expected: list[str]) -> None:
@@ -167,7 +173,7 @@ def test_help_does_not_import_torch() -> None:
         "import sys\n"
         "from click.testing import CliRunner\n"
         "from knnlm.cli import cli\n"
-        "for cmd in ([], ['ingest'], ['eval'], ['info']):\n"
+        "for cmd in ([], ['ingest'], ['eval'], ['info'], ['tune'], ['generate'], ['explain']):\n"
         "    assert CliRunner().invoke(cli, [*cmd, '--help']).exit_code == 0\n"
         "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
     )

@@ -47,7 +47,8 @@ def _open(kind: str, tmp_path: Path, name: str = "c", create: bool = True) -> Kn
         return QdrantServerStore(str(tmp_path / "local"), collection=name, create=create)
     return QdrantServerStore(
         os.environ["QDRANT_URL"],
-        collection=f"knnlm-test-{uuid.uuid4().hex[:8]}-{name}",
+        # unique per test (tmp_path is), the same when a test reopens it
+        collection=f"knnlm-test-{abs(hash(str(tmp_path))):x}-{name}",
         api_key=os.environ.get("QDRANT_API_KEY"),
         create=create,
     )
@@ -240,3 +241,35 @@ def test_point_batches_slice_and_concat() -> None:
     joined = PointBatch.concat([head, tail])
     assert joined.ids == batch.ids and joined.payloads == batch.payloads
     np.testing.assert_array_equal(joined.keys, batch.keys)
+
+
+def test_points_read_back_by_id_with_keys_and_payloads(filled) -> None:
+    store, keys, _ = filled
+    got = store.search(keys[:3], k=4, exact=True, hnsw_ef=10)
+    assert got.point_ids is not None and got.point_ids.shape == (3, 4)
+    nearest = list(got.point_ids[:, 0])
+    points = store.retrieve(nearest, with_keys=True, with_payload=True)
+    for row, pid in enumerate(nearest):
+        point = points[str(pid)]
+        np.testing.assert_allclose(point.key, keys[row], rtol=1e-6)  # each query is a stored key
+        assert point.payload is not None and point.payload["offset"] == row
+    bare = store.retrieve(nearest[:1], with_keys=False, with_payload=False)
+    assert bare[str(nearest[0])].key is None and bare[str(nearest[0])].payload is None
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_policy_is_kept_with_the_collection(kind: str, tmp_path: Path) -> None:
+    store = _open(kind, tmp_path)
+    store.ensure_collection(META)
+    assert store.load_policy() is None
+    policy = {"policy": {"kind": "fixed", "lambda": 0.3}, "temperature": 2.0}
+    store.save_policy(policy)
+    store.save_policy({**policy, "temperature": 3.0})  # replaces, never appends
+    assert store.load_policy() == {**policy, "temperature": 3.0}
+    store.close()
+    again = _open(kind, tmp_path, create=False)
+    assert again.load_policy() == {**policy, "temperature": 3.0}
+    assert again.meta == META  # the collection's own record is untouched
+    if kind == "server":
+        again._client.delete_collection(again.name)
+    again.close()

@@ -69,6 +69,15 @@ class StoredPoint:
     key: np.ndarray | None  # float32 [dim]
     payload: dict[str, Any] | None
 
+    @classmethod
+    def from_record(cls, record: Any, *, with_keys: bool, with_payload: bool) -> StoredPoint:
+        """From a Qdrant record (qdrant-client's and Edge's have the same fields)."""
+        return cls(
+            id=str(record.id),
+            key=np.asarray(record.vector, dtype=np.float32) if with_keys else None,
+            payload=dict(record.payload or {}) if with_payload else None,
+        )
+
 
 @dataclass(frozen=True)
 class PointBatch:

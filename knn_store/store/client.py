@@ -195,11 +195,7 @@ class QdrantServerStore:
             with_vectors=with_keys,
         )
         return {
-            str(r.id): StoredPoint(
-                id=str(r.id),
-                key=np.asarray(r.vector, dtype=np.float32) if with_keys else None,
-                payload=dict(r.payload or {}) if with_payload else None,
-            )
+            str(r.id): StoredPoint.from_record(r, with_keys=with_keys, with_payload=with_payload)
             for r in records
         }
 

@@ -194,11 +194,7 @@ class EdgeStore:
         shard = self._require_shard()
         records = self._call("read points", shard.retrieve, list(ids), with_payload, with_keys)
         return {
-            str(r.id): StoredPoint(
-                id=str(r.id),
-                key=np.asarray(r.vector, dtype=np.float32) if with_keys else None,
-                payload=dict(r.payload or {}) if with_payload else None,
-            )
+            str(r.id): StoredPoint.from_record(r, with_keys=with_keys, with_payload=with_payload)
             for r in records
         }
 
