@@ -48,15 +48,6 @@ class QueryFeatures:
         """bool [b]."""
         return torch.isfinite(self.sq_distances[:, 0])
 
-    def __getitem__(self, rows: torch.Tensor | slice) -> QueryFeatures:
-        return QueryFeatures(
-            self.sq_distances[rows],
-            self.token_ids[rows],
-            self.lm_entropy[rows],
-            self.lm_max_log_prob[rows],
-            None if self.cosine is None else self.cosine[rows],
-        )
-
     def column(self, name: str) -> torch.Tensor:
         """One named feature, float32 [b]. Rows without neighbours hold finite filler."""
         if name == "d_min":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -173,10 +174,6 @@ class Tuned:
     policy: LambdaPolicy
     temperature: float
     nll: float
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nll)
 
 
 def fit_fixed(data: TuningData, temperature: float, losses: torch.Tensor | None = None) -> Tuned:
@@ -338,8 +335,6 @@ def fit_learned(
 
 # --- the whole tuning run ------------------------------------------------------------------
 
-POLICIES = ("fixed", "buckets", "cosine-buckets", "learned")
-
 
 @dataclass(frozen=True)
 class TuneResult:
@@ -358,9 +353,8 @@ class TuneResult:
 def tune(
     validation: TuningData, test: TuningData | None = None, *, buckets: int = 64
 ) -> TuneResult:
-    """Fit every policy of ``POLICIES`` on ``validation``; score each on both splits."""
-    import time
-
+    """Fit every policy (fixed, buckets of d_min and of cosine, learned) on ``validation``;
+    score each on both splits."""
     started = time.perf_counter()
     by_feature = [_Buckets(validation, f, buckets) for f in ("d_min", "cosine")]
 
