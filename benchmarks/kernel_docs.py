@@ -187,12 +187,12 @@ def write_table(results: Path, key_types: list[str]) -> None:
                 cells.append(f"{value:.3f}{change}{extra}")
             lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## `knnlm eval` on test with the saved policy", ""]
-    lines.append("| key type | policy | base | kNN-LM | change | search ms/query |")
-    lines.append("|---|---|---|---|---|---|")
-    for k in key_types:
-        if not (results / k / "eval.json").is_file():
-            continue
+    evaluated = [k for k in key_types if (results / k / "eval.json").is_file()]
+    if evaluated:
+        lines += ["## `knnlm eval` on test with the saved policy", ""]
+        lines.append("| key type | policy | base | kNN-LM | change | search ms/query |")
+        lines.append("|---|---|---|---|---|---|")
+    for k in evaluated:
         e = json.loads((results / k / "eval.json").read_text())
         lines.append(
             f"| {k} | {e['policy']['kind']} (T {e['temperature']:.3g}) | "

@@ -182,7 +182,8 @@ def fit_fixed(data: TuningData, temperature: float, losses: torch.Tensor | None 
         losses = data.lambda_losses(temperature)
     mean = losses.mean(-1)  # [G]
     best = int(mean.argmin())
-    return Tuned("fixed", FixedLambda(float(LAMBDA_GRID[best])), temperature, float(mean[best]))
+    lmbda = round(float(LAMBDA_GRID[best]), 2)  # a grid value, without float32 noise
+    return Tuned("fixed", FixedLambda(lmbda), temperature, float(mean[best]))
 
 
 def bucket_edges(values: torch.Tensor, buckets: int) -> list[float]:
@@ -211,7 +212,8 @@ class _Buckets:
         per_bucket.index_add_(1, self.index, losses)  # [G, B]
         fallback = losses.mean(-1).argmin()
         choice = torch.where(self.populated, per_bucket.argmin(0), fallback)  # [B]
-        policy = BucketLambda(self.feature, self.edges, LAMBDA_GRID[choice].tolist())
+        lambdas = [round(x, 2) for x in LAMBDA_GRID[choice].tolist()]  # grid values
+        policy = BucketLambda(self.feature, self.edges, lambdas)
         name = "buckets" if self.feature == "d_min" else f"{self.feature}-buckets"
         return Tuned(name, policy, temperature, data.nll(policy, temperature))
 
