@@ -179,6 +179,8 @@ def explain(
     """
     from knn_store.explain import explain_text
 
+    if not text.strip():
+        raise ConfigError("--text is empty: give some text to explain")
     settings = settings_from(params)
     with open_session(settings, search_domains=search_domains) as session:
         rows = explain_text(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from knn_store.errors import ConfigError
@@ -29,19 +30,19 @@ def write_tuning_plots(result: TuneResult, folder: Path, *, title: str) -> list[
     cmap = plt.get_cmap("viridis")
     temps = sorted(result.curves)
     for i, t in enumerate(temps):
-        style = {"linewidth": 2.5, "color": "crimson"} if t == best_fixed else {}
+        best = t == best_fixed  # the chosen T stands out
         ax.plot(
             lambdas,
             result.curves[t],
             label=f"T={t:g}",
-            color=style.pop("color", None) or cmap(i / max(len(temps) - 1, 1)),
-            **style,
+            color="crimson" if best else cmap(i / max(len(temps) - 1, 1)),
+            linewidth=2.5 if best else 1.5,
         )
-    ax.axhline(_ppl(base), color="grey", linestyle="--", label="base LM")
+    ax.axhline(math.exp(base), color="grey", linestyle="--", label="base LM")
     ax.set_xlabel("lambda (fixed)")
     ax.set_ylabel("validation perplexity")
     lowest = min(min(c) for c in result.curves.values())
-    ax.set_ylim(lowest * 0.97, _ppl(base) * 1.3)
+    ax.set_ylim(lowest * 0.97, math.exp(base) * 1.3)
     ax.set_title(f"{title}: validation perplexity per T")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -67,9 +68,3 @@ def write_tuning_plots(result: TuneResult, folder: Path, *, title: str) -> list[
     fig.savefig(second, dpi=120)
     plt.close(fig)
     return [first, second]
-
-
-def _ppl(nll: float) -> float:
-    import math
-
-    return math.exp(nll)

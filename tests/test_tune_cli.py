@@ -242,6 +242,10 @@ def test_explain_shows_the_source_text_of_neighbours(knnlm: Knnlm, corpus_dir: P
     assert "LM :" in human.stdout and "kNN:" in human.stdout and "doc" in human.stdout
 
 
+def test_explain_refuses_empty_text(knnlm: Knnlm) -> None:
+    _one_line_error(_run(knnlm, "explain", "-t", "  "), "--text is empty")
+
+
 def knnlm_tokens(knnlm: Knnlm, text: str) -> list[int]:
     from transformers import AutoTokenizer
 
