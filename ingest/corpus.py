@@ -1,19 +1,23 @@
 """Corpus readers: files, folders, .gz files and JSONL records, as ``Document``s.
 
-Every file is read whole and checked before any point is written, so bad input fails fast and
-leaves the store unchanged. A file named on the command line must be readable UTF-8 text; in a
-folder, empty files are skipped (``__init__.py`` is often empty) and unreadable ones fail
-unless ``skip_invalid`` is set.
+Reading streams: one document at a time, JSONL line by line, so memory does not grow with the
+corpus. A ``Corpus`` can be read again (the ingest worker checks every document in a first
+pass, so bad input fails before any point is written). A file named on the command line must
+be readable UTF-8 text; in a folder, empty files are skipped (``__init__.py`` is often empty)
+and unreadable ones fail unless ``skip_invalid`` is set, in which case they are left out
+whole and named in the report.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from knn_store.errors import CorpusError
 
@@ -30,9 +34,40 @@ class Document:
 
 @dataclass
 class CorpusReport:
-    """What reading skipped, for the summary."""
+    """What reading left out: empty files, and invalid ones with ``skip_invalid``."""
 
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # paths, in reading order
+    reasons: dict[str, str] = field(default_factory=dict)  # path -> why it was left out
+
+
+@dataclass
+class Corpus:
+    """The documents under ``paths``, readable any number of times, each time from disk.
+
+    Args:
+        paths: files or folders. Folders are walked with ``glob`` (recursive by default),
+            leaving out hidden files and folders such as ``.git``.
+        glob: pattern for files inside folders, e.g. ``"**/*.py"``.
+        text_field: the field holding the text in ``.jsonl`` / ``.jsonl.gz`` records.
+        skip_invalid: skip binary, non-UTF-8 and malformed files found in folders instead of
+            failing (files named directly always fail).
+    """
+
+    paths: Sequence[str | Path]
+    glob: str = "**/*"
+    text_field: str = "text"
+    skip_invalid: bool = False
+    report: CorpusReport = field(default_factory=CorpusReport)
+
+    def __iter__(self) -> Iterator[Document]:
+        self.report = CorpusReport()  # each reading reports afresh
+        return read_corpus(
+            self.paths,
+            glob=self.glob,
+            text_field=self.text_field,
+            skip_invalid=self.skip_invalid,
+            report=self.report,
+        )
 
 
 def read_corpus(
@@ -43,17 +78,7 @@ def read_corpus(
     skip_invalid: bool = False,
     report: CorpusReport | None = None,
 ) -> Iterator[Document]:
-    """Yield the documents under ``paths`` in a stable order.
-
-    Args:
-        paths: files or folders. Folders are walked with ``glob`` (recursive by default),
-            leaving out hidden files and folders such as ``.git``.
-        glob: pattern for files inside folders, e.g. ``"**/*.py"``.
-        text_field: the field holding the text in ``.jsonl`` / ``.jsonl.gz`` records.
-        skip_invalid: skip binary, non-UTF-8 and malformed files found in folders instead of
-            failing (files named directly always fail).
-        report: collects the skipped files.
-    """
+    """Yield the documents under ``paths`` in a stable order (see ``Corpus``)."""
     if not paths:
         raise CorpusError("no input given; pass files or folders")
     report = report if report is not None else CorpusReport()
@@ -70,15 +95,14 @@ def read_corpus(
                 raise CorpusError(f"folder {path} has no files matching {glob!r}")
             for file in files:
                 try:  # a whole file or nothing: a skipped file yields no records
-                    docs = list(
-                        _read_file(file, text_field=text_field, allow_empty=True, report=report)
-                    )
-                except CorpusError:
+                    _check_file(file, text_field=text_field)
+                except CorpusError as exc:
                     if not skip_invalid:
                         raise
                     report.skipped.append(str(file))
+                    report.reasons[str(file)] = str(exc)
                     continue
-                yield from docs
+                yield from _read_file(file, text_field=text_field, allow_empty=True, report=report)
         elif path.is_file():
             yield from _read_file(path, text_field=text_field, allow_empty=False, report=report)
         elif path.exists():
@@ -92,61 +116,138 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
+def _is_jsonl(path: Path) -> bool:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return name.endswith(".jsonl")
+
+
+def _check_file(path: Path, *, text_field: str) -> None:
+    """Read a file through once, raising ``CorpusError`` at the first problem."""
+    for _ in _read_file(path, text_field=text_field, allow_empty=True, report=CorpusReport()):
+        pass
+
+
 def _read_file(
     path: Path, *, text_field: str, allow_empty: bool, report: CorpusReport
 ) -> Iterator[Document]:
-    text = _read_text(path)
+    if _is_jsonl(path):
+        yield from _jsonl_records(path, text_field=text_field, allow_empty=allow_empty)
+        return
+    with _open_text(path) as stream:
+        text = _read_all(stream, path).removeprefix("\ufeff")  # drop a byte-order mark
     if not text.strip():
         if allow_empty:
             report.skipped.append(str(path))
+            report.reasons[str(path)] = "empty"
             return
         raise CorpusError(f"{path} is empty")
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    if name.endswith(".jsonl"):
-        yield from _jsonl_records(path, text, text_field=text_field, allow_empty=allow_empty)
-    else:
-        yield Document(source=str(path), text=text)
+    yield Document(source=str(path), text=text)
 
 
-def _read_text(path: Path) -> str:
+def _open_text(path: Path) -> IO[str]:
+    """A strict UTF-8 text stream over a file or a .gz file, after a check for binary data."""
     try:
-        data = path.read_bytes()
-        if path.suffix == ".gz":
-            data = gzip.decompress(data)
+        # closed by the returned stream, or below
+        raw: IO[bytes] = gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")  # noqa: SIM115
+        head = raw.read(_SNIFF_BYTES)
     except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
         raise CorpusError(f"cannot read {path}: {exc}") from exc
-    if b"\x00" in data[:_SNIFF_BYTES]:
+    if b"\x00" in head:
+        raw.close()
         raise CorpusError(f"{path} looks binary (it holds NUL bytes); pass text files only")
+    buffered = io.BufferedReader(_Prepend(head, raw))  # type: ignore[arg-type]
+    # newline="": keep "\r\n" as it is, like a plain read of the file would
+    return io.TextIOWrapper(buffered, encoding="utf-8", errors="strict", newline="")
+
+
+def _read_all(stream: IO[str], path: Path) -> str:
     try:
-        return data.decode("utf-8").removeprefix("\ufeff")  # drop a byte-order mark
+        return stream.read()
     except UnicodeDecodeError as exc:
-        raise CorpusError(
-            f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
-            "convert it with iconv or leave it out"
-        ) from exc
+        raise _not_utf8(path, exc) from exc
+    except (OSError, EOFError, zlib.error) as exc:
+        raise CorpusError(f"cannot read {path}: {exc}") from exc
 
 
-def _jsonl_records(
-    path: Path, text: str, *, text_field: str, allow_empty: bool
-) -> Iterator[Document]:
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> CorpusError:
+    return CorpusError(
+        f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); "
+        "convert it with iconv or leave it out"
+    )
+
+
+def _jsonl_records(path: Path, *, text_field: str, allow_empty: bool) -> Iterator[Document]:
     found = 0
-    # Split on "\n" only: splitlines() also splits on U+2028/U+0085, legal inside JSON strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise CorpusError(f"{path}:{lineno} is not valid JSON: {exc.msg}") from exc
-        if not isinstance(record, dict) or text_field not in record:
-            raise CorpusError(
-                f"{path}:{lineno} has no field {text_field!r}; choose it with --text-field"
-            )
-        value = record[text_field]
-        if not isinstance(value, str):
-            raise CorpusError(f"{path}:{lineno}: field {text_field!r} is not a string")
-        if value.strip():
-            found += 1
-            yield Document(source=f"{path}#{lineno}", text=value)
+    with _open_text(path) as stream:
+        lineno = 0
+        while True:
+            try:
+                line = stream.readline()
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, exc) from exc
+            except (OSError, EOFError, zlib.error) as exc:
+                raise CorpusError(f"cannot read {path}: {exc}") from exc
+            if not line:
+                break
+            lineno += 1
+            # readline() splits on "\n" only (newline=""), never inside a JSON string.
+            if lineno == 1:
+                line = line.removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)[:80]
+                raise CorpusError(f"{path}:{lineno} is not valid JSON: {reason}") from exc
+            if not isinstance(record, dict) or text_field not in record:
+                raise CorpusError(
+                    f"{path}:{lineno} has no field {text_field!r}; choose it with --text-field"
+                )
+            value = record[text_field]
+            if not isinstance(value, str):
+                raise CorpusError(f"{path}:{lineno}: field {text_field!r} is not a string")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+                raise CorpusError(
+                    f"{path}:{lineno}: field {text_field!r} holds an unpaired surrogate"
+                ) from exc
+            if value.strip():
+                found += 1
+                yield Document(source=f"{path}#{lineno}", text=value)
     if not found and not allow_empty:
         raise CorpusError(f"{path} has no records with text in field {text_field!r}")
+
+
+class _Prepend(io.RawIOBase):
+    """The sniffed head of a file followed by the rest of it, as one raw stream."""
+
+    def __init__(self, head: bytes, rest: IO[bytes]) -> None:
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n] = self._head[:n]
+            self._head = self._head[n:]
+            return n
+        data = self._rest.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._rest.close()
+        super().close()
+
+
+def count_documents(corpus: Corpus) -> int:
+    """Read a corpus through once (checking every file) and count its documents; a corpus
+    without any is a ``CorpusError``."""
+    n = sum(1 for _ in corpus)
+    if n == 0:
+        raise CorpusError("the corpus holds no documents (every file is empty)")
+    return n

@@ -1,8 +1,18 @@
 """The ingest worker: text -> LM keys -> (key, next token) points in the store.
 
+Two streaming passes over the corpus, so memory stays bounded however large it is:
+
+1. plan: read and tokenize every document once, checking it (bad input fails here, before
+   anything is written) and counting what is left to do; the store's points per document
+   come from one facet request;
+2. write: run the LM over the documents still to do, batch by batch, while a writer thread
+   upserts the previous batch and flushes now and then, so the write-ahead log stays small.
+
 Resumable by construction: point ids are a function of (domain, text, position, token), so
 writing a point twice leaves one point, and a document whose points are all in the store is
-skipped. Kill it at any moment, run it again, and the store ends exactly as after a clean run.
+skipped. Kill it at any moment, run it again, and the store ends exactly as after a clean
+run. ``shard=(i, n)`` keeps the documents whose hash is i modulo n: n workers together
+write exactly what one would.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from tqdm import tqdm
 
 from ingest.corpus import Document
 from knn_store import CorpusError, KnnStore, LanguageModel, PointBatch, sliding_windows
+from knn_store.errors import StoreError
 from knn_store.store.base import (
     CONTEXT_FIELD,
     DOC_FIELD,
@@ -26,10 +37,12 @@ from knn_store.store.base import (
     OFFSET_FIELD,
     SOURCE_FIELD,
 )
+from knn_store.store.config import StorageConfig
 from knn_store.store.point_ids import document_hash, document_key, make_point_ids
 from knn_store.windows import Window, pack_windows
 
 CONTEXT_TOKENS = 24  # tokens of text kept with each point, ending at its key's position
+FLUSH_EVERY = 50_000  # points between flushes: bounds the write-ahead log
 
 
 @dataclass(frozen=True)
@@ -49,8 +62,9 @@ class _Tokenized:
 
 @dataclass(frozen=True)
 class IngestReport:
-    documents: int  # distinct documents read
+    documents: int  # distinct documents of this shard
     resumed: int  # documents already complete in the store, skipped
+    other_shards: int  # documents left to the other shards
     tokens: int  # positions run through the LM in this run
     points_before: int
     points_after: int
@@ -71,12 +85,14 @@ class IngestWorker:
 
     Args:
         lm: the language model (its key type decides what is stored).
-        store: the target collection; created on first use.
+        store: the target collection; created on first use with ``storage``.
         domain: tag of every point written (filterable at search time).
         window, stride: sliding windows, see ``knn_store.windows``.
         batch_size: windows per LM forward.
         upsert_batch: points per upsert request.
-        progress: show a progress bar on stderr.
+        storage: how a new collection stores its keys.
+        shard: (i, n): this worker takes the documents whose hash is i modulo n.
+        progress: show progress bars on stderr.
     """
 
     def __init__(
@@ -89,6 +105,9 @@ class IngestWorker:
         stride: int,
         batch_size: int = 1,
         upsert_batch: int = 512,
+        storage: StorageConfig | None = None,
+        shard: tuple[int, int] = (0, 1),
+        flush_every: int = FLUSH_EVERY,
         progress: bool = True,
     ) -> None:
         if not domain:
@@ -97,6 +116,8 @@ class IngestWorker:
             raise ValueError(
                 f"`window` ({window}) exceeds the model's context ({lm.max_positions})"
             )
+        if not 0 <= shard[0] < shard[1]:
+            raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
         self.lm = lm
         self.store = store
         self.domain = domain
@@ -104,29 +125,44 @@ class IngestWorker:
         self.stride = stride
         self.batch_size = batch_size
         self.upsert_batch = upsert_batch
+        self.storage = storage or StorageConfig()
+        self.shard = shard
+        self.flush_every = flush_every
         self.progress = progress
 
     def run(self, documents: Iterable[Document]) -> IngestReport:
-        docs = self._tokenize(documents)  # reads everything first: bad input writes nothing
-        self.store.ensure_collection(self.lm.collection_meta())
+        """Ingest ``documents``, which are read twice: a ``Corpus`` or a list, not a
+        generator."""
+        if iter(documents) is documents:
+            raise TypeError("documents are read twice: pass a Corpus or a list, not an iterator")
+        if self.store.meta is not None:
+            self.store.probe()  # never write into a store that cannot be read back
+        stored = self.store.doc_counts()
+        plan = self._plan(documents, stored)
+        self.store.ensure_collection(self.lm.collection_meta(self.storage))
         points_before = self.store.count()
-        todo = [d for d in docs if self.store.count(doc=d.key) != d.n_points]
-        total = sum(d.n_points for d in todo)
 
         started = time.perf_counter()
         bar = tqdm(
-            total=total, unit="tok", unit_scale=True, desc="ingest", disable=not self.progress
+            total=plan.tokens, unit="tok", unit_scale=True, desc="ingest", disable=not self.progress
         )
-        with _BackgroundWriter(self.store) as writer, bar:
-            buffer: PointBatch | None = None  # points computed, not yet sent
-            for batch in self._point_batches(todo):
-                bar.update(len(batch))
-                buffer = batch if buffer is None else PointBatch.concat([buffer, batch])
-                while len(buffer) >= self.upsert_batch:
-                    writer.put(buffer[: self.upsert_batch])
-                    buffer = buffer[self.upsert_batch :]
-            if buffer is not None and len(buffer):
-                writer.put(buffer)
+        writer = _BackgroundWriter(self.store, flush_every=self.flush_every)
+        try:
+            with writer, bar:
+                buffer: PointBatch | None = None  # points computed, not yet sent
+                for batch in self._point_batches(self._todo(documents, stored)):
+                    bar.update(len(batch))
+                    buffer = batch if buffer is None else PointBatch.concat([buffer, batch])
+                    while len(buffer) >= self.upsert_batch:
+                        writer.put(buffer[: self.upsert_batch])
+                        buffer = buffer[self.upsert_batch :]
+                if buffer is not None and len(buffer):
+                    writer.put(buffer)
+        except StoreError as exc:
+            raise type(exc)(
+                f"{exc}. {writer.written:,} points were written before it failed; run the same "
+                "command again to resume (stored documents are skipped)"
+            ) from exc
         seconds = time.perf_counter() - started
 
         started = time.perf_counter()
@@ -135,34 +171,65 @@ class IngestWorker:
         self.store.finalize()
         index_seconds = time.perf_counter() - started
         return IngestReport(
-            documents=len(docs),
-            resumed=len(docs) - len(todo),
-            tokens=total,
+            documents=plan.documents,
+            resumed=plan.resumed,
+            other_shards=plan.other_shards,
+            tokens=plan.tokens,
             points_before=points_before,
             points_after=self.store.count(),
             seconds=seconds,
             index_seconds=index_seconds,
         )
 
-    def _tokenize(self, documents: Iterable[Document]) -> list[_Tokenized]:
-        seen: set[int] = set()
-        out: list[_Tokenized] = []
-        reading = tqdm(
-            documents, desc="tokenize", unit="doc", leave=False, disable=not self.progress
-        )
-        for doc in reading:
+    # --- pass 1 ----------------------------------------------------------------------------
+
+    def _documents(self, documents: Iterable[Document]) -> Iterator[_Tokenized | int]:
+        """This shard's distinct documents, tokenized; an int (a hash) for one of another
+        shard. Identical texts give identical points, so each is kept once."""
+        seen: set[int] = set()  # 8 bytes per document, not per token
+        for doc in documents:
             h = document_hash(self.domain, doc.text)
-            if h in seen:  # identical text gives identical points: store it once
+            if h in seen:
                 continue
             seen.add(h)
-            out.append(_Tokenized(doc, self.lm.encode(doc.text), h))
-        if not out:
-            raise CorpusError("the corpus holds no documents")
-        if sum(d.n_points for d in out) == 0:
-            raise CorpusError("the corpus yields no tokens to store")
-        return out
+            if h % self.shard[1] != self.shard[0]:
+                yield h
+                continue
+            yield _Tokenized(doc, self.lm.encode(doc.text), h)
 
-    def _point_batches(self, docs: list[_Tokenized]) -> Iterator[PointBatch]:
+    def _plan(self, documents: Iterable[Document], stored: dict[str, int]) -> _Plan:
+        plan = _Plan()
+        reading = tqdm(
+            self._documents(documents),
+            desc="read",
+            unit="doc",
+            leave=False,
+            disable=not self.progress,
+        )
+        for doc in reading:
+            if isinstance(doc, int):
+                plan.other_shards += 1
+                continue
+            plan.documents += 1
+            plan.points += doc.n_points
+            if stored.get(doc.key) == doc.n_points:
+                plan.resumed += 1
+            else:
+                plan.tokens += doc.n_points
+        if plan.documents + plan.other_shards == 0:
+            raise CorpusError("the corpus holds no documents")
+        if plan.points == 0 and plan.other_shards == 0:
+            raise CorpusError("the corpus yields no tokens to store")
+        return plan
+
+    # --- pass 2 ----------------------------------------------------------------------------
+
+    def _todo(self, documents: Iterable[Document], stored: dict[str, int]) -> Iterator[_Tokenized]:
+        for doc in self._documents(documents):
+            if isinstance(doc, _Tokenized) and doc.n_points and stored.get(doc.key) != doc.n_points:
+                yield doc
+
+    def _point_batches(self, docs: Iterable[_Tokenized]) -> Iterator[PointBatch]:
         """One PointBatch per LM forward of up to ``batch_size`` windows."""
         group: list[tuple[_Tokenized, Window]] = []
         for doc in docs:
@@ -182,7 +249,7 @@ class IngestWorker:
         ids: list[str] = []
         payloads: list[dict[str, object]] = []
         rows: list[np.ndarray] = []
-        for row, (doc, win) in enumerate(group):
+        for row, (doc, win) in enumerate(group):  # per window, not per token
             positions = win.positions  # [m] absolute positions scored here
             tokens = doc.ids[positions + 1]  # [m] each position's next token
             rows.append(keys_np[row, positions - win.start])  # [m, d]
@@ -204,8 +271,18 @@ class IngestWorker:
         return PointBatch(ids=ids, keys=np.concatenate(rows), payloads=payloads)
 
 
+@dataclass
+class _Plan:
+    documents: int = 0
+    resumed: int = 0
+    other_shards: int = 0
+    points: int = 0  # points of this shard's documents
+    tokens: int = 0  # positions still to run through the LM
+
+
 class _BackgroundWriter:
-    """Upserts on a thread so the LM computes the next batch meanwhile.
+    """Upserts on a thread so the LM computes the next batch meanwhile, and flushes every
+    ``flush_every`` points, which lets the engine trim its write-ahead log.
 
     The queue is short (memory stays bounded); an upsert error surfaces on the next ``put``
     or at exit. On exit every queued batch is written before returning.
@@ -213,27 +290,36 @@ class _BackgroundWriter:
 
     _DONE = object()
 
-    def __init__(self, store: KnnStore, depth: int = 4) -> None:
+    def __init__(self, store: KnnStore, *, flush_every: int, depth: int = 4) -> None:
         self._store = store
+        self._flush_every = flush_every
         self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="knnlm-upsert", daemon=True)
+        self.written = 0  # points acknowledged by the store
 
     def __enter__(self) -> _BackgroundWriter:
         self._thread.start()
         return self
 
     def _loop(self) -> None:
+        unflushed = 0
         while True:
             item = self._queue.get()
             if item is self._DONE:
                 return
-            if self._error is None:
-                try:
-                    assert isinstance(item, PointBatch)
-                    self._store.upsert(item)
-                except BaseException as exc:  # surfaced in the main thread
-                    self._error = exc
+            if self._error is not None:
+                continue  # drain: the main thread raises the error
+            try:
+                assert isinstance(item, PointBatch)
+                self._store.upsert(item)
+                self.written += len(item)
+                unflushed += len(item)
+                if unflushed >= self._flush_every:
+                    self._store.flush()
+                    unflushed = 0
+            except BaseException as exc:  # surfaced in the main thread
+                self._error = exc
 
     def put(self, batch: PointBatch) -> None:
         self._raise_if_failed()

@@ -1,8 +1,10 @@
 """knn_store: the query side of knnlm.
 
-Store backends (``knn_store.store``), the kNN distribution (``knn``), lambda policies
-(``lambdas``), the LM wrapper (``lm``), their composition (``knn_lm``) and perplexity
-evaluation (``perplexity``). Heavy libraries (torch, transformers) load on first use.
+Start with ``open_session(KnnlmSettings(...))``: it opens a collection with the model that
+built it and its tuned policy. Underneath: store backends (``knn_store.store``), the kNN
+distribution (``knn``), lambda policies (``lambdas``), the retrieval gate (``gate``), the LM
+wrapper (``lm``) and the scoring pipeline that composes them (``knn_lm``). Heavy libraries
+(torch, transformers) load on first use.
 """
 
 from knn_store.errors import (
@@ -11,11 +13,23 @@ from knn_store.errors import (
     CorpusError,
     DimensionMismatch,
     KnnlmError,
+    StoreDamaged,
     StoreError,
+    StoreLocked,
     StoreUnavailable,
+    UnknownDomain,
 )
 from knn_store.settings import KnnlmSettings
-from knn_store.store import CollectionMeta, KnnStore, Neighbours, PointBatch, open_store
+from knn_store.store import (
+    CollectionMeta,
+    KnnStore,
+    Neighbours,
+    PointBatch,
+    PointFilter,
+    SearchOptions,
+    StorageConfig,
+    open_store,
+)
 from knn_store.windows import Window, pack_windows, sliding_windows
 
 __all__ = [
@@ -24,6 +38,7 @@ __all__ = [
     "ConfigError",
     "CorpusError",
     "DimensionMismatch",
+    "EvalResult",
     "KnnLM",
     "KnnStore",
     "KnnlmError",
@@ -31,29 +46,37 @@ __all__ = [
     "LanguageModel",
     "Neighbours",
     "PointBatch",
+    "PointFilter",
+    "SearchOptions",
+    "Session",
+    "StorageConfig",
+    "StoreDamaged",
     "StoreError",
+    "StoreLocked",
     "StoreUnavailable",
+    "UnknownDomain",
     "Window",
-    "evaluate",
     "load_language_model",
+    "open_session",
     "open_store",
     "pack_windows",
     "sliding_windows",
 ]
 
+_LAZY = {
+    "KnnLM": "knn_store.knn_lm",
+    "EvalResult": "knn_store.knn_lm",
+    "LanguageModel": "knn_store.lm",
+    "load_language_model": "knn_store.lm",
+    "Session": "knn_store.session",
+    "open_session": "knn_store.session",
+}
+
 
 def __getattr__(name: str) -> object:
     # torch-backed names import lazily, so `knnlm --help` stays instant.
-    if name == "KnnLM":
-        from knn_store.knn_lm import KnnLM
+    if name in _LAZY:
+        import importlib
 
-        return KnnLM
-    if name in ("LanguageModel", "load_language_model"):
-        from knn_store import lm
-
-        return getattr(lm, name)
-    if name == "evaluate":
-        from knn_store.perplexity import evaluate
-
-        return evaluate
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'knn_store' has no attribute {name!r}")

@@ -2,10 +2,13 @@
 
     KnnlmError
      ├── ConfigError            bad settings, flags or model choice
+     │    └── UnknownDomain         a domain the collection does not hold
      ├── StoreError             anything between us and Qdrant
-     │    ├── StoreUnavailable      server unreachable, path locked
+     │    ├── StoreUnavailable      server unreachable (transient: a rerun may succeed)
+     │    │    └── StoreLocked          the embedded store is held by another process
+     │    ├── StoreDamaged          files missing, unreadable or inconsistent
      │    ├── CollectionMissing     no such collection yet
-     │    └── DimensionMismatch     collection built by another model or key type
+     │    └── DimensionMismatch     collection built by another model, key type or settings
      └── CorpusError            unreadable, binary or empty input text
 
 The CLI turns any ``KnnlmError`` into one line on stderr and exit code 1.
@@ -22,12 +25,24 @@ class ConfigError(KnnlmError):
     """A setting, flag or model choice is invalid."""
 
 
+class UnknownDomain(ConfigError):
+    """A domain was named that the collection does not hold."""
+
+
 class StoreError(KnnlmError):
     """A datastore operation failed."""
 
 
 class StoreUnavailable(StoreError):
-    """The Qdrant server or the embedded store cannot be reached or opened."""
+    """The Qdrant server cannot be reached, or the embedded store cannot be opened."""
+
+
+class StoreLocked(StoreUnavailable):
+    """Another process holds the embedded store."""
+
+
+class StoreDamaged(StoreError):
+    """The collection's files are missing, unreadable or inconsistent."""
 
 
 class CollectionMissing(StoreError):
@@ -35,7 +50,7 @@ class CollectionMissing(StoreError):
 
 
 class DimensionMismatch(StoreError):
-    """The collection was built for another model, key type or dimension."""
+    """The collection was built for another model, key type, dimension or storage setting."""
 
 
 class CorpusError(KnnlmError):

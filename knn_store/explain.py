@@ -1,25 +1,21 @@
 """Why the kNN-LM predicted what it did: per token, both distributions, lambda, and the
 neighbours with the text they were memorized from.
 
-The hot path never reads payloads; this does, for the few nearest neighbours it shows.
+It runs the same pipeline as eval (``KnnLM.score`` with full distributions) and yields its
+rows batch by batch, so a long text shows progress as it goes. The hot path never reads
+payloads; this does, for the few nearest neighbours it shows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from knn_store.knn_lm import KnnLM
-from knn_store.lm import LanguageModel
-from knn_store.store.base import (
-    CONTEXT_FIELD,
-    DOMAIN_FIELD,
-    OFFSET_FIELD,
-    SOURCE_FIELD,
-)
-from knn_store.windows import sliding_windows
+from knn_store.knn_lm import KnnLM, Scored
+from knn_store.store.base import CONTEXT_FIELD, DOMAIN_FIELD, OFFSET_FIELD, SOURCE_FIELD
 
 
 @dataclass(frozen=True)
@@ -40,6 +36,7 @@ class TokenExplanation:
     lm_prob: float
     knn_prob: float
     lmbda: float
+    searched: bool  # False where the retrieval gate skipped the search
     lm_top: list[tuple[str, float]]
     knn_top: list[tuple[str, float]]
     neighbours: list[Neighbour]
@@ -49,74 +46,66 @@ class TokenExplanation:
 
 
 def explain_text(
-    lm: LanguageModel,
     knn_lm: KnnLM,
     text: str,
     *,
-    window: int,
-    stride: int,
     top: int = 3,
     show_neighbours: int = 3,
-) -> list[TokenExplanation]:
-    """One ``TokenExplanation`` per predicted token of ``text``."""
-    ids = lm.encode(text)
-    out: list[TokenExplanation] = []
-    for win in sliding_windows(len(ids), window=window, stride=stride):
-        rows = torch.from_numpy(win.positions - win.start)  # [m]
-        forward = lm.forward(ids[None, win.start : win.end], with_logits=True)
-        assert forward.logits is not None
-        lm_lp = torch.log_softmax(forward.logits[0, rows].float(), dim=-1)  # [m, V]
-        neighbours = knn_lm.neighbours(forward.keys[0, rows])
-        knn_lp, lmbda, mixed = knn_lm.distributions(lm_lp, neighbours)
-        targets = torch.from_numpy(ids[win.positions + 1])  # [m]
+    progress: bool = False,
+) -> Iterator[TokenExplanation]:
+    """One ``TokenExplanation`` per predicted token of ``text``, in order, as computed."""
+    ids = knn_lm.lm.encode(text)
+    for scored in knn_lm.score([ids], full=True, progress=progress, desc="explain"):
+        yield from _explain_batch(knn_lm, scored, top=top, show_neighbours=show_neighbours)
 
-        assert neighbours.point_ids is not None  # every backend returns the ids
-        shown = neighbours.point_ids[:, :show_neighbours]  # [m, s]
-        wanted = [i for i in shown.ravel() if i is not None]
-        payloads = knn_lm.store.retrieve(wanted, with_keys=False, with_payload=True)
 
-        def top_tokens(log_probs: torch.Tensor) -> list[tuple[str, float]]:
-            values, index = log_probs.topk(top)
-            return [
-                (_piece(lm, int(i)), float(v.exp()))
-                for v, i in zip(values, index, strict=True)
-                if torch.isfinite(v)
-            ]
+def _explain_batch(
+    knn_lm: KnnLM, scored: Scored, *, top: int, show_neighbours: int
+) -> Iterator[TokenExplanation]:
+    assert scored.lm.lm_log_probs is not None and scored.knn_log_probs is not None
+    assert scored.log_probs is not None and scored.neighbours.point_ids is not None
+    lm = knn_lm.lm
+    shown = scored.neighbours.point_ids[:, :show_neighbours]  # [m, s]
+    wanted = [i for i in shown.ravel() if i is not None]
+    payloads = knn_lm.store.retrieve(wanted, with_keys=False, with_payload=True)
 
-        for j, position in enumerate(win.positions):
-            t = targets[j : j + 1]
-            near: list[Neighbour] = []
-            for col in range(shown.shape[1]):
-                pid = shown[j, col]
-                if pid is None:
-                    continue
-                payload = payloads[str(pid)].payload if str(pid) in payloads else None
-                payload = payload or {}
-                near.append(
-                    Neighbour(
-                        sq_distance=float(neighbours.sq_distances[j, col]),
-                        token=_piece(lm, int(neighbours.token_ids[j, col])),
-                        domain=payload.get(DOMAIN_FIELD),
-                        source=payload.get(SOURCE_FIELD),
-                        offset=payload.get(OFFSET_FIELD),
-                        context=payload.get(CONTEXT_FIELD),
-                    )
-                )
-            out.append(
-                TokenExplanation(
-                    position=int(position) + 1,
-                    token=_piece(lm, int(t)),
-                    prob=float(mixed[j].gather(0, t).exp()),
-                    lm_prob=float(lm_lp[j].gather(0, t).exp()),
-                    knn_prob=float(knn_lp[j].gather(0, t).exp()),
-                    lmbda=float(lmbda[j]),
-                    lm_top=top_tokens(lm_lp[j]),
-                    knn_top=top_tokens(knn_lp[j]),
-                    neighbours=near,
+    def piece(token_id: int) -> str:
+        return lm.tokenizer.decode([token_id])
+
+    def top_tokens(log_probs: torch.Tensor) -> list[tuple[str, float]]:
+        values, index = log_probs.topk(min(top, log_probs.shape[-1]))
+        return [
+            (piece(int(i)), float(v.exp()))
+            for v, i in zip(values, index, strict=True)
+            if torch.isfinite(v)
+        ]
+
+    targets = scored.lm.targets
+    for j in range(len(scored)):
+        near: list[Neighbour] = []
+        for col, pid in enumerate(shown[j]):
+            if pid is None:
+                continue
+            payload = (payloads.get(str(pid)) and payloads[str(pid)].payload) or {}
+            near.append(
+                Neighbour(
+                    sq_distance=float(scored.neighbours.sq_distances[j, col]),
+                    token=piece(int(scored.neighbours.token_ids[j, col])),
+                    domain=payload.get(DOMAIN_FIELD),
+                    source=payload.get(SOURCE_FIELD),
+                    offset=payload.get(OFFSET_FIELD),
+                    context=payload.get(CONTEXT_FIELD),
                 )
             )
-    return out
-
-
-def _piece(lm: LanguageModel, token_id: int) -> str:
-    return lm.tokenizer.decode([token_id])
+        yield TokenExplanation(
+            position=int(scored.lm.position[j]) + 1,
+            token=piece(int(targets[j])),
+            prob=float(scored.log_prob[j].exp()),
+            lm_prob=float(scored.lm.lm_target_log_prob[j].exp()),
+            knn_prob=float(scored.knn_log_prob[j].exp()),
+            lmbda=float(scored.lmbda[j]),
+            searched=bool(scored.searched[j]),
+            lm_top=top_tokens(scored.lm.lm_log_probs[j]),
+            knn_top=top_tokens(scored.knn_log_probs[j]),
+            neighbours=near,
+        )

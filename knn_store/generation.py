@@ -1,62 +1,195 @@
-"""Generation with the kNN-LM through transformers' own ``generate``.
+"""Generation with the kNN-LM.
 
-``KnnLogitsProcessor`` replaces the LM's next-token scores by the kNN-LM's log-probabilities.
-It reads the key of the newest position from the same hook point that ingest and eval use,
-so at any position it returns exactly the distribution ``knnlm eval`` scores there.
+Two ways in, one distribution: at every step both give what ``knnlm eval`` scores there.
 
-    >>> with KnnLogitsProcessor(lm, knn_lm) as knn:                     # doctest: +SKIP
-    ...     out = lm.model.generate(ids, logits_processor=LogitsProcessorList([knn]))
+- ``decode``: knnlm's own batched decoding loop (KV cache, left padding, per-row sampling
+  and seeds). ``knnlm generate`` and the HTTP service use it, so a completion with a seed is
+  the same from either.
+- ``KnnLogitsProcessor``: puts the kNN-LM into transformers' own ``generate``:
 
-transformers applies a user's processors before its sampling warpers, so ``temperature``,
-``top_k`` and ``top_p`` of ``generate`` shape the interpolated distribution.
+    >>> with KnnLogitsProcessor(knn_lm) as knn:                          # doctest: +SKIP
+    ...     out = knn_lm.lm.model.generate(ids, logits_processor=LogitsProcessorList([knn]))
+
+  transformers applies a user's processors before its sampling warpers, so ``temperature``,
+  ``top_k`` and ``top_p`` of ``generate`` shape the interpolated distribution.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from knn_store.errors import ConfigError
 from knn_store.knn_lm import KnnLM
-from knn_store.lm import LanguageModel
+from knn_store.lm import KeyCapture
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one sequence is continued.
+
+    temperature: sampling temperature over the interpolated distribution; 0 = greedy.
+    top_k: sample among the k likeliest tokens only; 0 = all.
+    top_p: nucleus sampling: the smallest set of tokens holding this much probability.
+    seed: random seed of this sequence (None: unseeded).
+    max_new_tokens: tokens to add at most (fewer if an end-of-text token comes).
+    knn: False samples from the base LM alone.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 64
+    knn: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.temperature < float("inf"):
+            raise ConfigError(
+                f"sampling temperature must be finite and >= 0, got {self.temperature}"
+            )
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+
+
+def sample_next(
+    log_probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
+) -> int:
+    """One token from log-probabilities float [V] under ``sampling``."""
+    if sampling.temperature == 0:
+        return int(log_probs.argmax())
+    logits = log_probs.float() / sampling.temperature  # [V]
+    if sampling.top_k:
+        kth = logits.topk(min(sampling.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        order = logits.argsort(descending=True)  # [V]
+        probs = logits[order].softmax(-1)
+        # drop a token once the mass before it already reaches top_p (the first always stays)
+        drop = probs.cumsum(-1) - probs >= sampling.top_p
+        logits[order[drop]] = float("-inf")
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def decode(
+    knn_lm: KnnLM,
+    prompts: Sequence[np.ndarray],
+    sampling: Sequence[Sampling],
+    *,
+    on_token: Callable[[int, int], None] | None = None,
+) -> list[list[int]]:
+    """Continue token ``prompts`` (int64 [n_i], BOS first) together, one step per token.
+
+    Prompts are left-padded into one batch and share each step's LM forward (with a KV cache)
+    and one batched search. Each row samples with its own ``Sampling`` and seed, so a row's
+    tokens do not depend on what else is in the batch. ``on_token(row, token)`` is called as
+    tokens come, for streaming. Returns the new tokens per prompt (an end-of-text token
+    included, which ends its row).
+    """
+    lm = knn_lm.lm
+    if len(prompts) != len(sampling) or not prompts:
+        raise ValueError("give one Sampling per prompt, and at least one prompt")
+    longest = max(len(p) + s.max_new_tokens for p, s in zip(prompts, sampling, strict=True))
+    if longest > lm.max_positions:
+        raise ConfigError(
+            f"prompt plus new tokens ({longest}) exceeds the model's context "
+            f"({lm.max_positions} tokens)"
+        )
+    if any(len(p) == 0 for p in prompts):
+        raise ConfigError("a prompt needs at least one token")
+    b, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((b, width), lm.pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for row, p in enumerate(prompts):  # left padding: every row's last token is real
+        ids[row, width - len(p) :] = torch.as_tensor(p)
+        mask[row, width - len(p) :] = 1
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # [b, width]
+    generators = [
+        None if s.seed is None else torch.Generator().manual_seed(s.seed) for s in sampling
+    ]
+    stop = set(lm.stop_ids)
+    out: list[list[int]] = [[] for _ in range(b)]
+    active = np.ones(b, dtype=bool)
+    # transformers 5 renamed the KV cache argument and output from past_key_values to cache
+    cache_name = (
+        "cache"
+        if "cache" in inspect.signature(lm.model.forward).parameters
+        else ("past_key_values")
+    )
+    cache: Any = None
+    with lm.capture_keys(last_only=True) as capture, torch.inference_mode():
+        while active.any():
+            result = lm.model(
+                input_ids=ids.to(lm.device),
+                attention_mask=mask.to(lm.device),
+                position_ids=position.to(lm.device),
+                use_cache=True,
+                **{cache_name: cache},
+            )
+            cache = getattr(result, cache_name)
+            keys = capture.pop()  # [b, dim], each row's newest position
+            log_probs = torch.log_softmax(result.logits[:, -1].float(), dim=-1)  # [b, V]
+            knn_rows = np.flatnonzero(active & np.array([s.knn for s in sampling]))
+            if len(knn_rows):  # one batched search for every row that wants retrieval
+                index = torch.from_numpy(knn_rows).to(log_probs.device)
+                log_probs[index] = knn_lm.next_token_log_probs(log_probs[index], keys[index])
+            step = torch.full((b, 1), lm.pad_id, dtype=torch.long)
+            for row in np.flatnonzero(active):  # per row, not per token of the vocabulary
+                token = sample_next(log_probs[row].cpu(), sampling[row], generators[row])
+                out[row].append(token)
+                step[row, 0] = token
+                if on_token is not None:
+                    on_token(int(row), token)
+                if token in stop or len(out[row]) >= sampling[row].max_new_tokens:
+                    active[row] = False
+            ids = step
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
+            position = position[:, -1:] + 1
+    return out
 
 
 class KnnLogitsProcessor(LogitsProcessor):
-    """Interpolates ``knn_lm``'s retrieval into every step of ``lm.model.generate``.
+    """Interpolates ``knn_lm``'s retrieval into every step of ``knn_lm.lm.model.generate``.
 
-    Registers a forward hook on the LM's key module while open; use it as a context
-    manager (or call ``close()``) so the hook goes away afterwards.
+    Use it as a context manager around ``generate``: it opens a key capture on the calling
+    thread, which the LM's own hook fills with the newest position's key at each step.
     """
 
-    def __init__(self, lm: LanguageModel, knn_lm: KnnLM) -> None:
-        self.lm = lm
+    def __init__(self, knn_lm: KnnLM) -> None:
         self.knn_lm = knn_lm
-        self._key: torch.Tensor | None = None  # float [b, dim], the newest position's key
-        self._handle = lm.key_module.register_forward_pre_hook(self._capture, with_kwargs=True)
+        self._context: AbstractContextManager[KeyCapture] | None = None
+        self._capture: KeyCapture | None = None
 
-    def _capture(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else next(iter(kwargs.values()))  # [b, t, dim]
-        self._key = hidden[:, -1].detach().float()
+    def __enter__(self) -> KnnLogitsProcessor:
+        self._context = self.knn_lm.lm.capture_keys(last_only=True)
+        self._capture = self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc_info)
+        self._context = self._capture = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._key is None:
-            raise RuntimeError("no key captured: the processor must run inside lm.model.generate")
-        keys, self._key = self._key, None
+        if self._capture is None:
+            raise RuntimeError("use KnnLogitsProcessor as a context manager around generate()")
+        keys = self._capture.pop()  # [b, dim]
         if keys.shape[0] != scores.shape[0]:
             raise RuntimeError(
                 f"captured {keys.shape[0]} keys for {scores.shape[0]} rows of scores; "
                 "beam search and other row-changing strategies are not supported"
             )
         lm_log_probs = torch.log_softmax(scores.float(), dim=-1)  # [b, V]
-        mixed = self.knn_lm.next_token_log_probs(lm_log_probs, self.knn_lm.neighbours(keys))
-        return mixed.to(scores.dtype)
-
-    def close(self) -> None:
-        self._handle.remove()
-
-    def __enter__(self) -> KnnLogitsProcessor:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        return self.knn_lm.next_token_log_probs(lm_log_probs, keys).to(scores.dtype)

@@ -1,8 +1,9 @@
 """The kNN distribution and its interpolation with the LM, as pure tensor math.
 
 No I/O and no Qdrant here. Shapes: ``b`` queries, ``k`` neighbours, ``V`` vocabulary.
-A missing neighbour (fewer than k points in the store) has token id -1 and distance +inf;
-a query without any neighbour gets p_kNN = 0 everywhere (log = -inf), never NaN.
+A missing neighbour (fewer than k points in the store) has token id -1 and distance +inf
+(NaN counts as missing too); a query without any neighbour gets p_kNN = 0 everywhere
+(log = -inf), never NaN. Every row with a neighbour sums to 1 for any finite T > 0.
 
 Example:
     >>> import torch
@@ -15,23 +16,35 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def neighbour_log_weights(sq_distances: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax_i(-d_i^2 / T) over each row's valid neighbours.
 
+    Computed relative to each row's nearest neighbour (whose logit is exactly 0), so any
+    finite T > 0 gives a normalised row: a tiny T puts all weight on the nearest, a huge T
+    spreads it evenly, and nothing overflows to NaN.
+
     Args:
-        sq_distances: float [b, k], squared L2 distances; +inf marks a missing neighbour.
-        temperature: T > 0.
+        sq_distances: float [b, k], squared L2 distances; +inf or NaN marks a missing
+            neighbour.
+        temperature: finite T > 0.
 
     Returns:
         float [b, k]; -inf for missing neighbours (and for every entry of an empty row).
     """
-    if temperature <= 0:
-        raise ValueError(f"`temperature` must be positive, got {temperature}")
-    logits = -sq_distances / temperature  # [b, k]; -inf where missing
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [b, 1]; -inf for empty rows
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"`temperature` must be finite and positive, got {temperature}")
+    d = sq_distances.masked_fill(torch.isnan(sq_distances), float("inf"))  # [b, k]; NaN = missing
+    valid = torch.isfinite(d)  # [b, k]
+    nearest = d.min(dim=-1, keepdim=True).values  # [b, 1]; +inf for empty rows
+    shift = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
+    logits = (shift - d) / temperature  # [b, k]; 0 at the nearest, <= 0 elsewhere
+    logits = torch.where(valid, logits, torch.full_like(logits, float("-inf")))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [b, 1]; >= 0, or -inf if empty
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # avoid -inf - -inf
     return logits - lse
 
@@ -59,8 +72,11 @@ def knn_log_probs(
             f"`sq_distances` {tuple(sq_distances.shape)} and `token_ids` "
             f"{tuple(token_ids.shape)} must have the same shape"
         )
-    weights = neighbour_log_weights(sq_distances.float(), temperature).exp()  # [b, k]
-    index = token_ids.clamp(min=0)  # missing ids carry weight 0, so any index will do
+    # a value outside the vocabulary (-1 = missing) counts as a missing neighbour
+    outside = (token_ids < 0) | (token_ids >= vocab_size)  # [b, k]
+    sq = sq_distances.float().masked_fill(outside, float("inf"))
+    weights = neighbour_log_weights(sq, temperature).exp()  # [b, k]
+    index = token_ids.clamp(0, vocab_size - 1)  # missing ids carry weight 0: any index will do
     probs = torch.zeros(
         (token_ids.shape[0], vocab_size), dtype=torch.float32, device=token_ids.device
     )
@@ -89,7 +105,8 @@ def knn_target_log_probs(
     Returns:
         float32 [b]; -inf where no neighbour has the target as its value.
     """
-    log_w = neighbour_log_weights(sq_distances.float(), temperature)  # [b, k]
+    sq = sq_distances.float().masked_fill(token_ids < 0, float("inf"))  # -1 = missing
+    log_w = neighbour_log_weights(sq, temperature)  # [b, k]
     hit = token_ids == targets[:, None]  # [b, k]
     return torch.logsumexp(log_w.masked_fill(~hit, float("-inf")), dim=-1)
 
@@ -108,7 +125,7 @@ def interpolate(
         float, the shape of ``lm_log_probs``.
     """
     lmbda_t = torch.as_tensor(lmbda, dtype=torch.float32, device=lm_log_probs.device)
-    if torch.any((lmbda_t < 0) | (lmbda_t > 1)):
+    if not torch.all((lmbda_t >= 0) & (lmbda_t <= 1)):  # NaN fails both comparisons
         raise ValueError(f"`lmbda` must lie in [0, 1], got {lmbda}")
     # [b] -> [b, 1, ...] so a per-query lambda broadcasts over the vocabulary
     lmbda_t = lmbda_t.reshape(lmbda_t.shape + (1,) * (lm_log_probs.dim() - lmbda_t.dim()))

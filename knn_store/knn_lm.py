@@ -1,92 +1,217 @@
-"""``KnnLM``: a language model, a datastore and a lambda policy, composed.
+"""``KnnLM``: a language model, a datastore and a lambda policy, composed. The one scoring
+pipeline: eval, tune, explain, generation and the HTTP service all go through it.
 
-The hot path is batched: keys of many positions go to the store as one search per
-``search_batch`` queries, and all math runs on [b, k] / [b, V] tensors.
+Per batch of windows: one LM forward gives the log-probabilities and the keys; the retrieval
+gate (if tuned) picks the positions worth a search; one batched search covers them; the
+policy sets lambda from what retrieval found; the two distributions mix in log space. While
+the search of one batch runs, the LM computes the next.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import replace
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from knn_store.errors import CorpusError
+from knn_store.gate import RetrievalGate
 from knn_store.knn import interpolate, knn_log_probs, knn_target_log_probs
 from knn_store.lambdas import LambdaPolicy, QueryFeatures
-from knn_store.store.base import KnnStore, Neighbours
+from knn_store.lm import LanguageModel
+from knn_store.store.base import KnnStore, Neighbours, PointFilter
+from knn_store.store.config import SearchOptions
+from knn_store.windows import Window, pack_windows, sliding_windows
+
+
+@dataclass(frozen=True)
+class LMView:
+    """The LM's view of m scored positions (one forward over a batch of windows)."""
+
+    sequence: np.ndarray  # int64 [m], index of each position's input sequence
+    position: np.ndarray  # int64 [m], absolute position; it predicts token position + 1
+    keys: torch.Tensor  # float32 [m, dim]
+    targets: torch.Tensor  # int64 [m], the true next tokens
+    lm_target_log_prob: torch.Tensor  # float32 [m]
+    lm_entropy: torch.Tensor  # float32 [m]
+    lm_max_log_prob: torch.Tensor  # float32 [m]
+    lm_log_probs: torch.Tensor | None  # float32 [m, V], when the full distribution is wanted
+    lm_seconds: float
+
+
+@dataclass(frozen=True)
+class Scored:
+    """m scored positions under the LM and the kNN-LM."""
+
+    lm: LMView
+    neighbours: Neighbours  # [m, k]; empty rows where the gate skipped the search
+    features: QueryFeatures  # what the lambda policy saw
+    searched: torch.Tensor  # bool [m]
+    lmbda: torch.Tensor  # float32 [m]
+    knn_log_prob: torch.Tensor  # float32 [m], log p_kNN(target); -inf where none
+    log_prob: torch.Tensor  # float32 [m], the kNN-LM's log p(target)
+    knn_log_probs: torch.Tensor | None  # float32 [m, V], with full distributions
+    log_probs: torch.Tensor | None  # float32 [m, V], the kNN-LM's, with full distributions
+    search_seconds: float
+
+    def __len__(self) -> int:
+        return len(self.lm.targets)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    tokens: int
+    base_nll: float  # summed over tokens, nats
+    knn_nll: float
+    lm_seconds: float
+    search_seconds: float
+    queries: int  # positions actually searched (the gate may skip some)
+    zero_prob_tokens: int  # tokens the kNN-LM gave probability 0 (lambda 1, no neighbour)
+
+    @property
+    def base_perplexity(self) -> float:
+        return math.exp(self.base_nll / self.tokens)
+
+    @property
+    def knn_perplexity(self) -> float:
+        return math.exp(self.knn_nll / self.tokens) if math.isfinite(self.knn_nll) else math.inf
+
+    @property
+    def search_ms_per_query(self) -> float:
+        return 1000 * self.search_seconds / self.queries if self.queries else 0.0
+
+    @property
+    def skipped_share(self) -> float:
+        return 1 - self.queries / self.tokens if self.tokens else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tokens": self.tokens,
+            "base_perplexity": self.base_perplexity,
+            "knn_perplexity": self.knn_perplexity,
+            "change_percent": 100 * (self.knn_perplexity / self.base_perplexity - 1),
+            "lm_seconds": self.lm_seconds,
+            "search_seconds": self.search_seconds,
+            "searches": self.queries,
+            "skipped_share": self.skipped_share,
+            "search_ms_per_query": self.search_ms_per_query,
+            "zero_probability_tokens": self.zero_prob_tokens,
+        }
 
 
 class KnnLM:
-    """Retrieval plus interpolation on top of an LM's keys and log-probabilities.
+    """Retrieval plus interpolation on top of an LM. Build it with ``open_session``.
 
     Args:
+        lm: the language model whose keys the store holds.
         store: the datastore to search.
         k: neighbours per query.
         temperature: softmax temperature T over -d^2.
-        lambda_policy: maps neighbour distances to lambda per query.
-        exact: full-scan search instead of HNSW.
-        hnsw_ef: HNSW beam width (raised to at least k).
+        policy: lambda per position from what retrieval found.
+        gate: skips the search where the LM alone will do; None searches everywhere.
+        search: HNSW/exact, ef, rescoring.
+        domains: restrict retrieval to these domain tags (empty: all).
+        window, stride: sliding windows over long texts (``knn_store.windows``).
+        batch_size: windows per LM forward.
         search_batch: queries per search request.
-        domains: restrict retrieval to these domain tags (None: all).
     """
 
     def __init__(
         self,
+        lm: LanguageModel,
         store: KnnStore,
         *,
         k: int,
         temperature: float,
-        lambda_policy: LambdaPolicy,
-        exact: bool = False,
-        hnsw_ef: int | None = None,
+        policy: LambdaPolicy,
+        gate: RetrievalGate | None = None,
+        search: SearchOptions | None = None,
+        domains: Sequence[str] = (),
+        window: int,
+        stride: int,
+        batch_size: int = 1,
         search_batch: int = 256,
-        domains: list[str] | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"`k` must be positive, got {k}")
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be positive, got {temperature}")
-        if search_batch < 1:
-            raise ValueError(f"`search_batch` must be positive, got {search_batch}")
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"`temperature` must be finite and positive, got {temperature}")
+        if search_batch < 1 or batch_size < 1:
+            raise ValueError("`batch_size` and `search_batch` must be positive")
+        self.lm = lm
         self.store = store
         self.k = k
         self.temperature = temperature
-        self.lambda_policy = lambda_policy
-        self.exact = exact
-        self.hnsw_ef = hnsw_ef if hnsw_ef is not None else 2 * k
+        self.policy = policy
+        self.gate = gate
+        self.search = search or SearchOptions()
+        self.filter = PointFilter(domains=tuple(domains))
+        self.window = window
+        self.stride = stride
+        self.batch_size = batch_size
         self.search_batch = search_batch
-        self.domains = domains
-        self.search_seconds = 0.0  # cumulative, for reporting
-        self.queries = 0
 
-    def neighbours(self, keys: torch.Tensor, *, with_cosine: bool | None = None) -> Neighbours:
-        """Top-k neighbours of float [n, dim] keys, searched in batches.
+    def with_options(self, **changes: Any) -> KnnLM:
+        """A copy with some arguments replaced (per-request lambda, T or k in the service)."""
+        args = {
+            "k": self.k,
+            "temperature": self.temperature,
+            "policy": self.policy,
+            "gate": self.gate,
+            "search": self.search,
+            "domains": self.filter.domains,
+            "window": self.window,
+            "stride": self.stride,
+            "batch_size": self.batch_size,
+            "search_batch": self.search_batch,
+        }
+        unknown = set(changes) - set(args)
+        if unknown:
+            raise TypeError(f"unknown KnnLM arguments: {sorted(unknown)}")
+        return KnnLM(self.lm, self.store, **{**args, **changes})
+
+    # --- the steps -------------------------------------------------------------------------
+
+    def search_mask(self, lm_entropy: torch.Tensor, lm_max_log_prob: torch.Tensor) -> torch.Tensor:
+        """bool [n]: the positions to search (all, without a gate)."""
+        if self.gate is None:
+            return torch.ones(len(lm_entropy), dtype=torch.bool, device=lm_entropy.device)
+        return self.gate(lm_entropy, lm_max_log_prob)
+
+    def neighbours(
+        self,
+        keys: torch.Tensor,
+        *,
+        searched: torch.Tensor | None = None,
+        with_cosine: bool | None = None,
+    ) -> Neighbours:
+        """Top-k neighbours of float [n, dim] keys, in batches; rows where ``searched``
+        (bool [n]) is False are left empty.
 
         ``with_cosine`` (default: when the policy needs it) also reads each query's nearest
         key back from the store and fills ``Neighbours.cosine``.
         """
         if with_cosine is None:
-            with_cosine = self.lambda_policy.needs_cosine
+            with_cosine = self.policy.needs_cosine
         queries = keys.detach().float().cpu().numpy()  # [n, dim]
+        rows = np.arange(len(queries)) if searched is None else searched.cpu().numpy().nonzero()[0]
         parts: list[Neighbours] = []
-        started = time.perf_counter()
-        for lo in range(0, len(queries), self.search_batch):
-            part = self.store.search(
-                queries[lo : lo + self.search_batch],
-                k=self.k,
-                exact=self.exact,
-                hnsw_ef=self.hnsw_ef,
-                domains=self.domains,
-            )
+        for lo in range(0, len(rows), self.search_batch):
+            chunk = queries[rows[lo : lo + self.search_batch]]  # [b, dim]
+            part = self.store.search(chunk, k=self.k, options=self.search, filter=self.filter)
             if with_cosine:
-                part = replace(
-                    part, cosine=self._nearest_cosine(queries[lo : lo + len(part)], part)
-                )
+                part = replace(part, cosine=self._nearest_cosine(chunk, part))
             parts.append(part)
-        self.search_seconds += time.perf_counter() - started
-        self.queries += len(queries)
-        return Neighbours.concat(parts, k=self.k)
+        found = Neighbours.concat(parts, k=self.k)
+        if len(rows) == len(queries):
+            return found
+        return found.scatter(rows, len(queries))
 
     def _nearest_cosine(self, queries: np.ndarray, neighbours: Neighbours) -> np.ndarray:
         """float32 [b]: cosine of each query and its nearest stored key (0 without one)."""
@@ -96,7 +221,7 @@ class KnnLM:
             [i for i in nearest if i is not None], with_keys=True, with_payload=False
         )
         keys = np.zeros_like(queries)  # [b, dim]; a zero key gives cosine 0
-        for row, pid in enumerate(nearest):
+        for row, pid in enumerate(nearest):  # one lookup per query, not per neighbour
             if pid is not None and str(pid) in found:
                 keys[row] = found[str(pid)].key
         dot = (queries * keys).sum(-1)
@@ -104,11 +229,7 @@ class KnnLM:
         return (dot / np.maximum(norms, 1e-12)).astype(np.float32)
 
     def features(
-        self,
-        neighbours: Neighbours,
-        *,
-        lm_entropy: torch.Tensor,
-        lm_max_log_prob: torch.Tensor,
+        self, neighbours: Neighbours, *, lm_entropy: torch.Tensor, lm_max_log_prob: torch.Tensor
     ) -> QueryFeatures:
         """What the lambda policy sees, from neighbours and two summaries of p_LM (float [n])."""
         device = lm_entropy.device
@@ -121,38 +242,176 @@ class KnnLM:
             cosine=None if cosine is None else cosine.to(device),
         )
 
-    def target_log_probs(
-        self,
-        lm_target_log_probs: torch.Tensor,
-        features: QueryFeatures,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
-        """Interpolated log p(target), float [n], from the LM's log p(target) (float [n])."""
-        knn = knn_target_log_probs(
-            features.sq_distances, features.token_ids, targets, temperature=self.temperature
-        )  # [n]
-        return interpolate(lm_target_log_probs, knn, self.lambda_policy(features))
-
     def next_token_log_probs(
-        self, lm_log_probs: torch.Tensor, neighbours: Neighbours
+        self, lm_log_probs: torch.Tensor, keys: torch.Tensor, *, use_gate: bool = True
     ) -> torch.Tensor:
-        """Interpolated log p over the vocabulary, float [n, V], from the LM's [n, V]."""
-        return self.distributions(lm_log_probs, neighbours)[2]
-
-    def distributions(
-        self, lm_log_probs: torch.Tensor, neighbours: Neighbours
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """log p_kNN [n, V], lambda [n] and the interpolated log p [n, V]."""
+        """The kNN-LM's log p over the vocabulary, float [b, V], from the LM's log p [b, V]
+        and the keys [b, dim] of the same positions (generation's step). A position the gate
+        skips keeps the LM's distribution exactly."""
         entropy, max_log_prob = lm_summary(lm_log_probs)
+        searched = self.search_mask(entropy, max_log_prob) if use_gate else None
+        if searched is not None and not searched.any():
+            return lm_log_probs
+        neighbours = self.neighbours(keys, searched=searched)
         features = self.features(neighbours, lm_entropy=entropy, lm_max_log_prob=max_log_prob)
         knn = knn_log_probs(
             features.sq_distances,
             features.token_ids,
             vocab_size=lm_log_probs.shape[-1],
             temperature=self.temperature,
+        )  # [b, V]
+        mixed = interpolate(lm_log_probs, knn, self.policy(features))
+        if searched is None:
+            return mixed
+        return torch.where(searched[:, None], mixed, lm_log_probs)
+
+    # --- the pipeline ----------------------------------------------------------------------
+
+    def lm_view(self, group: list[tuple[int, np.ndarray, Window]], *, full: bool = False) -> LMView:
+        """One LM forward over a batch of windows (sequence index, tokens, window), reduced
+        to what scoring needs at each scored position."""
+        started = time.perf_counter()
+        input_ids, mask = pack_windows([(seq, w) for _, seq, w in group], pad_id=self.lm.pad_id)
+        rows, cols, seqs, positions, targets = [], [], [], [], []
+        for row, (index, seq, win) in enumerate(group):
+            p = win.positions  # [m_i]
+            rows.append(np.full(len(p), row))
+            cols.append(p - win.start)
+            seqs.append(np.full(len(p), index))
+            positions.append(p)
+            targets.append(seq[p + 1])
+        out = self.lm.forward(input_ids, attention_mask=mask, with_logits=True)
+        assert out.logits is not None
+        device = out.keys.device
+        r = torch.from_numpy(np.concatenate(rows)).to(device)  # [m]
+        c = torch.from_numpy(np.concatenate(cols)).to(device)  # [m]
+        t = torch.from_numpy(np.concatenate(targets)).to(device)  # [m]
+        log_probs = torch.log_softmax(out.logits[r, c].float(), dim=-1)  # [m, V], scored rows
+        entropy, max_log_prob = lm_summary(log_probs)
+        return LMView(
+            sequence=np.concatenate(seqs),
+            position=np.concatenate(positions),
+            keys=out.keys[r, c],
+            targets=t,
+            lm_target_log_prob=log_probs.gather(1, t[:, None]).squeeze(1),
+            lm_entropy=entropy,
+            lm_max_log_prob=max_log_prob,
+            lm_log_probs=log_probs if full else None,
+            lm_seconds=time.perf_counter() - started,
         )
-        lmbda = self.lambda_policy(features)
-        return knn, lmbda, interpolate(lm_log_probs, knn, lmbda)
+
+    def finish(
+        self,
+        view: LMView,
+        *,
+        full: bool = False,
+        use_gate: bool = True,
+        with_cosine: bool | None = None,
+    ) -> Scored:
+        """Search, weigh and mix for the positions of one ``LMView``."""
+        started = time.perf_counter()
+        searched = (
+            self.search_mask(view.lm_entropy, view.lm_max_log_prob)
+            if use_gate
+            else torch.ones(len(view.targets), dtype=torch.bool, device=view.keys.device)
+        )
+        neighbours = self.neighbours(view.keys, searched=searched, with_cosine=with_cosine)
+        search_seconds = time.perf_counter() - started
+        features = self.features(
+            neighbours, lm_entropy=view.lm_entropy, lm_max_log_prob=view.lm_max_log_prob
+        )
+        lmbda = self.policy(features)  # [m]; 0 where nothing was found or searched
+        knn_lp = knn_target_log_probs(
+            features.sq_distances, features.token_ids, view.targets, temperature=self.temperature
+        )
+        knn_full = mixed_full = None
+        if full:
+            assert view.lm_log_probs is not None
+            knn_full = knn_log_probs(
+                features.sq_distances,
+                features.token_ids,
+                vocab_size=view.lm_log_probs.shape[-1],
+                temperature=self.temperature,
+            )
+            mixed_full = interpolate(view.lm_log_probs, knn_full, lmbda)
+        return Scored(
+            lm=view,
+            neighbours=neighbours,
+            features=features,
+            searched=searched,
+            lmbda=lmbda,
+            knn_log_prob=knn_lp,
+            log_prob=interpolate(view.lm_target_log_prob, knn_lp, lmbda),
+            knn_log_probs=knn_full,
+            log_probs=mixed_full,
+            search_seconds=search_seconds,
+        )
+
+    def score(
+        self,
+        sequences: Sequence[np.ndarray],
+        *,
+        full: bool = False,
+        use_gate: bool = True,
+        with_cosine: bool | None = None,
+        progress: bool = False,
+        desc: str = "score",
+    ) -> Iterator[Scored]:
+        """Every position of token ``sequences`` (int64 [n_i], BOS first: ``lm.encode``),
+        scored batch by batch, in order. The search of a batch overlaps the LM's next one.
+
+        Args:
+            full: also keep the full distributions ([m, V] each; ``explain``).
+            use_gate: let the gate skip searches (tuning searches everywhere).
+            with_cosine: compute the cosine feature (default: when the policy needs it).
+            progress: a progress bar on stderr, counting tokens.
+        """
+        jobs = [
+            (i, seq, w)
+            for i, seq in enumerate(sequences)
+            for w in sliding_windows(len(seq), window=self.window, stride=self.stride)
+        ]
+        total = sum(len(w.positions) for _, _, w in jobs)
+        groups = [jobs[lo : lo + self.batch_size] for lo in range(0, len(jobs), self.batch_size)]
+        options = {"full": full, "use_gate": use_gate, "with_cosine": with_cosine}
+        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress)
+        with bar, ThreadPoolExecutor(1, thread_name_prefix="knnlm-search") as pool:
+            pending: Future[Scored] | None = None
+            for group in groups:
+                view = self.lm_view(group, full=full)  # meanwhile, the last batch searches
+                if pending is not None:
+                    done = pending.result()
+                    bar.update(len(done))
+                    yield done
+                pending = pool.submit(self.finish, view, **options)
+            if pending is not None:
+                done = pending.result()
+                bar.update(len(done))
+                yield done
+
+    def evaluate(self, sequences: Sequence[np.ndarray], *, progress: bool = False) -> EvalResult:
+        """Perplexity of the LM alone and of the kNN-LM over token ``sequences``."""
+        base_nll = knn_nll = lm_seconds = search_seconds = 0.0
+        tokens = searches = zero = 0
+        for scored in self.score(sequences, progress=progress, desc="eval"):
+            base_nll -= scored.lm.lm_target_log_prob.double().sum().item()
+            knn_nll -= scored.log_prob.double().sum().item()
+            zero += int(torch.isneginf(scored.log_prob).sum())
+            tokens += len(scored)
+            searches += int(scored.searched.sum())
+            lm_seconds += scored.lm.lm_seconds
+            search_seconds += scored.search_seconds
+        if tokens == 0:
+            raise CorpusError("nothing to evaluate: every text is shorter than 2 tokens")
+        return EvalResult(
+            tokens=tokens,
+            base_nll=base_nll,
+            knn_nll=knn_nll,
+            lm_seconds=lm_seconds,
+            search_seconds=search_seconds,
+            queries=searches,
+            zero_prob_tokens=zero,
+        )
 
 
 def lm_summary(lm_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

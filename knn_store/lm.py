@@ -11,17 +11,25 @@ Keys are captured with forward hooks found without a per-model table:
 
 When logits are not needed (ingest), the hook stops the forward right after the key is
 captured, which skips the LM head (and, for ``ffn_input``, the last MLP).
+
+``LanguageModel`` registers its one hook when it is built, and the hook writes only into the
+capture opened by the calling thread (a context variable), so concurrent forwards on one
+model never see each other's keys.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import hashlib
 import importlib.util
 import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +37,7 @@ import numpy as np
 
 from knn_store.errors import ConfigError
 from knn_store.store.base import CollectionMeta
+from knn_store.store.config import StorageConfig
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +63,32 @@ class ForwardOutput:
 
     keys: torch.Tensor
     logits: torch.Tensor | None
+
+
+@dataclass
+class KeyCapture:
+    """Keys captured by one thread's forwards while the capture is open.
+
+    keys: one float32 tensor per forward: [b, t, dim], or [b, dim] with ``last_only``.
+    """
+
+    owner: LanguageModel
+    last_only: bool = False
+    stop: bool = False  # end the forward once the key is captured
+    keys: list[torch.Tensor] = field(default_factory=list)
+
+    def pop(self) -> torch.Tensor:
+        """The newest forward's keys, removing everything captured so far."""
+        if not self.keys:
+            raise RuntimeError("no key captured: the model did not run inside this capture")
+        newest = self.keys[-1]
+        self.keys.clear()
+        return newest
+
+
+_CAPTURE: contextvars.ContextVar[KeyCapture | None] = contextvars.ContextVar(
+    "knnlm_key_capture", default=None
+)
 
 
 class LanguageModel:
@@ -82,6 +117,8 @@ class LanguageModel:
         self.key_type = key_type
         self.device = next(model.parameters()).device
         self.key_module = _find_key_module(model, key_type)
+        # The one hook of this model: it feeds whichever capture the calling thread opened.
+        self.key_module.register_forward_pre_hook(self._capture_hook, with_kwargs=True)
         head = model.get_output_embeddings()
         if head is None:
             raise ConfigError(f"model {name!r} has no output embeddings (LM head)")
@@ -97,6 +134,15 @@ class LanguageModel:
         )
         self.max_positions = _max_positions(model)
 
+    @functools.cached_property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Tokens that end a generated text (the tokenizer's and the model's end-of-text)."""
+        ids = {self.tokenizer.eos_token_id}
+        config = getattr(self.model, "generation_config", None)
+        eos = getattr(config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return tuple(sorted(int(i) for i in ids if i is not None))
+
     @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -111,6 +157,30 @@ class LanguageModel:
     def default_window(self) -> int:
         return min(1024, self.max_positions)
 
+    @contextmanager
+    def capture_keys(self, *, last_only: bool = False, stop: bool = False) -> Iterator[KeyCapture]:
+        """Collect the keys of this thread's forwards (also inside ``model.generate``).
+
+        Args:
+            last_only: keep only the newest position of each forward ([b, dim]).
+            stop: end each forward once its key is captured (no logits).
+        """
+        capture = KeyCapture(owner=self, last_only=last_only, stop=stop)
+        token = _CAPTURE.set(capture)
+        try:
+            yield capture
+        finally:
+            _CAPTURE.reset(token)
+
+    def _capture_hook(self, _module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        capture = _CAPTURE.get()
+        if capture is None or capture.owner is not self:
+            return  # a forward outside any capture: nothing to keep
+        hidden = args[0] if args else next(iter(kwargs.values()))  # [b, t, dim]
+        capture.keys.append((hidden[:, -1] if capture.last_only else hidden).detach().float())
+        if capture.stop:
+            raise _StopForward
+
     def forward(
         self,
         input_ids: np.ndarray,
@@ -121,40 +191,36 @@ class LanguageModel:
         """One forward pass over int64 [b, t] ids; right padding is masked by ``attention_mask``."""
         import torch
 
-        captured: list[torch.Tensor] = []
-
-        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else next(iter(kwargs.values()))
-            captured.append(hidden.detach())
-            if not with_logits:
-                raise _StopForward
-
-        handle = self.key_module.register_forward_pre_hook(hook, with_kwargs=True)
         ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
         mask = (
             None if attention_mask is None else torch.as_tensor(attention_mask, device=self.device)
         )
         logits = None
-        try:
-            with torch.inference_mode():
-                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        if not captured:
+        with self.capture_keys(stop=not with_logits) as capture:
+            try:
+                with torch.inference_mode():
+                    logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            except _StopForward:
+                pass
+        if not capture.keys:
             raise ConfigError(f"the key hook of model {self.name!r} never ran")
-        keys = captured[-1].float()  # [b, t, dim]
-        return ForwardOutput(keys=keys, logits=logits)
+        return ForwardOutput(keys=capture.keys[-1], logits=logits)
 
-    def collection_meta(self) -> CollectionMeta:
+    @functools.cached_property
+    def _fingerprints(self) -> tuple[str, str]:
+        return _model_fingerprint(self.model), _tokenizer_fingerprint(self.tokenizer)
+
+    def collection_meta(self, storage: StorageConfig | None = None) -> CollectionMeta:
+        """What a collection of this model's keys records (with ``storage``, if given)."""
+        model, tokenizer = self._fingerprints
         return CollectionMeta(
             model=self.name,
-            model_fingerprint=_model_fingerprint(self.model),
+            model_fingerprint=model,
             key_type=self.key_type,
             dim=self.dim,
             vocab_size=self.vocab_size,
-            tokenizer=_tokenizer_fingerprint(self.tokenizer),
+            tokenizer=tokenizer,
+            storage=storage or StorageConfig(),
         )
 
 

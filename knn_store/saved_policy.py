@@ -2,7 +2,8 @@
 
 ``knnlm tune`` saves a ``SavedPolicy`` with the collection. ``resolve_policy`` then decides,
 in this order: an explicit ``--lambda`` (a fixed lambda) and ``--temperature`` win; otherwise
-the saved policy and its T; otherwise the paper's defaults (lambda 0.25, T 1).
+the saved policy and its T; otherwise the paper's defaults (lambda 0.25, T 1). The saved
+retrieval gate applies with the saved policy, unless ``--no-gate``.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any
 
-from knn_store.errors import StoreError
+from knn_store.errors import StoreDamaged
+from knn_store.gate import RetrievalGate
 from knn_store.lambdas import FixedLambda, LambdaPolicy, policy_from_dict
 from knn_store.store.base import CollectionMeta
 
@@ -21,13 +23,16 @@ DEFAULT_TEMPERATURE = 1.0
 
 @dataclass(frozen=True)
 class SavedPolicy:
-    """A lambda policy with the temperature and k it was tuned for, and what it was tuned on."""
+    """A lambda policy with the temperature and k it was tuned for, what it was tuned on,
+    and the retrieval gate fitted with it."""
 
     policy: LambdaPolicy
     temperature: float
     k: int
     model_fingerprint: str
     key_type: str
+    gate: RetrievalGate | None = None
+    domains: tuple[str, ...] = ()  # the domains retrieval was restricted to; () = all
     report: dict[str, Any] = field(default_factory=dict)  # tuning numbers, for `knnlm info`
 
     def to_dict(self) -> dict[str, Any]:
@@ -37,32 +42,46 @@ class SavedPolicy:
             "k": self.k,
             "model_fingerprint": self.model_fingerprint,
             "key_type": self.key_type,
+            "gate": None if self.gate is None else self.gate.to_dict(),
+            "domains": list(self.domains),
             "report": self.report,
             "saved": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, collection: str) -> SavedPolicy:
+    def from_dict(cls, data: Any, *, collection: str) -> SavedPolicy:
         try:
-            return cls(
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
+            gate = data.get("gate")
+            saved = cls(
                 policy=policy_from_dict(data["policy"]),
                 temperature=float(data["temperature"]),
                 k=int(data["k"]),
                 model_fingerprint=str(data["model_fingerprint"]),
                 key_type=str(data["key_type"]),
+                gate=None if gate is None else RetrievalGate.from_dict(gate),
+                domains=tuple(str(d) for d in data.get("domains", ())),
                 report=dict(data.get("report", {})),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise StoreError(
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise StoreDamaged(
                 f"the tuned policy of collection {collection!r} is unreadable ({exc}); "
                 "run `knnlm tune` again"
             ) from exc
+        if not (saved.temperature > 0 and saved.temperature < float("inf")) or saved.k < 1:
+            raise StoreDamaged(
+                f"the tuned policy of collection {collection!r} has T={saved.temperature} "
+                f"and k={saved.k}; run `knnlm tune` again"
+            )
+        return saved
 
 
 @dataclass(frozen=True)
 class Resolved:
     policy: LambdaPolicy
     temperature: float
+    gate: RetrievalGate | None
     source: str  # "tuned", "flags" or "defaults", for reports
 
 
@@ -72,11 +91,13 @@ def resolve_policy(
     *,
     lmbda: float | None,
     temperature: float | None,
+    use_gate: bool = True,
 ) -> Resolved:
-    """The policy and T to use: explicit flags, else the saved policy, else the defaults.
+    """The policy, T and gate to use: explicit flags, else the saved policy, else defaults.
 
     A saved policy tuned for other weights or another key type is ignored (the collection
-    was rebuilt since), and so is one when ``--lambda`` is given.
+    was rebuilt since), and so is one when ``--lambda`` is given. The gate was fitted for
+    the saved policy, so it goes with it.
     """
     usable = (
         saved is not None
@@ -88,9 +109,11 @@ def resolve_policy(
         return Resolved(
             FixedLambda(DEFAULT_LAMBDA if lmbda is None else lmbda),
             DEFAULT_TEMPERATURE if temperature is None else temperature,
+            None,
             source,
         )
     assert saved is not None
+    gate = saved.gate if use_gate else None
     if temperature is not None:
-        return Resolved(saved.policy, temperature, "tuned policy, T from flags")
-    return Resolved(saved.policy, saved.temperature, "tuned")
+        return Resolved(saved.policy, temperature, gate, "tuned policy, T from flags")
+    return Resolved(saved.policy, saved.temperature, gate, "tuned")

@@ -7,18 +7,42 @@ never reads ``os.environ``. Every CLI flag has the same name as a field here, so
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from knn_store.store.config import SearchOptions, StorageConfig
+
 KeyType = Literal["final", "ffn_input"]
-Backend = Literal["edge", "qdrant"]
+Backend = Literal["edge", "qdrant", "local"]
+Datatype = Literal["float32", "float16"]
+Quantization = Literal["none", "int8", "binary", "turbo1", "turbo1.5", "turbo2", "turbo4", "turbo8"]
+MAX_TOP_K = 16_384  # [batch, k] arrays stay in the hundreds of MB
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Settings that shape a collection when it is created (StorageConfig's fields).
+STORAGE_FIELDS = {
+    "vector_datatype": "datatype",
+    "quantization": "quantization",
+    "vectors_on_disk": "vectors_on_disk",
+    "index_on_disk": "index_on_disk",
+    "hnsw_m": "hnsw_m",
+    "hnsw_ef_construct": "hnsw_ef_construct",
+    "indexing_threshold_kb": "indexing_threshold_kb",
+    "shard_number": "shard_number",
+    "replication_factor": "replication_factor",
+}
 
 
 def default_data_dir() -> Path:
     return Path.home() / ".local" / "share" / "knnlm"
+
+
+def _finite(**kwargs: object) -> dict[str, object]:
+    return {"allow_inf_nan": False, **kwargs}
 
 
 class KnnlmSettings(BaseSettings):
@@ -40,7 +64,7 @@ class KnnlmSettings(BaseSettings):
         "'final': the hidden state that feeds the LM head.",
     )
     device: str = Field(default="cpu", description="torch device, e.g. 'cpu' or 'cuda'.")
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads.")
+    threads: int | None = Field(default=None, ge=1, le=1024, description="torch CPU threads.")
     model_cache: Path = Field(
         default_factory=lambda: default_data_dir() / "models",
         description="Where converted .gguf checkpoints are cached.",
@@ -56,66 +80,157 @@ class KnnlmSettings(BaseSettings):
         description="New tokens per window (S); each scored token sees at "
         "least W-S tokens of context. Default: W/2.",
     )
-    batch_size: int = Field(default=1, ge=1, description="Windows per LM forward.")
+    batch_size: int = Field(default=4, ge=1, le=1024, description="Windows per LM forward.")
 
     # --- store ------------------------------------------------------------------------------
     backend: Backend = Field(
-        default="edge", description="'edge': embedded Qdrant Edge; 'qdrant': a Qdrant server."
+        default="edge",
+        description="'edge': embedded Qdrant Edge; 'qdrant': a Qdrant server at --url; "
+        "'local': qdrant-client's local mode (a brute-force scan, for tests).",
     )
-    collection: str = Field(default="knnlm", min_length=1, description="Collection name.")
+    collection: str = Field(
+        default="knnlm", description="Collection name (letters, digits, '.', '_', '-')."
+    )
     data_dir: Path = Field(
-        default_factory=default_data_dir, description="Where embedded collections live."
+        default_factory=default_data_dir,
+        description="Where embedded (and local-mode) collections live.",
     )
     url: str | None = Field(
         default=None,
-        description="Qdrant server URL (http://localhost:6333, a Qdrant Cloud URL), or "
-        "':memory:' / a path for qdrant-client's local mode.",
+        description="Qdrant server URL with its scheme: http://localhost:6333, or a Qdrant "
+        "Cloud https:// URL.",
     )
     api_key: SecretStr | None = Field(default=None, description="Qdrant API key.")
+    allow_insecure_api_key: bool = Field(
+        default=False,
+        description="Send the API key over plain http to a host other than this machine.",
+    )
     prefer_grpc: bool = Field(default=False, description="Talk gRPC (port 6334) to the server.")
-    timeout: int = Field(default=60, ge=1, description="Server request timeout, seconds.")
+    timeout: int = Field(default=60, ge=1, le=86_400, description="Server request timeout, s.")
+    retries: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="Retries, with backoff, of a server call that got no answer.",
+    )
+
+    # --- how a new collection stores its keys (fixed at creation; `knnlm rebuild` changes it)
+    vector_datatype: Datatype = Field(
+        default="float16", description="Datatype of the stored keys: float32 or float16."
+    )
+    quantization: Quantization = Field(
+        default="none",
+        description="Compressed copy of the keys searched first: none, int8 (scalar), "
+        "binary, or TurboQuant turbo1/turbo1.5/turbo2/turbo4/turbo8 (bits per dimension).",
+    )
+    vectors_on_disk: bool = Field(
+        default=False, description="Keep the original keys on disk (memory-mapped)."
+    )
+    index_on_disk: bool = Field(default=False, description="Keep the HNSW graph on disk.")
+    hnsw_m: int = Field(default=16, ge=2, le=256, description="HNSW edges per node (m).")
+    hnsw_ef_construct: int = Field(
+        default=100, ge=4, le=4096, description="HNSW beam width while building (ef_construct)."
+    )
+    indexing_threshold_kb: int | None = Field(
+        default=None,
+        ge=1,
+        description="Build HNSW for segments past this size in KB (Qdrant's default: 10000); "
+        "smaller ones are scanned.",
+    )
+    shard_number: int | None = Field(
+        default=None, ge=1, le=1024, description="Shards of a server collection (cluster)."
+    )
+    replication_factor: int | None = Field(
+        default=None, ge=1, le=64, description="Copies of each shard (server cluster)."
+    )
 
     # --- retrieval and interpolation --------------------------------------------------------
-    top_k: int = Field(default=1024, ge=1, description="Neighbours per query (k).")
+    top_k: int = Field(default=1024, ge=1, le=MAX_TOP_K, description="Neighbours per query (k).")
     # `lambda` is a Python keyword: the field is `lmbda`, the variable KNNLM_LAMBDA.
     lmbda: float | None = Field(
         default=None,
-        ge=0.0,
-        le=1.0,
         validation_alias="knnlm_lambda",
         description="Weight of the kNN distribution (lambda), the same at every position. "
         "Default: the collection's tuned policy (`knnlm tune`), else 0.25.",
+        **_finite(ge=0.0, le=1.0),
     )
     temperature: float | None = Field(
         default=None,
-        gt=0.0,
         description="Softmax temperature T over -d^2. Default: the tuned policy's, else 1.",
+        **_finite(gt=0.0),
     )
     exact: bool = Field(default=False, description="Exact (full-scan) search instead of HNSW.")
     hnsw_ef: int | None = Field(
-        default=None, ge=1, description="HNSW ef at search time. Default: 2 * top_k."
+        default=None, ge=1, le=1_000_000, description="HNSW ef at search time. Default: 2 * k."
     )
-    search_batch: int = Field(default=256, ge=1, description="Queries per search request.")
+    rescore: bool = Field(
+        default=True, description="Rescore quantized candidates with the original keys."
+    )
+    oversampling: float | None = Field(
+        default=None,
+        description="Quantized candidates per neighbour before rescoring (>= 1).",
+        **_finite(ge=1.0, le=100.0),
+    )
+    search_threads: int | None = Field(
+        default=None,
+        ge=1,
+        le=256,
+        description="Search threads: Qdrant Edge's pool, or concurrent requests to a server. "
+        "Default: one per CPU (Edge), 1 (server).",
+    )
+    search_batch: int = Field(default=256, ge=1, le=65_536, description="Queries per search.")
+    gate: bool = Field(
+        default=True,
+        description="Skip retrieval where the tuned gate predicts it will not help "
+        "(`knnlm tune` fits it); --no-gate searches at every position.",
+    )
 
     # --- ingest -----------------------------------------------------------------------------
-    domain: str = Field(default="default", min_length=1, description="Domain tag of new points.")
-    upsert_batch: int = Field(default=512, ge=1, description="Points per upsert request.")
+    domain: str = Field(default="default", description="Domain tag of new points.")
+    upsert_batch: int = Field(default=512, ge=1, le=65_536, description="Points per upsert.")
 
     @field_validator("collection")
     @classmethod
     def _collection_is_a_name(cls, value: str) -> str:
-        if "/" in value or "\\" in value or value.startswith("."):
-            raise ValueError(f"must be a plain name, got {value!r}")
+        if not _NAME.match(value):
+            raise ValueError(
+                f"must be a plain name of letters, digits, '.', '_' or '-' (at most 128, "
+                f"not starting with '.' or '-'), got {value!r}"
+            )
+        return value
+
+    @field_validator("domain")
+    @classmethod
+    def _domain_is_text(cls, value: str) -> str:
+        if not value.strip() or len(value) > 256 or not value.isprintable():
+            raise ValueError(f"must be printable, non-blank text of at most 256, got {value!r}")
         return value
 
     @model_validator(mode="after")
-    def _check_windows(self) -> KnnlmSettings:
+    def _check(self) -> KnnlmSettings:
         if self.window is not None and self.stride is not None and self.stride > self.window:
             raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
         if self.backend == "qdrant" and not self.url:
             raise ValueError("backend 'qdrant' needs a url (KNNLM_URL or --url)")
         return self
 
-    def search_ef(self) -> int:
-        """HNSW ef: ef = k gives modest recall, so default to twice k."""
-        return self.hnsw_ef if self.hnsw_ef is not None else 2 * self.top_k
+    def storage(self) -> StorageConfig:
+        """How a collection created with these settings stores its keys."""
+        return StorageConfig(**{ours: getattr(self, f) for f, ours in STORAGE_FIELDS.items()})
+
+    def storage_overrides(self) -> dict[str, object]:
+        """The storage settings given explicitly (flags or environment), by StorageConfig
+        field: an existing collection must match them."""
+        return {
+            ours: getattr(self, f)
+            for f, ours in STORAGE_FIELDS.items()
+            if f in self.model_fields_set
+        }
+
+    def search_options(self) -> SearchOptions:
+        return SearchOptions(
+            exact=self.exact,
+            hnsw_ef=self.hnsw_ef,
+            rescore=self.rescore,
+            oversampling=self.oversampling,
+        )

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from knn_store.errors import CorpusError
+from knn_store.gate import RetrievalGate
 from knn_store.knn import interpolate
 from knn_store.knn_lm import KnnLM
 from knn_store.lambdas import (
@@ -36,8 +38,6 @@ from knn_store.lambdas import (
     LearnedLambda,
     QueryFeatures,
 )
-from knn_store.lm import LanguageModel
-from knn_store.perplexity import retrieved_batches
 
 LAMBDA_GRID = torch.arange(100, dtype=torch.float32) / 100  # 0.00 .. 0.99
 _ROWS = 8192  # rows per chunk of [n, k] work: bounds memory at ~4 * 8192 * k bytes
@@ -118,37 +118,26 @@ class TuningData:
 
 
 def collect(
-    lm: LanguageModel,
-    knn_lm: KnnLM,
-    sequences: Sequence[np.ndarray],
-    *,
-    window: int,
-    stride: int,
-    batch_size: int = 1,
-    progress: bool = False,
+    knn_lm: KnnLM, sequences: Sequence[np.ndarray], *, progress: bool = False
 ) -> TuningData:
-    """One LM pass and one search per scored position of ``sequences``, kept for sweeping."""
+    """One LM pass and one search per scored position of ``sequences`` (no gate: every
+    position is searched), kept for sweeping."""
     parts: list[tuple[QueryFeatures, torch.Tensor, torch.Tensor]] = []
-    for scored, features, _ in retrieved_batches(
-        lm,
-        knn_lm,
-        sequences,
-        window=window,
-        stride=stride,
-        batch_size=batch_size,
-        progress=progress,
-        desc="retrieve",
-        with_cosine=True,
+    for scored in knn_lm.score(
+        sequences, use_gate=False, with_cosine=True, progress=progress, desc="retrieve"
     ):
+        f = scored.features
         # int32 values halve the cache; a vocabulary has far fewer than 2^31 tokens
         features = QueryFeatures(
-            features.sq_distances.cpu(),
-            features.token_ids.to(torch.int32).cpu(),
-            features.lm_entropy.cpu(),
-            features.lm_max_log_prob.cpu(),
-            None if features.cosine is None else features.cosine.cpu(),
+            f.sq_distances.cpu(),
+            f.token_ids.to(torch.int32).cpu(),
+            f.lm_entropy.cpu(),
+            f.lm_max_log_prob.cpu(),
+            None if f.cosine is None else f.cosine.cpu(),
         )
-        parts.append((features, scored.targets.cpu(), scored.lm_target_log_probs.cpu()))
+        parts.append((features, scored.lm.targets.cpu(), scored.lm.lm_target_log_prob.cpu()))
+    if not parts:
+        raise CorpusError("nothing to tune on: every text is shorter than 2 tokens")
     fs = [p[0] for p in parts]
     return TuningData(
         features=QueryFeatures(
@@ -360,8 +349,11 @@ def tune(
     started = time.perf_counter()
     by_feature = [_Buckets(validation, f, buckets) for f in ("d_min", "cosine")]
 
+    curves: dict[float, list[float]] = {}
+
     def fit_at(t: float) -> dict[str, Tuned]:
         losses = validation.lambda_losses(t)  # [G, n], shared by every policy at this T
+        curves[t] = torch.exp(losses.mean(-1)).tolist()
         fits = [
             fit_fixed(validation, t, losses),
             *(b.fit(validation, t, losses) for b in by_feature),
@@ -371,10 +363,7 @@ def tune(
     fitted = sweep_temperatures(validation, fit_at)
     # One T for the learned policy: the buckets' (an MLP fit per T would cost minutes).
     fitted["learned"] = fit_learned(validation, fitted["buckets"].temperature)
-    curves = {
-        t: torch.exp(validation.lambda_losses(t).double().mean(-1)).tolist()
-        for t in sorted(validation._knn)
-    }
+    curves = dict(sorted(curves.items()))
     sweep_seconds = time.perf_counter() - started
 
     paper = FixedLambda(0.25), 1.0  # Khandelwal et al.'s hand-set values, for reference
@@ -393,3 +382,100 @@ def tune(
         sweep_seconds=sweep_seconds,
         curves=curves,
     )
+
+
+# --- the retrieval gate --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GateFit:
+    """A gate fitted for one policy, with its share of skipped searches and its mean NLL
+    (nats/token) on validation and, if given, test."""
+
+    gate: RetrievalGate | None  # None: no threshold skips anything within the budget
+    validation_skipped: float
+    validation_nll: float
+    test_skipped: float | None = None
+    test_nll: float | None = None
+
+
+def retrieval_gains(data: TuningData, tuned: Tuned) -> torch.Tensor:
+    """float64 [n]: log p_kNN-LM(target) - log p_LM(target) under ``tuned``; what skipping
+    the search at each position would lose (negative: it would gain)."""
+    mixed = interpolate(
+        data.lm_target_log_probs,
+        data.knn_log_probs(tuned.temperature),
+        tuned.policy(data.features),
+    )
+    return (mixed.double() - data.lm_target_log_probs.double()).nan_to_num()
+
+
+def gated_nll(data: TuningData, tuned: Tuned, gate: RetrievalGate | None) -> tuple[float, float]:
+    """Mean NLL of the kNN-LM under ``tuned`` when ``gate`` skips searches, and the share of
+    positions it skips."""
+    gains = retrieval_gains(data, tuned)
+    lm = data.lm_target_log_probs.double()
+    if gate is None:
+        return -(lm + gains).mean().item(), 0.0
+    searched = gate(data.features.lm_entropy, data.features.lm_max_log_prob)  # [n]
+    return -(lm + gains * searched).mean().item(), 1.0 - searched.double().mean().item()
+
+
+def fit_gate(
+    validation: TuningData,
+    tuned: Tuned,
+    *,
+    max_cost: float,
+    test: TuningData | None = None,
+    steps: int = 50,
+) -> GateFit:
+    """A logistic gate on the LM's entropy and top log-probability, fitted to tell where
+    retrieval helps ``tuned``, with the threshold that skips the most searches while the
+    validation perplexity rises by at most ``max_cost`` (0.01 = 1%).
+
+    Each position is weighted by how much skipping it would change its log-likelihood, so
+    the model learns where the gain is, not merely where there is any.
+    """
+    if max_cost < 0:
+        raise ValueError(f"`max_cost` must be >= 0, got {max_cost}")
+    gains = retrieval_gains(validation, tuned)  # [n]
+    f = validation.features
+    x = torch.stack([f.lm_entropy.double(), f.lm_max_log_prob.double()], dim=-1)  # [n, 2]
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / std
+    y = (gains > 0).double()
+    weight = gains.abs() / gains.abs().mean().clamp(min=1e-12)
+    w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    optim = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optim.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y, weight=weight)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optim.step(closure)
+    gate = RetrievalGate(
+        mean.tolist(), std.tolist(), w.detach().tolist(), float(b.detach()), threshold=0.0
+    )
+    # Skip positions in order of score: the cheapest searches to give up come first. A
+    # threshold fits after position j of that order where the next score is higher.
+    scores = gate.scores(f.lm_entropy, f.lm_max_log_prob).double()  # [n]
+    order = scores.argsort()
+    ranked = scores[order]  # [n], ascending
+    lost = gains[order].cumsum(0)  # [n], NLL * n added by skipping order[: j + 1]
+    fits = lost <= len(gains) * math.log1p(max_cost)  # [n]
+    fits[:-1] &= ranked[1:] > ranked[:-1]
+    if not fits.any():
+        return GateFit(None, 0.0, gated_nll(validation, tuned, None)[0])
+    j = int(fits.nonzero().max())
+    upper = ranked[j + 1].item() if j + 1 < len(ranked) else 1.0
+    gate = gate.with_threshold((ranked[j].item() + upper) / 2)
+    val_nll, val_skipped = gated_nll(validation, tuned, gate)
+    fit = GateFit(gate, val_skipped, val_nll)
+    if test is not None:
+        test_nll, test_skipped = gated_nll(test, tuned, gate)
+        fit = GateFit(gate, val_skipped, val_nll, test_skipped, test_nll)
+    return fit

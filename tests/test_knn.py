@@ -134,6 +134,7 @@ def test_full_vocabulary_path_agrees_with_target_path(tmp_path, policy: LambdaPo
     """What generation uses ([n, V]) gives eval's numbers at the target tokens, per policy."""
     from knn_store import CollectionMeta, PointBatch
     from knn_store.knn_lm import KnnLM, lm_summary
+    from knn_store.store.config import SearchOptions
     from knn_store.store.edge import EdgeStore
     from knn_store.store.point_ids import document_hash, make_point_ids
 
@@ -148,16 +149,26 @@ def test_full_vocabulary_path_agrees_with_target_path(tmp_path, policy: LambdaPo
     )
     ids = make_point_ids(document_hash("d", "t"), np.arange(200), tokens)
     store.upsert(PointBatch(ids=ids, keys=keys, payloads=[{} for _ in ids]))
-    knn_lm = KnnLM(store, k=16, temperature=2.0, lambda_policy=policy, exact=True)
+    knn_lm = KnnLM(
+        None,  # type: ignore[arg-type]  # this test feeds keys and LM scores itself
+        store,
+        k=16,
+        temperature=2.0,
+        policy=policy,
+        search=SearchOptions(exact=True),
+        window=8,
+        stride=4,
+    )
     queries = torch.from_numpy(keys[:10] + 0.1)
     neighbours = knn_lm.neighbours(queries)
     assert (neighbours.cosine is not None) == policy.needs_cosine
     lm = torch.log_softmax(torch.randn(10, V), -1)
     targets = torch.from_numpy(tokens[:10])
-    full = knn_lm.next_token_log_probs(lm, neighbours)  # [10, V]
+    full = knn_lm.next_token_log_probs(lm, queries)  # [10, V]
     torch.testing.assert_close(full.exp().sum(-1), torch.ones(10))
     entropy, max_log_prob = lm_summary(lm)
     features = knn_lm.features(neighbours, lm_entropy=entropy, lm_max_log_prob=max_log_prob)
-    via_target = knn_lm.target_log_probs(lm.gather(1, targets[:, None])[:, 0], features, targets)
+    knn = knn_target_log_probs(features.sq_distances, features.token_ids, targets, temperature=2.0)
+    via_target = interpolate(lm.gather(1, targets[:, None])[:, 0], knn, policy(features))
     torch.testing.assert_close(full.gather(1, targets[:, None])[:, 0], via_target)
     store.close()

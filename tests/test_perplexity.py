@@ -16,8 +16,9 @@ import torch
 
 from ingest.corpus import read_corpus
 from ingest.worker import IngestWorker
-from knn_store import KnnLM, evaluate, load_language_model, open_store
+from knn_store import KnnLM, load_language_model, open_store
 from knn_store.lambdas import BucketLambda, FixedLambda
+from knn_store.store.config import SearchOptions
 from tests.reference import brute_force_knn, interpolated_log_prob, knn_probs, log_softmax
 from tests.test_lm import _post_attention_norm
 
@@ -58,7 +59,10 @@ def _reference_perplexities(lm, train_docs, held_out_ids, *, k, lmbda, temperatu
     return base, knn
 
 
-@pytest.mark.parametrize("backend", ["edge", "qdrant"])
+EXACT = SearchOptions(exact=True)
+
+
+@pytest.mark.parametrize("backend", ["edge", "local"])
 @pytest.mark.parametrize("key_type", ["final", "ffn_input"])
 def test_eval_matches_brute_force_reference(
     tiny_model: Path,
@@ -68,7 +72,6 @@ def test_eval_matches_brute_force_reference(
     backend: str,
     key_type: str,
 ) -> None:
-    extra = {"url": str(tmp_path / "local")} if backend == "qdrant" else {}
     settings = settings_factory(
         tiny_model,
         key_type=key_type,
@@ -79,16 +82,24 @@ def test_eval_matches_brute_force_reference(
         temperature=3.0,
         lmbda=0.4,
         exact=True,
-        **extra,
     )
     lm = load_language_model(settings)
     docs = list(read_corpus([corpus_dir], glob="**/*.txt"))
     store = open_store(settings, create=True)
     IngestWorker(lm, store, domain="code", window=128, stride=64, progress=False).run(docs)
 
-    knn_lm = KnnLM(store, k=12, temperature=3.0, lambda_policy=FixedLambda(0.4), exact=True)
+    knn_lm = KnnLM(
+        lm,
+        store,
+        k=12,
+        temperature=3.0,
+        policy=FixedLambda(0.4),
+        search=EXACT,
+        window=128,
+        stride=64,
+    )
     held_out = lm.encode(HELD_OUT)
-    result = evaluate(lm, knn_lm, [held_out], window=128, stride=64)
+    result = knn_lm.evaluate([held_out])
     store.close()
 
     unique = {d.text: lm.encode(d.text) for d in docs}  # identical texts are stored once
@@ -113,7 +124,16 @@ def test_eval_with_bucketed_lambda_matches_reference(
     store = open_store(settings, create=True)
     IngestWorker(lm, store, domain="code", window=128, stride=64, progress=False).run(docs)
     held_out = lm.encode(HELD_OUT)
-    probe = KnnLM(store, k=12, temperature=2.0, lambda_policy=FixedLambda(0.5), exact=True)
+    probe = KnnLM(
+        lm,
+        store,
+        k=12,
+        temperature=2.0,
+        policy=FixedLambda(0.5),
+        search=EXACT,
+        window=128,
+        stride=64,
+    )
     keys = lm.forward(held_out[None], with_logits=False).keys[0, :-1]
     d_min = probe.neighbours(keys).sq_distances[:, 0]
     # four populated buckets, with edges midway between distances so that float32 (store)
@@ -122,8 +142,8 @@ def test_eval_with_bucketed_lambda_matches_reference(
     edges = [float(distinct[i - 1] + distinct[i]) / 2 for i in np.arange(1, 4) * len(distinct) // 4]
     lambdas = [0.9, 0.6, 0.3, 0.05]
     policy = BucketLambda("d_min", edges, lambdas)
-    knn_lm = KnnLM(store, k=12, temperature=2.0, lambda_policy=policy, exact=True)
-    result = evaluate(lm, knn_lm, [held_out], window=128, stride=64)
+    knn_lm = probe.with_options(policy=policy)
+    result = knn_lm.evaluate([held_out])
     store.close()
 
     def reference_lambda(nearest: np.ndarray) -> np.ndarray:
@@ -146,8 +166,18 @@ def test_sliding_windows_score_every_token_once(tiny_models, corpus_dir, setting
         list(read_corpus([corpus_dir]))
     )
     seqs = [lm.encode(HELD_OUT), lm.encode("x = 1")]
-    knn_lm = KnnLM(store, k=4, temperature=1.0, lambda_policy=FixedLambda(0.0), exact=True)
-    result = evaluate(lm, knn_lm, seqs, window=8, stride=3, batch_size=2)
+    knn_lm = KnnLM(
+        lm,
+        store,
+        k=4,
+        temperature=1.0,
+        policy=FixedLambda(0.0),
+        search=EXACT,
+        window=8,
+        stride=3,
+        batch_size=2,
+    )
+    result = knn_lm.evaluate(seqs)
     store.close()
     assert result.tokens == sum(len(s) - 1 for s in seqs)
     assert result.queries == result.tokens

@@ -21,8 +21,9 @@ from knn_store import (
     StoreError,
     StoreUnavailable,
 )
-from knn_store.store.base import KnnStore
-from knn_store.store.client import QdrantServerStore
+from knn_store.store.base import KnnStore, PointFilter
+from knn_store.store.client import QdrantClientStore
+from knn_store.store.config import SearchOptions
 from knn_store.store.edge import EdgeStore
 from knn_store.store.point_ids import document_hash, document_key, make_point_ids, tokens_from_ids
 from tests.reference import brute_force_knn
@@ -44,8 +45,8 @@ def _open(kind: str, tmp_path: Path, name: str = "c", create: bool = True) -> Kn
     if kind == "edge":
         return EdgeStore(tmp_path / name, create=create)
     if kind == "local":
-        return QdrantServerStore(str(tmp_path / "local"), collection=name, create=create)
-    return QdrantServerStore(
+        return QdrantClientStore.local(tmp_path / "local", collection=name, create=create)
+    return QdrantClientStore.server(
         os.environ["QDRANT_URL"],
         # unique per test (tmp_path is), the same when a test reopens it
         collection=f"knnlm-test-{abs(hash(str(tmp_path))):x}-{name}",
@@ -87,7 +88,7 @@ def test_search_matches_brute_force(filled, exact: bool) -> None:
     store, keys, tokens = filled
     rng = np.random.default_rng(5)
     queries = keys[:20] + 0.05 * rng.standard_normal((20, DIM)).astype(np.float32)
-    got = store.search(queries, k=10, exact=exact, hnsw_ef=64)
+    got = store.search(queries, k=10, options=SearchOptions(exact=exact, hnsw_ef=64))
     idx, d2 = brute_force_knn(keys, queries, 10)
     np.testing.assert_allclose(got.sq_distances, d2, rtol=1e-4, atol=1e-4)  # squared, not plain L2
     np.testing.assert_array_equal(got.token_ids, tokens[idx])
@@ -95,7 +96,7 @@ def test_search_matches_brute_force(filled, exact: bool) -> None:
 
 def test_fewer_points_than_k_are_padded(filled) -> None:
     store, keys, _ = filled
-    got = store.search(keys[:2], k=N + 10, exact=True, hnsw_ef=10)
+    got = store.search(keys[:2], k=N + 10, options=SearchOptions(exact=True, hnsw_ef=10))
     assert got.token_ids.shape == (2, N + 10)
     assert (got.token_ids[:, N:] == -1).all() and np.isinf(got.sq_distances[:, N:]).all()
     assert (got.token_ids[:, :N] >= 0).all()
@@ -105,7 +106,12 @@ def test_domain_filter_and_counts(filled) -> None:
     store, keys, tokens = filled
     assert store.count() == N
     assert store.domains() == {"a": N // 2, "b": N // 2}
-    got = store.search(keys[:5], k=5, exact=True, hnsw_ef=10, domains=["b"])
+    got = store.search(
+        keys[:5],
+        k=5,
+        options=SearchOptions(exact=True, hnsw_ef=10),
+        filter=PointFilter(domains=("b",)),
+    )
     idx, _ = brute_force_knn(keys[N // 2 :], keys[:5], 5)
     np.testing.assert_array_equal(got.token_ids, tokens[N // 2 :][idx])
 
@@ -115,8 +121,8 @@ def test_upserting_the_same_points_again_adds_nothing(filled) -> None:
     _, _, batch = _data()
     store.upsert(batch)
     assert store.count() == N
-    assert store.count(doc=document_key(document_hash("dom", "text"))) == N
-    assert store.count(doc="0000000000000000") == 0
+    assert store.count(PointFilter(docs=(document_key(document_hash("dom", "text")),))) == N
+    assert store.count(PointFilter(docs=("0000000000000000",))) == 0
 
 
 def test_meta_mismatch_names_both_sides(filled) -> None:
@@ -158,7 +164,9 @@ def test_backends_agree(tmp_path: Path) -> None:
         store.ensure_collection(META)
         store.upsert(batch)
         store.finalize()
-        results.append(store.search(keys[:30] + 0.01, k=25, exact=True, hnsw_ef=50))
+        results.append(
+            store.search(keys[:30] + 0.01, k=25, options=SearchOptions(exact=True, hnsw_ef=50))
+        )
         store.close()
     np.testing.assert_array_equal(results[0].token_ids, results[1].token_ids)
     np.testing.assert_allclose(results[0].sq_distances, results[1].sq_distances, rtol=1e-4)
@@ -205,12 +213,14 @@ def test_edge_engine_failures_become_store_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="failed to write points"):
         store.upsert(bad)
     with pytest.raises(StoreError, match="failed to search"):
-        store.search(np.zeros((1, DIM + 1), np.float32), k=3, exact=True, hnsw_ef=3)
+        store.search(
+            np.zeros((1, DIM + 1), np.float32), k=3, options=SearchOptions(exact=True, hnsw_ef=3)
+        )
     store.close()
 
 
 def test_server_errors_are_told_apart_from_an_unreachable_server(tmp_path: Path) -> None:
-    store = QdrantServerStore(":memory:", collection="c")
+    store = QdrantClientStore.local(None, collection="c")
     store.ensure_collection(META)
     bad = PointBatch(
         ids=[str(uuid.UUID(int=1))], keys=np.zeros((1, DIM + 1), np.float32), payloads=[{}]
@@ -219,7 +229,7 @@ def test_server_errors_are_told_apart_from_an_unreachable_server(tmp_path: Path)
         store.upsert(bad)
     assert not isinstance(info.value, StoreUnavailable)  # it answered: the request was wrong
     with pytest.raises(StoreUnavailable, match="cannot reach Qdrant"):
-        QdrantServerStore("http://127.0.0.1:9", collection="c", timeout=2)
+        QdrantClientStore.server("http://127.0.0.1:9", collection="c", timeout=2, retries=0)
 
 
 def test_collection_from_a_newer_knnlm_is_refused(tmp_path: Path) -> None:
@@ -245,7 +255,7 @@ def test_point_batches_slice_and_concat() -> None:
 
 def test_points_read_back_by_id_with_keys_and_payloads(filled) -> None:
     store, keys, _ = filled
-    got = store.search(keys[:3], k=4, exact=True, hnsw_ef=10)
+    got = store.search(keys[:3], k=4, options=SearchOptions(exact=True, hnsw_ef=10))
     assert got.point_ids is not None and got.point_ids.shape == (3, 4)
     nearest = list(got.point_ids[:, 0])
     points = store.retrieve(nearest, with_keys=True, with_payload=True)

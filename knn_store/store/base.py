@@ -1,18 +1,24 @@
-"""What every datastore backend offers, and the plain types that cross its boundary.
+"""What every datastore backend offers, the code they share, and the plain types that cross
+their boundary.
 
-Qdrant types never leave a backend module: callers see ``Neighbours``, ``PointBatch`` and
-``CollectionMeta`` only.
+Qdrant types never leave a backend module: callers see ``Neighbours``, ``PointBatch``,
+``StoredPoint``, ``PointFilter`` and ``CollectionMeta`` only. ``KnnStore`` holds everything
+the two engines do alike (meta checks, the ef rule, record mapping, counting by facet); a
+backend implements the few ``_``-prefixed primitives below.
 """
 
 from __future__ import annotations
 
+import abc
 import json
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
-from knn_store.errors import DimensionMismatch, StoreError
+from knn_store.errors import DimensionMismatch, StoreDamaged, StoreError
+from knn_store.store.config import SearchOptions, StorageConfig
 from knn_store.store.point_ids import tokens_from_ids
 
 # Payload fields. "domain" and "doc" carry keyword indexes: domain for filtering a search to
@@ -22,6 +28,8 @@ DOC_FIELD = "doc"
 SOURCE_FIELD = "source"
 OFFSET_FIELD = "offset"  # token position in the document (BOS = 0)
 CONTEXT_FIELD = "context"  # the text just before the stored next token, for `explain`
+INDEXED_FIELDS = (DOMAIN_FIELD, DOC_FIELD)
+FACET_LIMIT = 100_000_000  # "every value": facets list all documents of a collection
 
 
 @dataclass(frozen=True)
@@ -31,9 +39,9 @@ class Neighbours:
     token_ids: int64 [b, k], each neighbour's value (the next token); -1 where fewer than k.
     sq_distances: float32 [b, k], squared L2, ascending per row; +inf where fewer than k.
     point_ids: object [b, k], the point ids (None where fewer than k), for looking up a
-        neighbour's key or provenance; None when not kept.
+        neighbour's key or provenance.
     cosine: float32 [b], cosine similarity of each query and its nearest key (0 where there
-        is none); None unless asked for (``KnnLM.neighbours``).
+        is none); None unless asked for.
     """
 
     token_ids: np.ndarray
@@ -45,10 +53,19 @@ class Neighbours:
         return len(self.token_ids)
 
     @classmethod
+    def empty(cls, b: int, k: int) -> Neighbours:
+        """b rows without any neighbour (for queries that were not searched)."""
+        return cls(
+            token_ids=np.full((b, k), -1, dtype=np.int64),
+            sq_distances=np.full((b, k), np.inf, dtype=np.float32),
+            point_ids=np.full((b, k), None, dtype=object),
+            cosine=np.zeros(b, dtype=np.float32),
+        )
+
+    @classmethod
     def concat(cls, parts: list[Neighbours], *, k: int) -> Neighbours:
         if not parts:
-            empty = np.zeros((0, k))
-            return cls(empty.astype(np.int64), empty.astype(np.float32), empty.astype(object))
+            return cls.empty(0, k)
 
         def join(arrays: list[np.ndarray | None]) -> np.ndarray | None:
             return None if any(a is None for a in arrays) else np.concatenate(arrays)
@@ -60,6 +77,21 @@ class Neighbours:
             cosine=join([p.cosine for p in parts]),
         )
 
+    def scatter(self, rows: np.ndarray, n: int) -> Neighbours:
+        """These neighbours placed at ``rows`` (int [b]) of n rows; the other rows empty."""
+        k = self.token_ids.shape[1]
+        out = Neighbours.empty(n, k)
+        out.token_ids[rows] = self.token_ids
+        out.sq_distances[rows] = self.sq_distances
+        if self.point_ids is not None:
+            assert out.point_ids is not None
+            out.point_ids[rows] = self.point_ids
+        if self.cosine is None:
+            return Neighbours(out.token_ids, out.sq_distances, out.point_ids, None)
+        assert out.cosine is not None
+        out.cosine[rows] = self.cosine
+        return out
+
 
 @dataclass(frozen=True)
 class StoredPoint:
@@ -68,15 +100,6 @@ class StoredPoint:
     id: str
     key: np.ndarray | None  # float32 [dim]
     payload: dict[str, Any] | None
-
-    @classmethod
-    def from_record(cls, record: Any, *, with_keys: bool, with_payload: bool) -> StoredPoint:
-        """From a Qdrant record (qdrant-client's and Edge's have the same fields)."""
-        return cls(
-            id=str(record.id),
-            key=np.asarray(record.vector, dtype=np.float32) if with_keys else None,
-            payload=dict(record.payload or {}) if with_payload else None,
-        )
 
 
 @dataclass(frozen=True)
@@ -109,7 +132,25 @@ class PointBatch:
         )
 
 
-FORMAT_VERSION = 1  # bump when the stored layout (ids, payloads, meta) changes
+@dataclass(frozen=True)
+class PointFilter:
+    """Which points an operation covers: those of any of ``domains`` and any of ``docs``
+    (an empty tuple does not restrict)."""
+
+    domains: tuple[str, ...] = ()
+    docs: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.domains or self.docs)
+
+    def conditions(self) -> list[tuple[str, list[str]]]:
+        """(payload field, accepted values) pairs, all of which must hold."""
+        return [
+            (f, list(v)) for f, v in ((DOMAIN_FIELD, self.domains), (DOC_FIELD, self.docs)) if v
+        ]
+
+
+FORMAT_VERSION = 1  # bump when the stored layout (ids, payloads, meta) changes incompatibly
 
 
 @dataclass(frozen=True)
@@ -123,20 +164,29 @@ class CollectionMeta:
     vocab_size: int
     tokenizer: str  # tokenizer class and a hash of its vocabulary
     format_version: int = FORMAT_VERSION
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "storage": self.storage.to_dict()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CollectionMeta:
+        if not isinstance(data, dict):
+            raise StoreDamaged(f"collection record is not a JSON object: {str(data)[:80]}")
         version = data.get("format_version", FORMAT_VERSION)
-        if version > FORMAT_VERSION:
+        if not isinstance(version, int) or version > FORMAT_VERSION:
             raise StoreError(
                 f"this collection has format {version}, newer than this knnlm reads "
                 f"({FORMAT_VERSION}); upgrade knnlm"
             )
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "storage"}
+        try:
+            meta = cls(**known, storage=StorageConfig.from_dict(data.get("storage")))
+        except (TypeError, ValueError, StoreError, KeyError) as exc:
+            raise StoreDamaged(f"collection record is incomplete or invalid: {exc}") from exc
+        if not isinstance(meta.dim, int) or meta.dim < 1:
+            raise StoreDamaged(f"collection record has an invalid dimension {meta.dim!r}")
+        return meta
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -162,11 +212,28 @@ class CollectionMeta:
                 f"{other.dim}-d keys; use another --collection"
             )
 
+    def check_storage(self, requested: dict[str, Any], *, collection: str) -> None:
+        """Raise ``DimensionMismatch`` if storage settings given explicitly (``StorageConfig``
+        field -> value) differ from the collection's: they are fixed at creation."""
+        for name, value in requested.items():
+            have = getattr(self.storage, name)
+            if have != value:
+                flag = "--" + ("vector-datatype" if name == "datatype" else name.replace("_", "-"))
+                raise DimensionMismatch(
+                    f"collection {collection!r} was created with {flag} {have}, not {value}; "
+                    f"copy it into a new collection with `knnlm rebuild --to-collection NEW "
+                    f"{flag} {value}`, or drop the flag"
+                )
+
 
 def neighbours_from_hits(
-    ids: list[list[object]], scores: list[list[float]], *, k: int
+    ids: Sequence[Sequence[object]], scores: Sequence[Sequence[float]], *, k: int
 ) -> Neighbours:
-    """Pad per-query hit lists to [b, k] arrays; Qdrant's Euclid score is plain L2, so square it."""
+    """Pad per-query hit lists to [b, k] arrays; Qdrant's Euclid score is plain L2, so square it.
+
+    A non-finite or negative score (a damaged vector) becomes a missing neighbour, so the
+    kNN distribution never sees NaN.
+    """
     b = len(ids)
     token_ids = np.full((b, k), -1, dtype=np.int64)
     sq_distances = np.full((b, k), np.inf, dtype=np.float32)
@@ -179,63 +246,230 @@ def neighbours_from_hits(
         point_ids[mask] = flat_ids
         dist = np.fromiter((s for row in scores for s in row), dtype=np.float64)
         sq_distances[mask] = (dist * dist).astype(np.float32)
+        bad = ~np.isfinite(sq_distances) & mask  # [b, k]
+        if bad.any():
+            token_ids[bad], sq_distances[bad], point_ids[bad] = -1, np.inf, None
+            order = np.argsort(sq_distances, axis=1, kind="stable")  # keep rows ascending
+            token_ids = np.take_along_axis(token_ids, order, 1)
+            sq_distances = np.take_along_axis(sq_distances, order, 1)
+            point_ids = np.take_along_axis(point_ids, order, 1)
     return Neighbours(token_ids=token_ids, sq_distances=sq_distances, point_ids=point_ids)
 
 
-class KnnStore(Protocol):
-    """A (key -> next token) datastore with batched Euclidean top-k search."""
+class KnnStore(abc.ABC):
+    """A (key -> next token) collection with batched Euclidean top-k search.
 
-    name: str  # collection name
+    Subclasses implement the primitives (``_create``, ``_search``, ``_retrieve``,
+    ``_scroll``, ``_count``, ``_facet``, ``_delete``) and the lifecycle methods; what the
+    two engines do alike lives here.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._meta: CollectionMeta | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
 
     @property
     def meta(self) -> CollectionMeta | None:
         """What built the collection, or None while it is still empty and new."""
-        ...
+        return self._meta
+
+    @property
+    def location(self) -> str:
+        """Where the collection lives, for messages (never holds a secret)."""
+        return self.name
 
     def ensure_collection(self, meta: CollectionMeta) -> None:
         """Create the collection for ``meta``, or check that the existing one matches it."""
-        ...
+        if self._meta is not None:
+            self._meta.check_compatible(meta, collection=self.name)
+            return
+        self._create(meta)
+        self._meta = meta
 
+    @abc.abstractmethod
+    def _create(self, meta: CollectionMeta) -> None:
+        """Make the collection with ``meta.storage`` and the payload indexes."""
+
+    @abc.abstractmethod
     def upsert(self, batch: PointBatch) -> None:
         """Write points; existing ids are overwritten, so repeating a batch is harmless."""
-        ...
+
+    @abc.abstractmethod
+    def finalize(self) -> None:
+        """Make every written point durable and searchable at full speed (build indexes)."""
+
+    def flush(self) -> None:  # noqa: B027 (optional: most servers persist every write)
+        """Make every written point durable (a no-op where every write already is)."""
+
+    @abc.abstractmethod
+    def drop(self) -> None:
+        """Delete the whole collection, points, record and policy."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> KnnStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- policy ----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def load_policy(self) -> dict[str, Any] | None:
+        """The lambda policy saved by ``knnlm tune``, or None."""
+
+    @abc.abstractmethod
+    def save_policy(self, policy: dict[str, Any]) -> None:
+        """Keep ``policy`` with the collection, replacing any earlier one."""
+
+    # --- reads -----------------------------------------------------------------------------
 
     def search(
         self,
         queries: np.ndarray,
         *,
         k: int,
-        exact: bool,
-        hnsw_ef: int,
-        domains: list[str] | None = None,
+        options: SearchOptions | None = None,
+        filter: PointFilter | None = None,
     ) -> Neighbours:
         """Top-k neighbours of each row of ``queries`` (float32 [b, dim])."""
-        ...
+        if k < 1:
+            raise ValueError(f"`k` must be positive, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(queries) == 0 or self._meta is None:
+            return Neighbours.empty(len(queries), k)
+        ids, scores = self._search(
+            queries, k=k, options=options or SearchOptions(), filter=filter or PointFilter()
+        )
+        return neighbours_from_hits(ids, scores, k=k)
+
+    @abc.abstractmethod
+    def _search(
+        self, queries: np.ndarray, *, k: int, options: SearchOptions, filter: PointFilter
+    ) -> tuple[list[list[Any]], list[list[float]]]:
+        """Per query, the ids and plain L2 scores of its hits, nearest first."""
 
     def retrieve(
-        self, ids: list[Any], *, with_keys: bool, with_payload: bool
+        self, ids: Sequence[Any], *, with_keys: bool, with_payload: bool
     ) -> dict[str, StoredPoint]:
         """Points by id (as ``Neighbours.point_ids`` holds them), keyed by their id string."""
-        ...
+        if not ids or self._meta is None:
+            return {}
+        return {
+            str(r.id): StoredPoint(
+                id=str(r.id),
+                key=np.asarray(r.vector, dtype=np.float32) if with_keys else None,
+                payload=dict(r.payload or {}) if with_payload else None,
+            )
+            for r in self._retrieve(list(ids), with_keys=with_keys, with_payload=with_payload)
+        }
 
-    def count(self, *, doc: str | None = None) -> int:
-        """Number of points, optionally of one document."""
-        ...
+    @abc.abstractmethod
+    def _retrieve(self, ids: list[Any], *, with_keys: bool, with_payload: bool) -> list[Any]:
+        """Engine records (``.id``, ``.vector``, ``.payload``) of the points that exist."""
 
-    def load_policy(self) -> dict[str, Any] | None:
-        """The lambda policy saved by ``knnlm tune``, or None."""
-        ...
+    def scroll(
+        self,
+        *,
+        filter: PointFilter | None = None,
+        batch: int = 1024,
+        offset: str | None = None,
+    ) -> Iterator[tuple[PointBatch, str | None]]:
+        """Every point (key and payload) in id order, ``batch`` at a time, with the offset
+        at which to resume after each batch (None after the last)."""
+        if self._meta is None:
+            return
+        while True:
+            records, next_offset = self._scroll(
+                filter=filter or PointFilter(), limit=batch, offset=offset
+            )
+            if records:
+                keys = np.asarray([r.vector for r in records], dtype=np.float32)
+                if keys.ndim != 2 or keys.shape[1] != self._meta.dim:
+                    raise StoreDamaged(
+                        f"collection {self.name!r} returned keys of shape {keys.shape}, "
+                        f"expected [n, {self._meta.dim}]"
+                    )
+                points = PointBatch(
+                    ids=[str(r.id) for r in records],
+                    keys=keys,
+                    payloads=[dict(r.payload or {}) for r in records],
+                )
+                offset = None if next_offset is None else str(next_offset)
+                yield points, offset
+            if next_offset is None or not records:
+                return
 
-    def save_policy(self, policy: dict[str, Any]) -> None:
-        """Keep ``policy`` with the collection, replacing any earlier one."""
-        ...
+    @abc.abstractmethod
+    def _scroll(
+        self, *, filter: PointFilter, limit: int, offset: str | None
+    ) -> tuple[list[Any], Any]:
+        """One page of records with vectors and payloads, and the next offset (or None)."""
+
+    def count(self, filter: PointFilter | None = None) -> int:
+        """Number of points, optionally of some domains or documents."""
+        if self._meta is None:
+            return 0
+        return self._count(filter or PointFilter())
+
+    @abc.abstractmethod
+    def _count(self, filter: PointFilter) -> int: ...
 
     def domains(self) -> dict[str, int]:
         """Points per domain tag."""
-        ...
+        return self._facet(DOMAIN_FIELD) if self._meta is not None else {}
 
-    def finalize(self) -> None:
-        """Make every written point durable and searchable at full speed (build indexes)."""
-        ...
+    def doc_counts(self) -> dict[str, int]:
+        """Points per document key, for resuming an ingest with one request."""
+        return self._facet(DOC_FIELD) if self._meta is not None else {}
 
-    def close(self) -> None: ...
+    @abc.abstractmethod
+    def _facet(self, field: str) -> dict[str, int]:
+        """Exact point count per value of a keyword-indexed payload field."""
+
+    def delete(self, filter: PointFilter) -> int:
+        """Remove the points ``filter`` selects (it must select something); their number."""
+        if not filter:
+            raise ValueError("refusing to delete with an empty filter; use drop()")
+        if self._meta is None:
+            return 0
+        n = self._count(filter)
+        if n:
+            self._delete(filter)
+        return n
+
+    @abc.abstractmethod
+    def _delete(self, filter: PointFilter) -> None: ...
+
+    # --- health ----------------------------------------------------------------------------
+
+    def probe(self) -> None:
+        """Read every stored key once (an exact search for one neighbour), so that nothing
+        is written into a store whose keys cannot be read back: ``StoreDamaged`` if not."""
+        if self._meta is None:
+            return
+        query = np.zeros((1, self._meta.dim), dtype=np.float32)
+        try:
+            self._search(query, k=1, options=SearchOptions(exact=True), filter=PointFilter())
+        except StoreDamaged:
+            raise
+        except StoreError as exc:
+            raise StoreDamaged(
+                f"collection {self.name!r} cannot be read back ({exc}); run `knnlm check`"
+            ) from exc
+
+    @abc.abstractmethod
+    def indexed_fields(self) -> set[str]:
+        """Payload fields that carry an index (``check`` wants domain and doc)."""
+
+    def load_state(self) -> dict[str, Any] | None:
+        """What the last completed write recorded (the point count), where kept."""
+        return None
+
+    def engine_points(self) -> int:
+        """The engine's own point total, as its info reports (``check`` compares it)."""
+        return self.count()

@@ -1,47 +1,109 @@
-"""The server backend: a Qdrant server (docker compose, Qdrant Cloud) through qdrant-client.
+"""Collections reached through qdrant-client: a Qdrant server (docker compose, Qdrant Cloud),
+or qdrant-client's local mode (a numpy scan meant for tests, which warns past 20,000 points).
 
-``url=":memory:"`` or a filesystem path selects qdrant-client's local mode, a numpy scan
-meant for tests: it warns past 20,000 points. What built the collection is kept in Qdrant's
-collection metadata, so every client of the server sees it.
+What built a collection, and its tuned policy, live in Qdrant's collection metadata, so every
+client of the server sees them. Every call is idempotent (upserts carry deterministic ids), so
+a call that got no answer is retried with bounded backoff before giving up.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
-from knn_store.errors import CollectionMissing, StoreError, StoreUnavailable
-from knn_store.store.base import (
-    DOC_FIELD,
-    DOMAIN_FIELD,
-    CollectionMeta,
-    Neighbours,
-    PointBatch,
-    StoredPoint,
-    neighbours_from_hits,
+from knn_store.errors import (
+    CollectionMissing,
+    ConfigError,
+    StoreDamaged,
+    StoreError,
+    StoreUnavailable,
 )
+from knn_store.store.base import (
+    DOMAIN_FIELD,
+    FACET_LIMIT,
+    INDEXED_FIELDS,
+    CollectionMeta,
+    KnnStore,
+    PointBatch,
+    PointFilter,
+)
+from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
 
 _META_KEY = "knnlm"
 _POLICY_KEY = "knnlm_policy"
+_LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
+_TRANSIENT_STATUS = (429, 502, 503, 504)
 
 
-class QdrantServerStore:
-    """A collection on a Qdrant server, or in qdrant-client's local mode.
+def check_server_url(url: str, *, api_key: bool, allow_insecure_api_key: bool) -> None:
+    """Refuse a URL without scheme, and an API key sent in clear text to another host."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"--url {url!r} is not a server URL: give its scheme and host, e.g. "
+            "http://localhost:6333 (for qdrant-client's local mode use --backend local)"
+        )
+    if (
+        api_key
+        and parts.scheme == "http"
+        and parts.hostname not in _LOCAL_HOSTS
+        and not allow_insecure_api_key
+    ):
+        raise ConfigError(
+            f"refusing to send the API key unencrypted to {parts.hostname} over http; use "
+            "https, or pass --allow-insecure-api-key if the network is trusted"
+        )
+
+
+class QdrantClientStore(KnnStore):
+    """A collection through qdrant-client. Build it with ``server(...)`` or ``local(...)``.
 
     Args:
-        url: ``http(s)://host:port``, ``":memory:"``, or a folder for local mode.
+        client: a ``QdrantClient``.
         collection: collection name.
-        api_key: the server's API key (never logged).
-        prefer_grpc: use gRPC (port 6334); REST bodies are capped at 32 MB, gRPC's are not.
-        timeout: request timeout in seconds.
+        location: where it lives, for messages (never holds the API key).
+        local: True for qdrant-client's local mode (no HNSW, no payload indexes).
         create: if False, a missing collection raises ``CollectionMissing``.
+        retries: attempts after the first for a call that got no answer.
+        search_threads: concurrent search requests per batch (server only).
     """
 
     def __init__(
         self,
+        client: Any,
+        *,
+        collection: str,
+        location: str,
+        local: bool,
+        create: bool = True,
+        retries: int = 5,
+        search_threads: int | None = None,
+    ) -> None:
+        super().__init__(collection)
+        self._client = client
+        self._location = location
+        self.local = local
+        self.retries = retries
+        self.search_threads = search_threads
+        self._policy: dict[str, Any] | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        if self._call("read the collection list", client.collection_exists, collection):
+            self._read_collection()
+        elif not create:
+            raise CollectionMissing(
+                f"no collection {collection!r} at {location}; run `knnlm ingest` first"
+            )
+
+    @classmethod
+    def server(
+        cls,
         url: str,
         *,
         collection: str,
@@ -49,79 +111,144 @@ class QdrantServerStore:
         prefer_grpc: bool = False,
         timeout: int = 60,
         create: bool = True,
-    ) -> None:
+        retries: int = 5,
+        search_threads: int | None = None,
+        allow_insecure_api_key: bool = False,
+    ) -> QdrantClientStore:
+        """A collection on the Qdrant server at ``url`` (``http(s)://host:port``)."""
         from qdrant_client import QdrantClient
 
-        self.name = collection
-        self.url = url
-        self._local = url == ":memory:" or "://" not in url
-        try:
-            if url == ":memory:":
-                self._client = QdrantClient(location=":memory:")
-            elif self._local:
-                Path(url).mkdir(parents=True, exist_ok=True)
-                self._client = QdrantClient(path=url)
-            else:
-                # No version probe at connect: its failure would only add a warning, and the
-                # first real call below reports an unreachable server properly.
-                self._client = QdrantClient(
-                    url=url,
-                    api_key=api_key,
-                    prefer_grpc=prefer_grpc,
-                    timeout=timeout,
-                    check_compatibility=False,
-                )
-            exists = self._client.collection_exists(collection)
-        except Exception as exc:
-            raise StoreUnavailable(
-                f"cannot reach Qdrant at {url}: {_first_line(exc)}; is the server running "
-                "(`docker compose up -d`), and are the URL and API key right?"
-            ) from exc
-        self._meta: CollectionMeta | None = None
-        self._policy: dict[str, Any] | None = None
-        if exists:
-            info = self._call("read collection info", self._client.get_collection, collection)
-            self._policy = (info.config.metadata or {}).get(_POLICY_KEY)
-            raw = (info.config.metadata or {}).get(_META_KEY)
-            if raw is None:
-                raise StoreError(
-                    f"collection {collection!r} exists but was not made by knnlm; "
-                    "use another --collection"
-                )
-            self._meta = CollectionMeta.from_dict(raw)
-        elif not create:
-            raise CollectionMissing(
-                f"no collection {collection!r} at {url}; run `knnlm ingest` first"
+        check_server_url(
+            url, api_key=api_key is not None, allow_insecure_api_key=allow_insecure_api_key
+        )
+        with warnings.catch_warnings():  # the insecure-key warning: check_server_url decided
+            warnings.simplefilter("ignore")
+            # No version probe at connect: its failure would only add a warning, and the
+            # first real call reports an unreachable server properly.
+            client = QdrantClient(
+                url=url,
+                api_key=api_key,
+                prefer_grpc=prefer_grpc,
+                timeout=timeout,
+                check_compatibility=False,
             )
+        return cls(
+            client,
+            collection=collection,
+            location=url,
+            local=False,
+            create=create,
+            retries=retries,
+            search_threads=search_threads,
+        )
+
+    @classmethod
+    def local(
+        cls, path: str | Path | None, *, collection: str, create: bool = True
+    ) -> QdrantClientStore:
+        """A collection in qdrant-client's local mode: in a folder, or in memory (None)."""
+        from qdrant_client import QdrantClient
+
+        if path is None:
+            client, location = QdrantClient(location=":memory:"), ":memory:"
+        else:
+            folder = Path(path)
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreUnavailable(f"cannot create {folder}: {exc.strerror or exc}") from exc
+            try:
+                client = QdrantClient(path=str(folder))
+            except Exception as exc:  # portalocker's lock, or an unreadable folder
+                raise StoreUnavailable(
+                    f"cannot open qdrant-client local storage {folder}: {_describe(exc)}"
+                ) from exc
+            location = str(folder)
+        return cls(client, collection=collection, location=location, local=True, create=create)
 
     @property
-    def meta(self) -> CollectionMeta | None:
-        return self._meta
+    def location(self) -> str:
+        return self._location
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run a client call; no answer is StoreUnavailable, an error answer StoreError."""
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            error = StoreUnavailable if _is_transport_error(exc) else StoreError
-            raise error(f"Qdrant at {self.url} failed to {what}: {_first_line(exc)}") from exc
+    def _read_collection(self) -> None:
+        info = self._call("read collection info", self._client.get_collection, self.name)
+        metadata = info.config.metadata or {}
+        raw = metadata.get(_META_KEY)
+        if raw is None:
+            raise StoreError(
+                f"collection {self.name!r} exists but was not made by knnlm; "
+                "use another --collection"
+            )
+        self._meta = CollectionMeta.from_dict(raw)
+        self._policy = metadata.get(_POLICY_KEY)
 
-    def ensure_collection(self, meta: CollectionMeta) -> None:
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a client call. No answer (or a busy server) is retried with backoff, then
+        ``StoreUnavailable``; an error answer is ``StoreError`` at once."""
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise StoreError(
+                        f"Qdrant at {self._location} failed to {what}: {_describe(exc)}"
+                    ) from exc
+                if attempt == self.retries:
+                    tries = f" after {attempt + 1} attempts" if attempt else ""
+                    raise StoreUnavailable(
+                        f"cannot reach Qdrant at {self._location} to {what}{tries}: "
+                        f"{_describe(exc)}; is the server running (`docker compose up -d`), "
+                        "and are the URL and API key right?"
+                    ) from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+        raise AssertionError("unreachable")
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _create(self, meta: CollectionMeta) -> None:
         from qdrant_client import models
 
-        if self._meta is not None:
+        s = meta.storage
+        if self.local and (s.shard_number or s.replication_factor):
+            raise StoreError("shard number and replication factor need a Qdrant server")
+        try:
+            self._call(
+                "create the collection",
+                self._client.create_collection,
+                self.name,
+                vectors_config=models.VectorParams(
+                    size=meta.dim,
+                    distance=models.Distance.EUCLID,
+                    datatype=models.Datatype.FLOAT16 if s.datatype == "float16" else None,
+                    on_disk=s.vectors_on_disk,
+                ),
+                # Bulk load first, index afterwards: finalize() sets m.
+                hnsw_config=models.HnswConfigDiff(
+                    m=0, ef_construct=s.hnsw_ef_construct, on_disk=s.index_on_disk
+                ),
+                quantization_config=_quantization_config(s),
+                optimizers_config=models.OptimizersConfigDiff(
+                    indexing_threshold=s.indexing_threshold_kb
+                )
+                if s.indexing_threshold_kb is not None
+                else None,
+                shard_number=s.shard_number,
+                replication_factor=s.replication_factor,
+                metadata={_META_KEY: meta.to_dict()},
+            )
+        except StoreError:
+            # Another worker may have created it first (sharded ingest): use theirs.
+            if not self._call(
+                "read the collection list", self._client.collection_exists, self.name
+            ):
+                raise
+            self._read_collection()
+            assert self._meta is not None
             self._meta.check_compatible(meta, collection=self.name)
             return
-        self._call(
-            "create the collection",
-            self._client.create_collection,
-            self.name,
-            vectors_config=models.VectorParams(size=meta.dim, distance=models.Distance.EUCLID),
-            # Bulk load first, index afterwards: finalize() turns HNSW on.
-            hnsw_config=models.HnswConfigDiff(m=0),
-            metadata={_META_KEY: meta.to_dict()},
-        )
-        for field in (DOMAIN_FIELD, DOC_FIELD):
+        for field in INDEXED_FIELDS:
             schema = models.KeywordIndexParams(
                 type=models.KeywordIndexType.KEYWORD, is_tenant=field == DOMAIN_FIELD
             )
@@ -130,7 +257,6 @@ class QdrantServerStore:
                 self._call(
                     "index payload", self._client.create_payload_index, self.name, field, schema
                 )
-        self._meta = meta
 
     def upsert(self, batch: PointBatch) -> None:
         from qdrant_client import models
@@ -145,59 +271,27 @@ class QdrantServerStore:
             wait=True,
         )
 
-    def search(
-        self,
-        queries: np.ndarray,
-        *,
-        k: int,
-        exact: bool,
-        hnsw_ef: int,
-        domains: list[str] | None = None,
-    ) -> Neighbours:
+    def finalize(self) -> None:
         from qdrant_client import models
 
-        # Local mode always scans exactly and warns about search params it cannot use.
-        params = None if self._local else models.SearchParams(hnsw_ef=max(hnsw_ef, k), exact=exact)
-        flt = None
-        if domains:
-            flt = models.Filter(
-                must=[models.FieldCondition(key=DOMAIN_FIELD, match=models.MatchAny(any=domains))]
-            )
-        requests = [
-            models.QueryRequest(
-                query=row.tolist(),
-                limit=k,
-                params=params,
-                filter=flt,
-                with_payload=False,
-                with_vector=False,
-            )
-            for row in np.asarray(queries, dtype=np.float32)
-        ]
-        results = self._call(
-            "search", self._client.query_batch_points, self.name, requests=requests
-        )
-        return neighbours_from_hits(
-            [[p.id for p in r.points] for r in results],
-            [[p.score for p in r.points] for r in results],
-            k=k,
+        if self._meta is None or self.local:
+            return
+        self._call(
+            "enable HNSW",
+            self._client.update_collection,
+            self.name,
+            hnsw_config=models.HnswConfigDiff(m=self._meta.storage.hnsw_m),
         )
 
-    def retrieve(
-        self, ids: list[Any], *, with_keys: bool, with_payload: bool
-    ) -> dict[str, StoredPoint]:
-        records = self._call(
-            "read points",
-            self._client.retrieve,
-            self.name,
-            ids=[str(i) for i in ids],
-            with_payload=with_payload,
-            with_vectors=with_keys,
-        )
-        return {
-            str(r.id): StoredPoint.from_record(r, with_keys=with_keys, with_payload=with_payload)
-            for r in records
-        }
+    def drop(self) -> None:
+        self._call("delete the collection", self._client.delete_collection, self.name)
+        self._meta, self._policy = None, None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+        self._client.close()
 
     def load_policy(self) -> dict[str, Any] | None:
         return self._policy
@@ -214,58 +308,181 @@ class QdrantServerStore:
         )
         self._policy = policy
 
-    def count(self, *, doc: str | None = None) -> int:
+    # --- primitives ------------------------------------------------------------------------
+
+    def _search(
+        self, queries: np.ndarray, *, k: int, options: SearchOptions, filter: PointFilter
+    ) -> tuple[list[list[Any]], list[list[float]]]:
         from qdrant_client import models
 
-        if self._meta is None:
-            return 0
-        flt = None
-        if doc is not None:
-            flt = models.Filter(
-                must=[models.FieldCondition(key=DOC_FIELD, match=models.MatchValue(value=doc))]
+        assert self._meta is not None
+        params = None  # local mode always scans exactly and warns about params it cannot use
+        if not self.local:
+            quantization = None
+            if self._meta.storage.quantization != "none":
+                quantization = models.QuantizationSearchParams(
+                    rescore=options.rescore, oversampling=options.oversampling
+                )
+            params = models.SearchParams(
+                hnsw_ef=options.ef(k), exact=options.exact, quantization=quantization
             )
+        flt = _filter(filter)
+
+        def run(rows: np.ndarray) -> list[Any]:
+            requests = [
+                models.QueryRequest(
+                    query=row.tolist(),
+                    limit=k,
+                    params=params,
+                    filter=flt,
+                    with_payload=False,
+                    with_vector=False,
+                )
+                for row in rows
+            ]
+            return self._call(
+                "search", self._client.query_batch_points, self.name, requests=requests
+            )
+
+        threads = self.search_threads or 1
+        if threads > 1 and not self.local and len(queries) > 1:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="knnlm-search")
+            chunks = np.array_split(queries, min(threads, len(queries)))
+            results = [r for part in self._pool.map(run, chunks) for r in part]
+        else:
+            results = run(queries)
+        return [[p.id for p in r.points] for r in results], [
+            [p.score for p in r.points] for r in results
+        ]
+
+    def _retrieve(self, ids: list[Any], *, with_keys: bool, with_payload: bool) -> list[Any]:
         return self._call(
-            "count", self._client.count, self.name, count_filter=flt, exact=True
+            "read points",
+            self._client.retrieve,
+            self.name,
+            ids=[str(i) for i in ids],
+            with_payload=with_payload,
+            with_vectors=with_keys,
+        )
+
+    def _scroll(
+        self, *, filter: PointFilter, limit: int, offset: str | None
+    ) -> tuple[list[Any], Any]:
+        return self._call(
+            "read points",
+            self._client.scroll,
+            self.name,
+            scroll_filter=_filter(filter),
+            limit=limit,
+            offset=offset,
+            with_payload=True,
+            with_vectors=True,
+        )
+
+    def _count(self, filter: PointFilter) -> int:
+        return self._call(
+            "count", self._client.count, self.name, count_filter=_filter(filter), exact=True
         ).count
 
-    def domains(self) -> dict[str, int]:
-        if self._meta is None:
-            return {}
+    def _facet(self, field: str) -> dict[str, int]:
         facets = self._call(
-            "facet", self._client.facet, self.name, key=DOMAIN_FIELD, limit=10_000, exact=True
+            f"count points per {field}",
+            self._client.facet,
+            self.name,
+            key=field,
+            limit=FACET_LIMIT,
+            exact=True,
         )
         return {str(hit.value): hit.count for hit in facets.hits}
 
-    def finalize(self) -> None:
+    def _delete(self, filter: PointFilter) -> None:
         from qdrant_client import models
 
-        if self._meta is None or self._local:
-            return
         self._call(
-            "enable HNSW",
-            self._client.update_collection,
+            "delete points",
+            self._client.delete,
             self.name,
-            hnsw_config=models.HnswConfigDiff(m=16),
+            points_selector=models.FilterSelector(filter=_filter(filter)),
+            wait=True,
         )
 
-    def close(self) -> None:
-        self._client.close()
+    def indexed_fields(self) -> set[str]:
+        if self.local:  # local mode scans and keeps no payload index; nothing is missing
+            return set(INDEXED_FIELDS)
+        info = self._call("read collection info", self._client.get_collection, self.name)
+        return set(info.payload_schema or {})
+
+    def engine_points(self) -> int:
+        info = self._call("read collection info", self._client.get_collection, self.name)
+        if info.points_count is None:
+            raise StoreDamaged(f"Qdrant reports no point count for {self.name!r}")
+        return int(info.points_count)
 
 
-def _is_transport_error(exc: BaseException) -> bool:
-    """True when the server never answered (refused, timed out), over REST or gRPC."""
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _quantization_config(s: StorageConfig) -> Any:
+    from qdrant_client import models
+
+    if s.quantization == "none":
+        return None
+    if s.quantization == "int8":
+        return models.ScalarQuantization(
+            scalar=models.ScalarQuantizationConfig(
+                type=models.ScalarType.INT8, quantile=0.99, always_ram=True
+            )
+        )
+    if s.quantization == "binary":
+        return models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True))
+    bits = models.TurboQuantBitSize("bits" + TURBO_BITS[s.quantization].replace(".", "_"))
+    return models.TurboQuantization(
+        turbo=models.TurboQuantQuantizationConfig(bits=bits, always_ram=True)
+    )
+
+
+def _filter(flt: PointFilter) -> Any:
+    from qdrant_client import models
+
+    if not flt:
+        return None
+    return models.Filter(
+        must=[
+            models.FieldCondition(key=key, match=models.MatchAny(any=values))
+            for key, values in flt.conditions()
+        ]
+    )
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """True when the server never answered (refused, timed out) or said it is busy, over
+    REST or gRPC: the same call may succeed later."""
     import grpc
     import httpx
-    from qdrant_client.http.exceptions import ResponseHandlingException
+    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
     if isinstance(exc, (ResponseHandlingException, httpx.TransportError, ConnectionError)):
         return True
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code in _TRANSIENT_STATUS
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if callable(getattr(exc, "code", None)) else None
-        return code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
     return False
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def _describe(exc: BaseException) -> str:
+    """One line about an exception. gRPC errors print over several lines, with the part
+    that matters (code and details) last, so they are read through their accessors."""
+    import grpc
+
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        details = exc.details() if callable(getattr(exc, "details", None)) else ""
+        return f"gRPC {exc.code().name}: {' '.join(str(details or '').split())}".strip()
+    text = " ".join(str(exc).split())
+    return text[:500] if text else type(exc).__name__

@@ -1,8 +1,13 @@
 """The embedded backend: a Qdrant Edge shard on local disk (the default).
 
-Layout of one collection: ``<data_dir>/<collection>/meta.json`` (what built it) and
-``<data_dir>/<collection>/shard/`` (Qdrant's segments and write-ahead log). Every
-acknowledged upsert is in the WAL, so a killed ingest loses nothing it was told was written.
+Layout of one collection, ``<data_dir>/<collection>/``:
+
+- ``meta.json``: what built it (model, key type, storage settings); written last at
+  creation, atomically, so its presence means "a valid collection";
+- ``policy.json``: the tuned lambda policy, if any;
+- ``state.json``: the point count at the last completed write, for ``knnlm check``;
+- ``shard/``: Qdrant's segments and write-ahead log. Every acknowledged upsert is in the
+  WAL, so a killed ingest loses nothing it was told was written.
 """
 
 from __future__ import annotations
@@ -17,136 +22,124 @@ from typing import Any, TypeVar
 import numpy as np
 import qdrant_edge as qe
 
-from knn_store.errors import CollectionMissing, StoreError, StoreUnavailable
-from knn_store.store.base import (
-    DOC_FIELD,
-    DOMAIN_FIELD,
-    CollectionMeta,
-    Neighbours,
-    PointBatch,
-    StoredPoint,
-    neighbours_from_hits,
+from knn_store.errors import (
+    CollectionMissing,
+    StoreDamaged,
+    StoreError,
+    StoreLocked,
+    StoreUnavailable,
 )
+from knn_store.store.base import (
+    DOMAIN_FIELD,
+    FACET_LIMIT,
+    INDEXED_FIELDS,
+    CollectionMeta,
+    KnnStore,
+    PointBatch,
+    PointFilter,
+)
+from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
 
 T = TypeVar("T")
 
 META_FILE = "meta.json"
 POLICY_FILE = "policy.json"
+STATE_FILE = "state.json"
 SHARD_DIR = "shard"
 
 
-class EdgeStore:
+class EdgeStore(KnnStore):
     """A collection in an embedded Qdrant Edge shard at ``path`` (one folder per collection).
 
-    With ``create=False`` a missing collection raises ``CollectionMissing``; otherwise it is
-    made by the first ``ensure_collection``. Only one process may hold a shard at a time.
+    Args:
+        path: the collection's folder.
+        create: if False, a missing collection raises ``CollectionMissing``; otherwise it
+            is made by the first ``ensure_collection``.
+        search_threads: threads of the shard's search pool (None: one per CPU).
+
+    Only one process may hold a shard at a time; a second gets ``StoreLocked``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        create: bool = True,
+        search_threads: int | None = None,
+    ) -> None:
         self.path = Path(path).absolute()
-        self.name = self.path.name
+        super().__init__(self.path.name)
+        self.search_threads = search_threads
         self._shard: qe.EdgeShard | None = None
-        self._meta: CollectionMeta | None = None
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreDamaged(
+                f"{self.path} is a file, not a collection folder; move it away or use "
+                "another --collection"
+            )
         meta_file = self.path / META_FILE
-        if meta_file.exists():
-            try:
-                self._meta = CollectionMeta.from_dict(json.loads(meta_file.read_text()))
-            except (OSError, ValueError, TypeError) as exc:
-                raise StoreError(f"cannot read {meta_file}: {exc}") from exc
-            self._shard = self._open_shard(load=True)
+        if meta_file.is_file():
+            self._meta = _read_meta(meta_file)
+            self._shard = self._open_shard(self._meta)
         elif not create:
             raise CollectionMissing(
                 f"no collection {self.name!r} in {self.path.parent}; run `knnlm ingest` first"
             )
 
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
     # --- lifecycle -------------------------------------------------------------------------
 
-    @property
-    def meta(self) -> CollectionMeta | None:
-        return self._meta
-
-    def ensure_collection(self, meta: CollectionMeta) -> None:
-        if self._meta is not None:
-            self._meta.check_compatible(meta, collection=self.name)
-            return
+    def _create(self, meta: CollectionMeta) -> None:
+        if meta.storage.shard_number or meta.storage.replication_factor:
+            raise StoreError(
+                "shard number and replication factor apply to Qdrant server collections; "
+                "the embedded store is one shard"
+            )
         if (self.path / SHARD_DIR).exists():
             self._discard_unfinished_shard()
-        self.path.mkdir(parents=True, exist_ok=True)
-        self._shard = self._open_shard(load=False, dim=meta.dim)
-        for field in (DOMAIN_FIELD, DOC_FIELD):
-            self._shard.update(
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot create {self.path}: {exc.strerror or exc}") from exc
+        self._shard = self._open_shard(meta, create=True)
+        for field in INDEXED_FIELDS:
+            self._call(
+                "index payload",
+                self._shard.update,
                 qe.UpdateOperation.create_field_index(
                     field, qe.KeywordIndexParams(is_tenant=field == DOMAIN_FIELD)
-                )
+                ),
             )
-        self._shard.flush()
+        self._call("flush", self._shard.flush)
         # meta.json last, written atomically: its presence means "a valid collection".
         _write_atomically(self.path / META_FILE, meta.to_json())
-        self._meta = meta
-
-    def load_policy(self) -> dict[str, Any] | None:
-        path = self.path / POLICY_FILE
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"cannot read {path}: {exc}") from exc
-
-    def save_policy(self, policy: dict[str, Any]) -> None:
-        self._require_shard()
-        _write_atomically(self.path / POLICY_FILE, json.dumps(policy, indent=1))
 
     def _discard_unfinished_shard(self) -> None:
         """A shard without meta.json is a creation cut short; if it holds no points, redo it."""
-        shard = self._open_shard(load=True)
-        points = shard.count(qe.CountRequest(exact=True))
-        shard.close()
+        try:
+            shard = qe.EdgeShard.load(str(self.path / SHARD_DIR))
+            points = shard.count(qe.CountRequest(exact=True))
+            shard.close()
+        except Exception:  # unreadable leftovers of a creation cut short
+            points = 0
         if points:
-            raise StoreError(
+            raise StoreDamaged(
                 f"{self.path / SHARD_DIR} holds {points} points but no {META_FILE}; "
                 "remove the folder or use another --collection"
             )
         shutil.rmtree(self.path / SHARD_DIR)
 
-    def _open_shard(self, *, load: bool, dim: int = 0) -> qe.EdgeShard:
-        shard_path = str(self.path / SHARD_DIR)
+    def _open_shard(self, meta: CollectionMeta, *, create: bool = False) -> qe.EdgeShard:
+        shard_path = self.path / SHARD_DIR
+        config = _edge_config(meta, self.search_threads)
         try:
-            if load:
-                return qe.EdgeShard.load(shard_path)
-            config = qe.EdgeConfig(
-                vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid)
-            )
-            return qe.EdgeShard.create(shard_path, config)
+            if create:
+                return qe.EdgeShard.create(str(shard_path), config)
+            return qe.EdgeShard.load(str(shard_path), config)
         except Exception as exc:  # qdrant_edge raises plain exceptions
-            hint = "is another knnlm process using it?" if load else "is the disk writable?"
-            raise StoreUnavailable(
-                f"cannot open Qdrant Edge store {shard_path}: {exc}; {hint}"
-            ) from exc
-
-    def _call(self, what: str, fn: Callable[..., T], *args: object) -> T:
-        """Run a shard operation; engine failures (disk full, WAL damage) become StoreError."""
-        try:
-            return fn(*args)
-        except Exception as exc:
-            raise StoreError(f"Qdrant Edge store {self.path} failed to {what}: {exc}") from exc
-
-    def _require_shard(self) -> qe.EdgeShard:
-        if self._shard is None:
-            raise CollectionMissing(f"collection {self.name!r} is empty; run `knnlm ingest` first")
-        return self._shard
-
-    def finalize(self) -> None:
-        shard = self._require_shard()
-        self._call("flush", shard.flush)
-        self._call("build its index", shard.optimize)  # HNSW for segments past the threshold
-
-    def close(self) -> None:
-        if self._shard is not None:
-            self._shard.close()
-            self._shard = None
-
-    # --- writes ----------------------------------------------------------------------------
+            raise _open_error(shard_path, exc, create=create) from exc
 
     def upsert(self, batch: PointBatch) -> None:
         shard = self._require_shard()
@@ -156,20 +149,69 @@ class EdgeStore:
         ]
         self._call("write points", shard.update, qe.UpdateOperation.upsert_points(points))
 
-    # --- reads -----------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Persist segments; this also lets the WAL drop what they now hold."""
+        if self._shard is not None:
+            self._call("flush", self._shard.flush)
 
-    def search(
-        self,
-        queries: np.ndarray,
-        *,
-        k: int,
-        exact: bool,
-        hnsw_ef: int,
-        domains: list[str] | None = None,
-    ) -> Neighbours:
+    def finalize(self) -> None:
+        if self._shard is None:
+            return
+        self._call("build the index", self._shard.optimize)
+        self.flush()
+        self.save_state()
+
+    def save_state(self) -> None:
+        """Record the point count, so ``check`` can tell points lost since."""
+        if self._shard is not None:
+            _write_atomically(self.path / STATE_FILE, json.dumps({"points": self.count()}))
+
+    def load_state(self) -> dict[str, Any] | None:
+        return _read_json(self.path / STATE_FILE)
+
+    def drop(self) -> None:
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._meta = None
+
+    def close(self) -> None:
+        if self._shard is not None:
+            try:
+                self._shard.close()
+            finally:
+                self._shard = None
+
+    def load_policy(self) -> dict[str, Any] | None:
+        return _read_json(self.path / POLICY_FILE)
+
+    def save_policy(self, policy: dict[str, Any]) -> None:
+        self._require_shard()
+        _write_atomically(self.path / POLICY_FILE, json.dumps(policy, indent=1))
+
+    def _require_shard(self) -> qe.EdgeShard:
+        if self._shard is None:
+            raise CollectionMissing(f"collection {self.name!r} is empty; run `knnlm ingest` first")
+        return self._shard
+
+    def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run an engine call; its plain exceptions become ``StoreError``."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            raise StoreError(
+                f"Qdrant Edge store {self.path} failed to {what}: {_first_line(exc)}"
+            ) from exc
+
+    # --- primitives ------------------------------------------------------------------------
+
+    def _search(
+        self, queries: np.ndarray, *, k: int, options: SearchOptions, filter: PointFilter
+    ) -> tuple[list[list[Any]], list[list[float]]]:
         shard = self._require_shard()
-        params = qe.SearchParams(hnsw_ef=max(hnsw_ef, k), exact=exact)
-        flt = _domain_filter(domains)
+        params = qe.SearchParams(
+            hnsw_ef=options.ef(k), exact=options.exact, quantization=self._quantization(options)
+        )
+        flt = _filter(filter)
         requests = [
             qe.QueryRequest(
                 limit=k,
@@ -179,50 +221,167 @@ class EdgeStore:
                 params=params,
                 filter=flt,
             )
-            for row in np.ascontiguousarray(queries, dtype=np.float32)
+            for row in queries
         ]
         results = self._call("search", shard.query_batch, qe.QueryBatchRequest(requests))
-        return neighbours_from_hits(
-            [[p.id for p in hits] for hits in results],
-            [[p.score for p in hits] for hits in results],
-            k=k,
+        return [[p.id for p in hits] for hits in results], [
+            [p.score for p in hits] for hits in results
+        ]
+
+    def _quantization(self, options: SearchOptions) -> qe.QuantizationSearchParams | None:
+        assert self._meta is not None
+        if self._meta.storage.quantization == "none":
+            return None
+        return qe.QuantizationSearchParams(
+            rescore=options.rescore, oversampling=options.oversampling
         )
 
-    def retrieve(
-        self, ids: list[Any], *, with_keys: bool, with_payload: bool
-    ) -> dict[str, StoredPoint]:
+    def _retrieve(self, ids: list[Any], *, with_keys: bool, with_payload: bool) -> list[Any]:
         shard = self._require_shard()
-        records = self._call("read points", shard.retrieve, list(ids), with_payload, with_keys)
-        return {
-            str(r.id): StoredPoint.from_record(r, with_keys=with_keys, with_payload=with_payload)
-            for r in records
-        }
+        return self._call("read points", shard.retrieve, ids, with_payload, with_keys)
 
-    def count(self, *, doc: str | None = None) -> int:
-        if self._shard is None:
-            return 0
-        flt = None
-        if doc is not None:
-            flt = qe.Filter(must=[qe.FieldCondition(key=DOC_FIELD, match=qe.MatchValue(doc))])
-        return self._call(
-            "count points", self._shard.count, qe.CountRequest(exact=True, filter=flt)
+    def _scroll(
+        self, *, filter: PointFilter, limit: int, offset: str | None
+    ) -> tuple[list[Any], Any]:
+        request = qe.ScrollRequest(
+            offset=offset, limit=limit, filter=_filter(filter), with_payload=True, with_vector=True
         )
+        return self._call("read points", self._require_shard().scroll, request)
 
-    def domains(self) -> dict[str, int]:
-        if self._shard is None:
-            return {}
-        request = qe.FacetRequest(key=DOMAIN_FIELD, limit=10_000, exact=True)
-        facets = self._call("count domains", self._shard.facet, request)
+    def _count(self, filter: PointFilter) -> int:
+        request = qe.CountRequest(exact=True, filter=_filter(filter))
+        return self._call("count points", self._require_shard().count, request)
+
+    def _facet(self, field: str) -> dict[str, int]:
+        request = qe.FacetRequest(key=field, limit=FACET_LIMIT, exact=True)
+        facets = self._call(f"count points per {field}", self._require_shard().facet, request)
         return {str(hit.value): hit.count for hit in facets.hits}
+
+    def _delete(self, filter: PointFilter) -> None:
+        operation = qe.UpdateOperation.delete_points_by_filter(_filter(filter))
+        self._call("delete points", self._require_shard().update, operation)
+        self.flush()
+        self.save_state()
+
+    def indexed_fields(self) -> set[str]:
+        return set(self._call("read shard info", self._require_shard().info).payload_schema)
+
+    def engine_points(self) -> int:
+        return self._call("read shard info", self._require_shard().info).points_count
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _edge_config(meta: CollectionMeta, search_threads: int | None) -> qe.EdgeConfig:
+    """The shard configuration for a collection's storage settings."""
+    s: StorageConfig = meta.storage
+    # Cached: held in RAM (page cache, loaded eagerly); Cold: memory-mapped, read on demand.
+    vectors_memory = qe.Memory.Cold if s.vectors_on_disk else qe.Memory.Cached
+    return qe.EdgeConfig(
+        vectors=qe.EdgeVectorParams(
+            size=meta.dim,
+            distance=qe.Distance.Euclid,
+            datatype=qe.VectorStorageDatatype.Float16 if s.datatype == "float16" else None,
+            quantization_config=_quantization_config(s.quantization),
+            memory=vectors_memory,
+        ),
+        hnsw_config=qe.HnswIndexConfig(
+            m=s.hnsw_m,
+            ef_construct=s.hnsw_ef_construct,
+            full_scan_threshold=10_000,  # KB, Qdrant's default
+            memory=qe.Memory.Cold if s.index_on_disk else qe.Memory.Cached,
+        ),
+        optimizers=qe.EdgeOptimizersConfig(indexing_threshold=s.indexing_threshold_kb)
+        if s.indexing_threshold_kb is not None
+        else None,
+        max_search_threads=search_threads,
+    )
+
+
+def _quantization_config(kind: str) -> Any:
+    """The quantized copy kept in RAM (Pinned) next to the originals, or None."""
+    if kind == "none":
+        return None
+    if kind == "int8":
+        return qe.ScalarQuantizationConfig(
+            type=qe.ScalarType.Int8, quantile=0.99, memory=qe.Memory.Pinned
+        )
+    if kind == "binary":
+        return qe.BinaryQuantizationConfig(memory=qe.Memory.Pinned)
+    bits = {
+        "1": qe.TurboQuantBitSize.Bits1,
+        "1.5": qe.TurboQuantBitSize.Bits1_5,
+        "2": qe.TurboQuantBitSize.Bits2,
+        "4": qe.TurboQuantBitSize.Bits4,
+        "8": qe.TurboQuantBitSize.Bits8,
+    }[TURBO_BITS[kind]]
+    return qe.TurboQuantQuantizationConfig(bits=bits, memory=qe.Memory.Pinned)
+
+
+def _filter(flt: PointFilter) -> qe.Filter | None:
+    if not flt:
+        return None
+    return qe.Filter(
+        must=[
+            qe.FieldCondition(key=key, match=qe.MatchAny(values))
+            for key, values in flt.conditions()
+        ]
+    )
+
+
+def _open_error(shard_path: Path, exc: Exception, *, create: bool) -> StoreError:
+    """Name the real cause of a failed open: missing files, a corrupt WAL, or a lock."""
+    text = _first_line(exc)
+    if create:
+        return StoreUnavailable(
+            f"cannot create Qdrant Edge store {shard_path}: {text}; is the disk writable?"
+        )
+    if "WouldBlock" in text or "lock" in text.lower():
+        return StoreLocked(
+            f"Qdrant Edge store {shard_path} is in use by another process (another knnlm "
+            "command?); wait for it to finish"
+        )
+    if not shard_path.is_dir():
+        return StoreDamaged(
+            f"the collection's shard folder {shard_path} is missing; the collection is "
+            "damaged: remove its folder and ingest again"
+        )
+    if "WAL" in text:
+        return StoreDamaged(
+            f"the write-ahead log of {shard_path} is unreadable ({text}); the collection is "
+            "damaged: `knnlm check` tells more, or remove it and ingest again"
+        )
+    return StoreDamaged(f"cannot open Qdrant Edge store {shard_path}: {text}")
+
+
+def _read_meta(path: Path) -> CollectionMeta:
+    data = _read_json(path)
+    if data is None:
+        raise CollectionMissing(f"{path} vanished while opening")
+    return CollectionMeta.from_dict(data)
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file's content, None if absent; unreadable or invalid JSON is damage."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise StoreDamaged(f"cannot read {path}: {exc}") from exc
 
 
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
-def _domain_filter(domains: list[str] | None) -> qe.Filter | None:
-    if not domains:
-        return None
-    return qe.Filter(must=[qe.FieldCondition(key=DOMAIN_FIELD, match=qe.MatchAny(domains))])
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,163 @@
+"""A ready kNN-LM from settings: the composition root of the library.
+
+``open_session`` opens the collection, loads the model that built it, checks the two belong
+together, validates the search domains, and applies the collection's tuned policy and gate
+(or the flags that override them). The CLI, the HTTP service and library users all start
+here::
+
+    from knn_store import KnnlmSettings, open_session
+
+    with open_session(KnnlmSettings(collection="kernel-docs")) as session:
+        result = session.evaluate(["Some held-out text."])
+        print(result.base_perplexity, result.knn_perplexity)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from knn_store.errors import ConfigError, UnknownDomain
+from knn_store.saved_policy import Resolved, SavedPolicy, resolve_policy
+from knn_store.settings import KnnlmSettings
+from knn_store.store import KnnStore, open_store
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from knn_store.knn_lm import EvalResult, KnnLM
+    from knn_store.lm import LanguageModel
+
+
+@dataclass
+class Session:
+    """An opened collection with its LM and kNN-LM, ready to query. Close it when done."""
+
+    settings: KnnlmSettings
+    store: KnnStore
+    lm: LanguageModel
+    knn_lm: KnnLM
+    resolved: Resolved
+    saved: SavedPolicy | None
+
+    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Token ids of each text, BOS first, as every scoring path expects them."""
+        return [self.lm.encode(t) for t in texts]
+
+    def evaluate(self, texts: Sequence[str], *, progress: bool = False) -> EvalResult:
+        """Perplexity of the LM alone and of the kNN-LM over ``texts``."""
+        return self.knn_lm.evaluate(self.encode(texts), progress=progress)
+
+    def describe(self) -> str:
+        """One line: which policy, T, gate, and where they came from."""
+        r = self.resolved
+        gate = f", gate {r.gate.threshold:.3g}" if r.gate is not None else ""
+        return f"policy {r.policy!r} T={r.temperature:g}{gate} ({r.source})"
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def open_session(
+    settings: KnnlmSettings,
+    *,
+    search_domains: Sequence[str] = (),
+    lm: LanguageModel | None = None,
+) -> Session:
+    """Open ``settings.collection`` and everything needed to score and generate with it.
+
+    Args:
+        settings: every knob; with no ``key_type`` given, the collection's own is used.
+        search_domains: retrieve from these domains only (each must exist).
+        lm: an already loaded model to reuse (it must be the one that built the store).
+    """
+    from knn_store.knn_lm import KnnLM
+    from knn_store.lm import load_language_model
+
+    store = open_store(settings, create=False)
+    try:
+        meta = store.meta
+        assert meta is not None  # open_store(create=False) refuses a missing collection
+        meta.check_storage(settings.storage_overrides(), collection=store.name)
+        if "key_type" not in settings.model_fields_set:  # the collection's own key type
+            settings = settings.model_copy(update={"key_type": meta.key_type})
+        if lm is None:
+            lm = load_language_model(settings)
+        meta.check_compatible(lm.collection_meta(), collection=store.name)
+        window, stride = windows_for(settings, lm)
+        domains = check_domains(store, search_domains)
+        raw = store.load_policy()
+        saved = None if raw is None else SavedPolicy.from_dict(raw, collection=store.name)
+        resolved = resolve_policy(
+            saved,
+            meta,
+            lmbda=settings.lmbda,
+            temperature=settings.temperature,
+            use_gate=settings.gate,
+        )
+        if resolved.source.startswith("tuned") and saved is not None:
+            if saved.k != settings.top_k:
+                warnings.warn(
+                    f"the tuned policy was fitted with --top-k {saved.k}, not {settings.top_k}",
+                    stacklevel=2,
+                )
+            if set(saved.domains) != set(domains):
+                tuned_on = ", ".join(saved.domains) or "every domain"
+                warnings.warn(
+                    f"the tuned policy was fitted retrieving from {tuned_on}", stacklevel=2
+                )
+        knn_lm = KnnLM(
+            lm,
+            store,
+            k=settings.top_k,
+            temperature=resolved.temperature,
+            policy=resolved.policy,
+            gate=resolved.gate,
+            search=settings.search_options(),
+            domains=domains,
+            window=window,
+            stride=stride,
+            batch_size=settings.batch_size,
+            search_batch=settings.search_batch,
+        )
+    except BaseException:
+        store.close()
+        raise
+    return Session(settings, store, lm, knn_lm, resolved, saved)
+
+
+def windows_for(settings: KnnlmSettings, lm: LanguageModel) -> tuple[int, int]:
+    """Window and stride: the settings', else min(1024, the model's context) and half."""
+    window = settings.window or lm.default_window()
+    if window > lm.max_positions:
+        raise ConfigError(
+            f"--window ({window}) exceeds the model's context ({lm.max_positions} tokens)"
+        )
+    stride = settings.stride or max(1, window // 2)
+    if stride > window:
+        raise ConfigError(f"--stride ({stride}) must not exceed --window ({window})")
+    return window, stride
+
+
+def check_domains(store: KnnStore, domains: Sequence[str]) -> tuple[str, ...]:
+    """``domains`` without repeats, each known to the collection, else ``UnknownDomain``."""
+    wanted = tuple(dict.fromkeys(domains))
+    if not wanted:
+        return ()
+    known = store.domains()
+    unknown = [d for d in wanted if d not in known]
+    if unknown:
+        listing = ", ".join(f"{d} ({n:,} points)" for d, n in sorted(known.items())) or "none"
+        raise UnknownDomain(
+            f"collection {store.name!r} has no domain {', '.join(map(repr, unknown))}; "
+            f"its domains: {listing}"
+        )
+    return wanted

@@ -1,0 +1,145 @@
+"""Verifying a collection: ``knnlm check`` (everything) and ``knnlm info`` (the quick part).
+
+Each finding is a line that says what was checked and what was found; any failed finding
+means the collection is damaged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from knn_store.errors import KnnlmError, StoreError
+from knn_store.store.base import INDEXED_FIELDS, KnnStore
+
+
+@dataclass(frozen=True)
+class Finding:
+    what: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class CheckReport:
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.findings)
+
+    @property
+    def problems(self) -> list[Finding]:
+        return [f for f in self.findings if not f.ok]
+
+    def add(self, what: str, ok: bool, detail: str) -> None:
+        self.findings.append(Finding(what, ok, detail))
+
+
+def check_collection(
+    store: KnnStore,
+    *,
+    full: bool = True,
+    on_points: Callable[[int], None] | None = None,
+) -> CheckReport:
+    """Check ``store``: its record, counts, payload indexes, policy and, with ``full``,
+    every key (read back by an exact scan and by scrolling through every point).
+
+    ``on_points`` is called with the number of points of each scrolled batch (progress).
+    """
+    from knn_store.saved_policy import SavedPolicy
+
+    report = CheckReport()
+    meta = store.meta
+    if meta is None:
+        report.add("record", False, "the collection has no record of what built it")
+        return report
+    report.add(
+        "record",
+        True,
+        f"{meta.model}, key {meta.key_type}, {meta.dim}-d, {meta.vocab_size:,}-token vocabulary",
+    )
+    _guard(report, "payload indexes", lambda: _indexes(store))
+    _guard(report, "point counts", lambda: _counts(store))
+    _guard(report, "policy", lambda: _policy(store, SavedPolicy))
+    if full:
+        _guard(report, "keys (exact scan)", lambda: _probe(store))
+        _guard(report, "keys (every point)", lambda: _scroll_all(store, on_points))
+    return report
+
+
+def _guard(report: CheckReport, what: str, run: Callable[[], tuple[bool, str]]) -> None:
+    try:
+        ok, detail = run()
+    except KnnlmError as exc:
+        ok, detail = False, str(exc)
+    report.add(what, ok, detail)
+
+
+def _indexes(store: KnnStore) -> tuple[bool, str]:
+    missing = sorted(set(INDEXED_FIELDS) - store.indexed_fields())
+    if missing:
+        return False, f"missing keyword index on {', '.join(missing)}: the segments were lost?"
+    return True, ", ".join(INDEXED_FIELDS)
+
+
+def _counts(store: KnnStore) -> tuple[bool, str]:
+    exact, engine = store.count(), store.engine_points()
+    by_domain = sum(store.domains().values())
+    by_doc = sum(store.doc_counts().values())
+    numbers = (
+        f"{exact:,} points; engine {engine:,}; by domain {by_domain:,}; by document {by_doc:,}"
+    )
+    if not exact == engine == by_domain == by_doc:
+        return False, numbers + " disagree"
+    recorded = store.load_state()
+    if recorded is not None and isinstance(recorded.get("points"), int):
+        if exact < recorded["points"]:
+            return False, f"{numbers}; {recorded['points'] - exact:,} lost since the last write"
+        numbers += f"; {recorded['points']:,} at the last completed write"
+    return True, numbers
+
+
+def _policy(store: KnnStore, saved_policy: type) -> tuple[bool, str]:
+    raw = store.load_policy()
+    if raw is None:
+        return True, "none saved (eval uses lambda 0.25, T 1)"
+    saved = saved_policy.from_dict(raw, collection=store.name)
+    assert store.meta is not None
+    if saved.model_fingerprint != store.meta.model_fingerprint:
+        return False, "tuned for another model: eval ignores it; run `knnlm tune` again"
+    gate = "" if saved.gate is None else f", gate {saved.gate.threshold:.3g}"
+    return True, f"{saved.to_dict()['policy']['kind']}, T={saved.temperature:.4g}{gate}"
+
+
+def _probe(store: KnnStore) -> tuple[bool, str]:
+    store.probe()
+    return True, "every key readable by the engine"
+
+
+def _scroll_all(store: KnnStore, on_points: Callable[[int], None] | None) -> tuple[bool, str]:
+    assert store.meta is not None
+    seen = bad = 0
+    try:
+        for points, _ in store.scroll(batch=4096):
+            seen += len(points)
+            bad += int((~np.isfinite(points.keys)).any(axis=1).sum())
+            if on_points is not None:
+                on_points(len(points))
+    except StoreError as exc:
+        return False, f"reading stopped after {seen:,} points: {exc}"
+    if bad:
+        return False, f"{bad:,} of {seen:,} keys hold NaN or infinite values"
+    expected = store.count()
+    if seen != expected:
+        return False, f"read {seen:,} points, but the collection counts {expected:,}"
+    return True, f"read {seen:,} points, all keys finite ({_size(seen * store.meta.dim * 4)})"
+
+
+def _size(n: float) -> str:
+    units = ["B", "KB", "MB", "GB", "TB"]
+    i = min(int(math.log(max(n, 1), 1024)), len(units) - 1)
+    return f"{n / 1024**i:.1f} {units[i]} of float32"

@@ -1,0 +1,117 @@
+"""How a collection stores its keys (fixed at creation) and how a search reads them.
+
+``StorageConfig`` is recorded with the collection and honoured by both engines; changing it
+means copying the points into a new collection (``knnlm rebuild``), never running the LM
+again. ``SearchOptions`` may change from one query to the next.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from knn_store.errors import ConfigError
+
+DATATYPES = ("float32", "float16")
+# TurboQuant bit widths offered by Qdrant; "turbo4" is 4 bits per dimension.
+TURBO_BITS = {"turbo1": "1", "turbo1.5": "1.5", "turbo2": "2", "turbo4": "4", "turbo8": "8"}
+QUANTIZATIONS = ("none", "int8", "binary", *TURBO_BITS)
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Storage of one collection's keys. Every field has a ``KnnlmSettings`` twin.
+
+    datatype: ``float32`` or ``float16`` for the original vectors.
+    quantization: a compressed copy searched first (``int8`` scalar, ``binary``, TurboQuant
+        ``turbo1`` .. ``turbo8``), kept in RAM; the originals rescore the candidates.
+    vectors_on_disk: keep the original vectors on disk (memory-mapped) instead of in RAM.
+    index_on_disk: keep the HNSW graph on disk instead of in RAM.
+    hnsw_m, hnsw_ef_construct: HNSW graph degree and build-time beam width.
+    indexing_threshold_kb: segments larger than this get an HNSW index; smaller ones are
+        scanned. None: Qdrant's default (10 MB).
+    shard_number, replication_factor: Qdrant cluster layout (server collections only).
+    """
+
+    datatype: str = "float32"
+    quantization: str = "none"
+    vectors_on_disk: bool = False
+    index_on_disk: bool = False
+    hnsw_m: int = 16
+    hnsw_ef_construct: int = 100
+    indexing_threshold_kb: int | None = None
+    shard_number: int | None = None
+    replication_factor: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.datatype not in DATATYPES:
+            raise ConfigError(f"vector datatype must be one of {DATATYPES}, got {self.datatype!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
+        for name in ("hnsw_m", "hnsw_ef_construct"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("indexing_threshold_kb", "shard_number", "replication_factor"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be positive, got {value}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> StorageConfig:
+        """Read a stored record; fields it lacks (older collections) take the defaults,
+        which are what those collections were created with."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+    def describe(self) -> str:
+        """One line for ``knnlm info``."""
+        parts = [self.datatype, "vectors on disk" if self.vectors_on_disk else "vectors in RAM"]
+        if self.quantization != "none":
+            parts.append(f"{self.quantization} quantized (in RAM)")
+        index = "on disk" if self.index_on_disk else "in RAM"
+        parts.append(f"HNSW m={self.hnsw_m} ef_construct={self.hnsw_ef_construct} {index}")
+        if self.indexing_threshold_kb is not None:
+            parts.append(f"indexed past {self.indexing_threshold_kb} KB")
+        if self.shard_number or self.replication_factor:
+            parts.append(
+                f"{self.shard_number or 1} shards x {self.replication_factor or 1} replicas"
+            )
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    """How one search reads the collection.
+
+    exact: full scan instead of HNSW.
+    hnsw_ef: HNSW beam width; None: twice k. Raised to at least k, since ef = k gives
+        modest recall.
+    rescore: re-rank quantized candidates with the original vectors (exact distances).
+    oversampling: candidates fetched per wanted neighbour before rescoring (>= 1).
+    """
+
+    exact: bool = False
+    hnsw_ef: int | None = None
+    rescore: bool = True
+    oversampling: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.hnsw_ef is not None and self.hnsw_ef < 1:
+            raise ConfigError(f"hnsw_ef must be positive, got {self.hnsw_ef}")
+        if self.oversampling is not None and not 1.0 <= self.oversampling <= 100.0:
+            raise ConfigError(f"oversampling must lie in [1, 100], got {self.oversampling}")
+
+    def ef(self, k: int) -> int:
+        return max(self.hnsw_ef if self.hnsw_ef is not None else 2 * k, k)
+
+    def describe(self, k: int, storage: StorageConfig | None = None) -> str:
+        text = "exact" if self.exact else f"hnsw ef={self.ef(k)}"
+        if storage is not None and storage.quantization != "none":
+            text += f", {storage.quantization}"
+            text += f" rescored x{self.oversampling or 1:g}" if self.rescore else " not rescored"
+        return text

@@ -1,0 +1,306 @@
+"""Collection commands: ``info``, ``check``, ``domains list|drop``, ``rebuild`` and ``push``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from knn_store.errors import KnnlmError, StoreDamaged
+from knnlm.options import STORAGE_OPTIONS, STORE_OPTIONS, options, settings_from
+
+
+@click.command()
+@options(*STORE_OPTIONS)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def info(as_json: bool, **params: Any) -> None:
+    """Show a collection: points per domain, the model, key type and storage that built it,
+    and its tuned policy. A damaged collection is reported as such (exit 1)."""
+    from knn_store import open_store
+    from knn_store.store.check import check_collection
+
+    settings = settings_from(params)
+    with open_store(settings) as store:
+        health = check_collection(store, full=False)
+        if not health.ok:
+            problems = "; ".join(f"{f.what}: {f.detail}" for f in health.problems)
+            raise StoreDamaged(
+                f"collection {store.name!r} is damaged ({problems}); run `knnlm check`"
+            )
+        meta = store.meta
+        assert meta is not None
+        domain_counts = store.domains()
+        data = {
+            "collection": store.name,
+            "backend": settings.backend,
+            "location": store.location,
+            "points": store.count(),
+            "domains": domain_counts,
+            "model": meta.model,
+            "key_type": meta.key_type,
+            "dim": meta.dim,
+            "vocab_size": meta.vocab_size,
+            "tokenizer": meta.tokenizer,
+            "storage": meta.storage.to_dict(),
+            "policy": _policy_summary(store.load_policy()),
+        }
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        if key == "domains":
+            value = ", ".join(f"{d} ({n:,})" for d, n in value.items()) or "-"
+        elif key == "storage":
+            value = meta.storage.describe()
+        elif key == "policy":
+            value = _describe_policy(value)
+        elif isinstance(value, int):
+            value = f"{value:,}"
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _policy_summary(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    return {
+        "kind": (raw.get("policy") or {}).get("kind"),
+        "temperature": raw.get("temperature"),
+        "k": raw.get("k"),
+        "gate_threshold": (raw.get("gate") or {}).get("threshold"),
+        "domains": raw.get("domains") or [],
+        "saved": raw.get("saved"),
+    }
+
+
+def _describe_policy(value: dict[str, Any] | None) -> str:
+    if value is None:
+        return "none (lambda 0.25, T 1; run `knnlm tune`)"
+    text = f"{value['kind']}, T={value['temperature']:.4g}, tuned with k={value['k']}"
+    if value["gate_threshold"] is not None:
+        text += f", retrieval gate {value['gate_threshold']:.3g}"
+    if value["domains"]:
+        text += f", on domains {', '.join(value['domains'])}"
+    return f"{text}, saved {value['saved']}"
+
+
+@click.command()
+@options(*STORE_OPTIONS)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def check(quiet: bool, **params: Any) -> None:
+    """Verify a collection: its record, point counts, payload indexes, tuned policy, and
+    that every key can be read. Exits 1 if anything is damaged.
+
+    \b
+    Example:
+      knnlm check --collection kernel-docs
+    """
+    from knn_store import open_store
+    from knn_store.store.check import check_collection
+
+    settings = settings_from(params)
+    try:
+        store = open_store(settings)
+    except StoreDamaged as exc:
+        click.echo(f"{'open':22} FAIL  {exc}")
+        raise SystemExit(1) from None
+    with store:
+        total = store.count()
+        bar = tqdm(total=total, unit="pt", unit_scale=True, desc="check", disable=quiet)
+        with bar:
+            report = check_collection(store, on_points=bar.update)
+    for f in report.findings:
+        click.echo(f"{f.what:22} {'ok  ' if f.ok else 'FAIL'}  {f.detail}")
+    if report.ok:
+        click.echo(f"collection {settings.collection!r} is sound")
+        return
+    click.echo(f"collection {settings.collection!r} is damaged", err=True)
+    raise SystemExit(1)
+
+
+@click.group()
+def domains() -> None:
+    """List the domains of a collection, or drop one (its points only)."""
+
+
+@domains.command("list")
+@options(*STORE_OPTIONS)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def domains_list(as_json: bool, **params: Any) -> None:
+    """Points per domain."""
+    from knn_store import open_store
+
+    with open_store(settings_from(params)) as store:
+        counts = store.domains()
+    if as_json:
+        click.echo(json.dumps(counts))
+        return
+    for name, n in sorted(counts.items()):
+        click.echo(f"{n:>12,}  {name}")
+
+
+@domains.command("drop")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@options(*STORE_OPTIONS)
+def domains_drop(name: str, yes: bool, **params: Any) -> None:
+    """Delete every point of domain NAME; other domains stay untouched.
+
+    \b
+    Example:
+      knnlm domains drop old-docs --yes
+    """
+    from knn_store import PointFilter, open_store
+    from knn_store.session import check_domains
+
+    with open_store(settings_from(params)) as store:
+        check_domains(store, [name])
+        n = store.domains()[name]
+        if not yes:
+            click.confirm(f"delete the {n:,} points of domain {name!r}?", abort=True, err=True)
+        removed = store.delete(PointFilter(domains=(name,)))
+        remaining = store.count()
+        policy = store.load_policy() or {}
+    click.echo(f"dropped domain {name!r}: -{removed:,} points, {remaining:,} remain")
+    if policy:
+        click.echo(
+            "knnlm: note: the tuned policy was fitted before this drop; "
+            "consider running `knnlm tune` again",
+            err=True,
+        )
+
+
+@click.command()
+@click.option("--to-collection", required=True, help="Name of the new collection.")
+@click.option(
+    "--only-domain",
+    "only_domains",
+    multiple=True,
+    help="Copy only the points of this domain (repeatable; default: all).",
+)
+@options(*STORE_OPTIONS, *STORAGE_OPTIONS, "search_threads")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def rebuild(to_collection: str, only_domains: tuple[str, ...], quiet: bool, **params: Any) -> None:
+    """Copy a collection into a new one with other storage settings, without the LM.
+
+    The new collection takes the storage flags given here (datatype, quantization, on-disk
+    vectors or index, HNSW m and ef_construct) and the source's for the rest. Resumable.
+
+    \b
+    Example:
+      knnlm rebuild --collection docs --to-collection docs-f16 --vector-datatype float16
+    """
+    from knn_store import open_store
+    from knn_store.store.transfer import copy_collection
+
+    settings = settings_from(params)
+    target_settings = settings_from(params, collection=to_collection)
+    if to_collection == settings.collection:
+        raise click.BadParameter("must differ from --collection", param_hint="--to-collection")
+    with open_store(settings) as source, open_store(target_settings, create=True) as target:
+        _copy(source, target, settings, only_domains, quiet, copy_collection)
+
+
+@click.command()
+@click.option("--to-url", help="Target Qdrant server, e.g. https://xyz.cloud.qdrant.io:6333.")
+@click.option(
+    "--to-local",
+    type=click.Path(file_okay=False),
+    help="Target folder of qdrant-client's local mode instead of a server (for tests).",
+)
+@click.option("--to-collection", help="Name on the target (default: the same).")
+@click.option(
+    "--to-api-key",
+    envvar="KNNLM_TO_API_KEY",
+    help="API key of the target server; prefer the KNNLM_TO_API_KEY variable.",
+)
+@click.option(
+    "--only-domain",
+    "only_domains",
+    multiple=True,
+    help="Push only the points of this domain (repeatable; default: all).",
+)
+@options(*STORE_OPTIONS, "shard_number", "replication_factor")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def push(
+    to_url: str | None,
+    to_local: str | None,
+    to_collection: str | None,
+    to_api_key: str | None,
+    only_domains: tuple[str, ...],
+    quiet: bool,
+    **params: Any,
+) -> None:
+    """Copy a collection (settings, record, tuned policy, every point) to a Qdrant server.
+
+    Resumable: run it again after an interruption and it goes on where it stopped. The
+    counts of both sides are compared at the end. The source is the collection the store
+    flags name (by default the embedded one).
+
+    \b
+    Examples:
+      knnlm push --collection docs --to-url http://localhost:6333
+      KNNLM_TO_API_KEY=... knnlm push --to-url https://xyz.cloud.qdrant.io:6333 \\
+          --shard-number 2 --replication-factor 2
+    """
+    from knn_store import open_store
+    from knn_store.store.transfer import copy_collection
+
+    if (to_url is None) == (to_local is None):
+        raise click.UsageError("give exactly one of --to-url and --to-local")
+    settings = settings_from(params)
+    target_changes: dict[str, Any] = {
+        "collection": to_collection or settings.collection,
+        "backend": "qdrant" if to_url else "local",
+        "url": to_url,
+        "api_key": to_api_key,
+    }
+    if to_local:
+        target_changes["data_dir"] = to_local
+    target_settings = settings_from(
+        {k: v for k, v in params.items() if k not in ("url", "api_key", "data_dir")},
+        **target_changes,
+    )
+    with open_store(settings) as source, open_store(target_settings, create=True) as target:
+        _copy(source, target, target_settings, only_domains, quiet, copy_collection)
+
+
+def _copy(
+    source: Any,
+    target: Any,
+    settings: Any,
+    only_domains: tuple[str, ...],
+    quiet: bool,
+    copy_collection: Any,
+) -> None:
+    from dataclasses import replace
+
+    from knn_store import PointFilter
+    from knn_store.session import check_domains
+
+    assert source.meta is not None
+    flt = PointFilter(domains=check_domains(source, only_domains))
+    storage = replace(source.meta.storage, **settings.storage_overrides())
+    total = source.count(flt)
+    bar = tqdm(total=total, unit="pt", unit_scale=True, desc="copy", disable=quiet)
+    try:
+        with bar:
+            report = copy_collection(
+                source,
+                target,
+                storage=storage,
+                filter=flt,
+                checkpoint_dir=settings.data_dir / ".transfers",
+                on_batch=bar.update,
+            )
+    except KnnlmError as exc:
+        raise type(exc)(f"{exc}; run the same command again to resume") from exc
+    resumed = " (resumed)" if report.resumed_from else ""
+    click.echo(
+        f"copied {report.copied:,} points{resumed} from {source.name!r} to {target.name!r} at "
+        f"{target.location}: {report.points:,} on both sides, policy "
+        f"{'copied' if report.policy else 'none'}, {report.seconds:.1f}s; storage: "
+        f"{storage.describe()}"
+    )
