@@ -149,7 +149,7 @@ def ingest(
             progress=not quiet,
         )
         result = worker.run(corpus)
-    for path, reason in corpus.report.reasons.items():
+    for reason in corpus.report.reasons.values():
         if reason != "empty":
             click.echo(f"knnlm: skipped {reason}", err=True)
     summary = {
