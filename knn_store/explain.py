@@ -56,12 +56,13 @@ def explain_text(
     """One ``TokenExplanation`` per predicted token of ``text``, in order, as computed."""
     ids = knn_lm.lm.encode(text)
     for scored in knn_lm.score([ids], full=True, progress=progress, desc="explain"):
-        yield from _explain_batch(knn_lm, scored, top=top, show_neighbours=show_neighbours)
+        yield from explain_scored(knn_lm, scored, top=top, show_neighbours=show_neighbours)
 
 
-def _explain_batch(
-    knn_lm: KnnLM, scored: Scored, *, top: int, show_neighbours: int
+def explain_scored(
+    knn_lm: KnnLM, scored: Scored, *, top: int = 3, show_neighbours: int = 3
 ) -> Iterator[TokenExplanation]:
+    """The rows of one scored batch (``KnnLM.score(..., full=True)``), in its order."""
     assert scored.lm.lm_log_probs is not None and scored.knn_log_probs is not None
     assert scored.log_probs is not None and scored.neighbours.point_ids is not None
     lm = knn_lm.lm

@@ -76,11 +76,11 @@ class EvalResult:
 
     @property
     def base_perplexity(self) -> float:
-        return math.exp(self.base_nll / self.tokens)
+        return perplexity(self.base_nll, self.tokens)
 
     @property
     def knn_perplexity(self) -> float:
-        return math.exp(self.knn_nll / self.tokens) if math.isfinite(self.knn_nll) else math.inf
+        return perplexity(self.knn_nll, self.tokens)
 
     @property
     def search_ms_per_query(self) -> float:
@@ -412,6 +412,12 @@ class KnnLM:
             queries=searches,
             zero_prob_tokens=zero,
         )
+
+
+def perplexity(nll: float, tokens: int) -> float:
+    """exp(nll / tokens): inf where the mean NLL is infinite or past float range."""
+    mean = nll / tokens
+    return math.exp(mean) if mean < 709.0 else math.inf
 
 
 def lm_summary(lm_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,7 +86,6 @@ def open_session(
     try:
         meta = store.meta
         assert meta is not None  # open_store(create=False) refuses a missing collection
-        meta.check_storage(settings.storage_overrides(), collection=store.name)
         if "key_type" not in settings.model_fields_set:  # the collection's own key type
             settings = settings.model_copy(update={"key_type": meta.key_type})
         if lm is None:

@@ -41,6 +41,7 @@ from knn_store.lambdas import (
 
 LAMBDA_GRID = torch.arange(100, dtype=torch.float32) / 100  # 0.00 .. 0.99
 _ROWS = 8192  # rows per chunk of [n, k] work: bounds memory at ~4 * 8192 * k bytes
+_MIN_EXPONENT = -87.0  # exp(-87) = 1.6e-38, the smallest normal float32 is 1.2e-38
 
 
 @dataclass
@@ -51,7 +52,8 @@ class TuningData:
     targets: torch.Tensor  # int64 [n]
     lm_target_log_probs: torch.Tensor  # float32 [n]
     _knn: dict[float, torch.Tensor] = field(default_factory=dict, repr=False)
-    _hits: torch.Tensor | None = field(default=None, repr=False)  # bool [n, k]
+    _delta: torch.Tensor | None = field(default=None, repr=False)  # float32 [n, k], d - d_0
+    _hits: torch.Tensor | None = field(default=None, repr=False)  # float32 [n, k], 1 = target
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -65,34 +67,34 @@ class TuningData:
 
         The sweep's inner loop, so it works in place on row chunks: with rows sorted
         ascending, exp((d_0 - d_i) / T) is at most 1 and the nearest term is exactly 1, so
-        the plain sums below cannot overflow. A target whose weight underflows float32
-        (below 1e-38 of the nearest's) gets -inf here, where ``knn_target_log_probs`` keeps
-        a finite value; either way the interpolated probability is the LM's to float
-        precision.
+        the plain sums below cannot overflow. Exponents are clamped at -87 first: exp()
+        of a smaller float32 is 10-20x slower (the underflow path) and yields less than
+        1.7e-38, nothing next to the nearest term's 1; a target that far away gets about
+        -87 - log(total) instead of ``knn_target_log_probs``'s smaller value, and either
+        way the interpolated probability is the LM's to float precision.
         """
         if temperature in self._knn:
             return self._knn[temperature]
         if temperature <= 0:
             raise ValueError(f"`temperature` must be positive, got {temperature}")
-        sq = self.features.sq_distances
-        if self._hits is None:
+        if self._delta is None:  # T-independent parts, computed once per sweep
+            sq = self.features.sq_distances
+            nearest = sq[:, :1]
+            self._delta = sq - torch.where(torch.isfinite(nearest), nearest, 0.0)  # [n, k] >= 0
             ids = self.features.token_ids
-            self._hits = ids == self.targets[:, None].to(ids.dtype)
-        hits = self._hits
+            # float, not bool: multiplying by a bool tensor converts it each time, 7x slower
+            self._hits = (ids == self.targets[:, None].to(ids.dtype)).float()  # [n, k]
+        delta, hits = self._delta, self._hits
+        assert hits is not None
         out = torch.empty(len(self), dtype=torch.float32)
-        buf = torch.empty((min(_ROWS, len(self)), sq.shape[1]), dtype=torch.float32)
+        buf = torch.empty((min(_ROWS, len(self)), delta.shape[1]), dtype=torch.float32)
         for lo in range(0, len(self), _ROWS):
-            d = sq[lo : lo + _ROWS]
-            w = buf[: len(d)]
-            nearest = d[:, :1]
-            shift = torch.where(torch.isfinite(nearest), nearest, 0.0)
-            torch.sub(shift, d, out=w)  # [m, k], <= 0; -inf where missing
-            w.mul_(1.0 / temperature).exp_()
-            total = w.sum(1)  # >= 1, or 0 for a row without neighbours
+            w = buf[: len(delta[lo : lo + _ROWS])]
+            torch.mul(delta[lo : lo + _ROWS], -1.0 / temperature, out=w)  # <= 0; -inf missing
+            w.clamp_(min=_MIN_EXPONENT).exp_()
+            total = w.sum(1)  # >= 1, or ~0 for a row without neighbours
             on_target = w.mul_(hits[lo : lo + _ROWS]).sum(1)
-            out[lo : lo + len(d)] = torch.where(
-                total > 0, on_target.log() - total.log(), float("-inf")
-            )
+            out[lo : lo + len(w)] = on_target.log() - total.log()  # -inf if no hit
         self._knn[temperature] = out
         return out
 
@@ -112,9 +114,10 @@ class TuningData:
         """
         lm = self.lm_target_log_probs.double()
         ratio = torch.exp(self.knn_log_probs(temperature).double() - lm)  # [n]
-        grid = LAMBDA_GRID.double()[:, None]  # [G, 1]
-        loss = torch.log1p(grid * (ratio - 1.0)[None, :]).neg_().sub_(lm)  # [G, n]
-        return torch.where(self.features.has_neighbour[None, :], loss, -lm[None, :])
+        # no neighbour: lambda is 0, i.e. a ratio of 1 makes every grid lambda cost -log p_LM
+        ratio.masked_fill_(~self.features.has_neighbour, 1.0)
+        loss = torch.outer(LAMBDA_GRID.double(), ratio.sub_(1.0))  # [G, n]
+        return loss.log1p_().neg_().sub_(lm)
 
 
 def collect(

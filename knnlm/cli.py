@@ -30,6 +30,7 @@ from knnlm.options import (
     search_domain_option,
     settings_from,
 )
+from knnlm.serve import serve
 from knnlm.tune import tune
 
 # Commands that resume where they stopped when run again.
@@ -271,7 +272,7 @@ def eval_(
         )
 
 
-for command in (info, check, domains, rebuild, push, tune, generate, explain):
+for command in (info, check, domains, rebuild, push, tune, generate, explain, serve):
     cli.add_command(command)
 
 

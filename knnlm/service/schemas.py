@@ -1,0 +1,173 @@
+"""Request and response bodies of the HTTP API.
+
+Requests are strict: a number must be a JSON number, a string a JSON string, and unknown
+fields are refused rather than ignored, so a client never believes a setting took effect
+when it did not. Floats are finite; a log-probability of -inf (probability 0) is ``null``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from knn_store.settings import MAX_TOP_K
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is empty: give some text")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_not_blank)]
+
+
+class ScoreRequest(_Request):
+    """Score a text as `knnlm eval` would; the optional fields act as its flags."""
+
+    text: Text = Field(description="Text to score (it gets the BOS prefix, as in eval).")
+    lmbda: float | None = Field(
+        default=None,
+        alias="lambda",
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="A fixed lambda at every position, without the retrieval gate "
+        "(`--lambda`). Default: the server's policy.",
+    )
+    temperature: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="Softmax temperature over -d^2 (`--temperature`).",
+    )
+    top_k: int | None = Field(
+        default=None, ge=1, le=MAX_TOP_K, description="Neighbours per query (`--top-k`)."
+    )
+
+
+class ScoreResponse(BaseModel):
+    """Per predicted token (arrays of length ``tokens_count``), then the totals."""
+
+    tokens: list[str] = Field(description="Each predicted token, as text.")
+    base_logprobs: list[float | None] = Field(description="ln p_LM(token).")
+    knn_logprobs: list[float | None] = Field(
+        description="ln p of the kNN-LM (the interpolation); null where it is 0."
+    )
+    lambdas: list[float]
+    searched: list[bool] = Field(description="False where the retrieval gate skipped it.")
+    tokens_count: int
+    base_perplexity: float | None
+    knn_perplexity: float | None = Field(description="null where it is infinite (see note).")
+    note: str | None = None
+
+
+class CompletionRequest(_Request):
+    """An OpenAI-style completion request; sampling as `knnlm generate`'s."""
+
+    prompt: str = Field(description="Text to continue.")
+    max_tokens: int = Field(default=16, ge=1, description="Tokens to add at most.")
+    temperature: float = Field(
+        default=1.0, ge=0.0, allow_inf_nan=False, description="Sampling temperature; 0 = greedy."
+    )
+    top_p: float = Field(
+        default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling."
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=2**63 - 1, description="Random seed, for repeatable samples."
+    )
+    stream: bool = Field(default=False, description="Server-sent events, one per token.")
+    model: str | None = Field(default=None, description="Ignored: the server has one model.")
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int = 0
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="Prompt tokens as the model sees them, BOS included.")
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ExplainRequest(_Request):
+    """Explain a text token by token, as `knnlm explain --json` does."""
+
+    text: Text = Field(description="Text to explain.")
+    top: int = Field(default=3, ge=1, le=1000, description="Predictions shown per distribution.")
+    neighbours: int = Field(
+        default=3, ge=0, le=MAX_TOP_K, description="Nearest neighbours shown per token."
+    )
+
+
+class Neighbour(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    sq_distance: float
+    token: str
+    domain: str | None
+    source: str | None
+    offset: int | None
+    context: str | None
+
+
+class TokenExplanation(BaseModel):
+    """One line of `knnlm explain --json`."""
+
+    model_config = ConfigDict(extra="allow")
+
+    position: int
+    token: str
+    prob: float
+    lm_prob: float
+    knn_prob: float
+    lmbda: float
+    searched: bool
+    lm_top: list[tuple[str, float]]
+    knn_top: list[tuple[str, float]]
+    neighbours: list[Neighbour]
+
+
+class ExplainResponse(BaseModel):
+    tokens: list[TokenExplanation]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    """Ready to answer, with what the batcher has done so far."""
+
+    status: str
+    points: int
+    requests: int
+    batches: int
+    lm_forwards: int
+    largest_batch: int
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="What was wrong, in one line.")
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a route may answer."""
+    return {code: {"model": ErrorBody} for code in codes}
