@@ -85,12 +85,7 @@ def read_corpus(
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            try:
-                files = sorted(
-                    p for p in path.glob(glob) if p.is_file() and not _hidden(p.relative_to(path))
-                )
-            except (ValueError, NotImplementedError) as exc:  # '' or an absolute pattern
-                raise CorpusError(f"invalid glob {glob!r}: {exc}") from exc
+            files = _list_files(path, glob, skip_invalid=skip_invalid, report=report)
             if not files:
                 raise CorpusError(f"folder {path} has no files matching {glob!r}")
             for file in files:
@@ -109,6 +104,30 @@ def read_corpus(
             raise CorpusError(f"{path} is neither a file nor a folder")
         else:
             raise CorpusError(f"{path} does not exist")
+
+
+def _list_files(folder: Path, glob: str, *, skip_invalid: bool, report: CorpusReport) -> list[Path]:
+    """The files under ``folder`` matching ``glob``, sorted. An entry that cannot even be
+    looked at (a link into a folder we may not read) fails like an unreadable file does."""
+    files = []
+    try:
+        for p in folder.glob(glob):
+            if _hidden(p.relative_to(folder)):
+                continue
+            try:
+                if p.is_file():
+                    files.append(p)
+            except OSError as exc:  # is_file() is False only for missing entries
+                error = CorpusError(f"cannot read {p}: {exc.strerror or exc}")
+                if not skip_invalid:
+                    raise error from exc
+                report.skipped.append(str(p))
+                report.reasons[str(p)] = str(error)
+    except (ValueError, NotImplementedError) as exc:  # '' or an absolute pattern
+        raise CorpusError(f"invalid glob {glob!r}: {exc}") from exc
+    except OSError as exc:
+        raise CorpusError(f"cannot read folder {folder}: {exc.strerror or exc}") from exc
+    return sorted(files)
 
 
 def _hidden(relative: Path) -> bool:
@@ -135,6 +154,8 @@ def _read_file(
         return
     with _open_text(path) as stream:
         text = _read_all(stream, path).removeprefix("\ufeff")  # drop a byte-order mark
+    if "\x00" in text:  # past the sniffed head: the same file must not pass for text
+        raise _binary(path)
     if not text.strip():
         if allow_empty:
             report.skipped.append(str(path))
@@ -154,10 +175,16 @@ def _open_text(path: Path) -> IO[str]:
         raise CorpusError(f"cannot read {path}: {exc}") from exc
     if b"\x00" in head:
         raw.close()
-        raise CorpusError(f"{path} looks binary (it holds NUL bytes); pass text files only")
+        raise _binary(path)
     buffered = io.BufferedReader(_Prepend(head, raw))  # type: ignore[arg-type]
-    # newline="": keep "\r\n" as it is, like a plain read of the file would
-    return io.TextIOWrapper(buffered, encoding="utf-8", errors="strict", newline="")
+    # newline="\n": text comes back exactly as stored ("\r\n" stays), and readline() ends
+    # lines at "\n" only; with newline="" it also split at a bare "\r", which JSON allows
+    # between tokens, and miscounted the lines after it.
+    return io.TextIOWrapper(buffered, encoding="utf-8", errors="strict", newline="\n")
+
+
+def _binary(path: Path) -> CorpusError:
+    return CorpusError(f"{path} looks binary (it holds NUL bytes); pass text files only")
 
 
 def _read_all(stream: IO[str], path: Path) -> str:
@@ -190,7 +217,7 @@ def _jsonl_records(path: Path, *, text_field: str, allow_empty: bool) -> Iterato
             if not line:
                 break
             lineno += 1
-            # readline() splits on "\n" only (newline=""), never inside a JSON string.
+            # readline() splits on "\n" only (newline="\n"), never inside a JSON string.
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
             if not line.strip():

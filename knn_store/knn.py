@@ -42,7 +42,9 @@ def neighbour_log_weights(sq_distances: torch.Tensor, temperature: float) -> tor
     valid = torch.isfinite(d)  # [b, k]
     nearest = d.min(dim=-1, keepdim=True).values  # [b, 1]; +inf for empty rows
     shift = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
-    logits = (shift - d) / temperature  # [b, k]; 0 at the nearest, <= 0 elsewhere
+    # The nearest (and its ties) get exactly 0: a T below the dtype's smallest number rounds
+    # to 0, and 0 / 0 would be NaN where the limit (all weight on the nearest) is meant.
+    logits = torch.where(d == nearest, torch.zeros_like(d), (shift - d) / temperature)  # [b, k]
     logits = torch.where(valid, logits, torch.full_like(logits, float("-inf")))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [b, 1]; >= 0, or -inf if empty
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # avoid -inf - -inf

@@ -15,6 +15,7 @@ distribution there. ``policy_from_dict`` reads back what ``to_dict`` wrote.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -43,9 +44,9 @@ class QueryFeatures:
     lm_max_log_prob: torch.Tensor
     cosine: torch.Tensor | None = None
 
-    @property
+    @functools.cached_property
     def has_neighbour(self) -> torch.Tensor:
-        """bool [b]."""
+        """bool [b]; computed once (tuning asks for it at every temperature)."""
         return torch.isfinite(self.sq_distances[:, 0])
 
     def column(self, name: str) -> torch.Tensor:
@@ -187,6 +188,18 @@ class LearnedLambda:
             (torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
             for w, b in layers
         ]
+        # Shapes are checked here, so a damaged saved policy fails when it is read, not in
+        # the middle of an eval with a matrix error.
+        width = len(self.features)
+        for i, (w, b) in enumerate(self._layers):
+            if w.dim() != 2 or b.dim() != 1 or w.shape != (b.shape[0], width):
+                raise ValueError(
+                    f"layer {i} has weight {tuple(w.shape)} and bias {tuple(b.shape)}; "
+                    f"expected (n, {width}) and (n,)"
+                )
+            width = b.shape[0]
+        if width != 1:
+            raise ValueError(f"the last layer must give one output, not {width}")
 
     @staticmethod
     def inputs(features: QueryFeatures, names: list[str]) -> torch.Tensor:

@@ -327,6 +327,12 @@ def load_language_model(settings: KnnlmSettings) -> LanguageModel:
         raise ConfigError(
             f"model {settings.model!r} is neither a directory, a .gguf file nor a hub id"
         )
+    try:
+        device = torch.device(settings.device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {settings.device!r} is not a torch device: {exc}") from exc
+    if device.type == "meta":
+        raise ConfigError("--device meta holds no weights; use cpu or cuda")
     model, tokenizer = _from_pretrained(str(directory))
     try:
         model.to(settings.device)

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from knn_store.errors import ConfigError, UnknownDomain
+from knn_store.errors import ConfigError, StoreDamaged, UnknownDomain
 from knn_store.saved_policy import Resolved, SavedPolicy, resolve_policy
 from knn_store.settings import KnnlmSettings
 from knn_store.store import KnnStore, open_store
+from knn_store.store.base import INDEXED_FIELDS
 
 if TYPE_CHECKING:
     import numpy as np
@@ -86,6 +87,12 @@ def open_session(
     try:
         meta = store.meta
         assert meta is not None  # open_store(create=False) refuses a missing collection
+        missing = set(INDEXED_FIELDS) - store.indexed_fields()
+        if missing:  # they go only with lost segments: what eval would read is incomplete
+            raise StoreDamaged(
+                f"collection {store.name!r} lost its payload index on "
+                f"{', '.join(sorted(missing))}; it is damaged: run `knnlm check`"
+            )
         if "key_type" not in settings.model_fields_set:  # the collection's own key type
             settings = settings.model_copy(update={"key_type": meta.key_type})
         if lm is None:

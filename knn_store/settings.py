@@ -21,7 +21,7 @@ Backend = Literal["edge", "qdrant", "local"]
 Datatype = Literal["float32", "float16"]
 Quantization = Literal["none", "int8", "binary", "turbo1", "turbo1.5", "turbo2", "turbo4", "turbo8"]
 MAX_TOP_K = 16_384  # [batch, k] arrays stay in the hundreds of MB
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # the whole name: fullmatch
 
 # Settings that shape a collection when it is created (StorageConfig's fields).
 STORAGE_FIELDS = {
@@ -192,7 +192,7 @@ class KnnlmSettings(BaseSettings):
     @field_validator("collection")
     @classmethod
     def _collection_is_a_name(cls, value: str) -> str:
-        if not _NAME.match(value):
+        if not _NAME.fullmatch(value):
             raise ValueError(
                 f"must be a plain name of letters, digits, '.', '_' or '-' (at most 128, "
                 f"not starting with '.' or '-'), got {value!r}"

@@ -278,7 +278,7 @@ def fit_learned(
     x = LearnedLambda.inputs(data.features, names)[has]  # [m, f]
     lm = data.lm_target_log_probs[has]
     knn = data.knn_log_probs(temperature)[has]
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    mean, std = x.mean(0), x.std(0, correction=0).clamp(min=1e-6)
     z = (x - mean) / std
 
     gen = torch.Generator().manual_seed(seed)
@@ -444,7 +444,7 @@ def fit_gate(
     gains = retrieval_gains(validation, tuned)  # [n]
     f = validation.features
     x = torch.stack([f.lm_entropy.double(), f.lm_max_log_prob.double()], dim=-1)  # [n, 2]
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    mean, std = x.mean(0), x.std(0, correction=0).clamp(min=1e-6)
     z = (x - mean) / std
     y = (gains > 0).double()
     weight = gains.abs() / gains.abs().mean().clamp(min=1e-12)

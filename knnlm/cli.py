@@ -9,6 +9,7 @@ stderr. Expected errors are one line and exit 1; usage errors exit 2; Ctrl-C exi
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import warnings
@@ -249,8 +250,11 @@ def eval_(
         "stride": knn_lm.stride,
         "domains": list(knn_lm.filter.domains),
     }
-    if as_json:
-        click.echo(json.dumps(out))
+    if as_json:  # strict JSON: an infinite perplexity (lambda 1) is null
+        finite = {
+            k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()
+        }
+        click.echo(json.dumps(finite, allow_nan=False))
     else:
         change = out["change_percent"]
         click.echo(f"{'':10}{'perplexity':>12}  {'tokens':>8}")

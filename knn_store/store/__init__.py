@@ -54,7 +54,10 @@ def open_store(
 
     if settings.backend == "local":
         return QdrantClientStore.local(
-            settings.data_dir / "qdrant-local", collection=name, create=create
+            settings.data_dir / "qdrant-local",
+            collection=name,
+            create=create,
+            retries=settings.retries,
         )
     assert settings.url is not None  # the settings validator guarantees it
     return QdrantClientStore.server(

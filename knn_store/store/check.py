@@ -15,6 +15,8 @@ import numpy as np
 from knn_store.errors import KnnlmError, StoreError
 from knn_store.store.base import INDEXED_FIELDS, KnnStore
 
+SAMPLE_POINTS = 256  # keys read back by the quick check (`knnlm info`)
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -46,7 +48,9 @@ def check_collection(
     on_points: Callable[[int], None] | None = None,
 ) -> CheckReport:
     """Check ``store``: its record, counts, payload indexes, policy and, with ``full``,
-    every key (read back by an exact scan and by scrolling through every point).
+    every key (read back by an exact scan and by scrolling through every point); without
+    ``full``, one search and the first page of keys, so that ``info`` still notices an
+    unreadable vector file without a scan of the whole collection.
 
     ``on_points`` is called with the number of points of each scrolled batch (progress).
     """
@@ -68,6 +72,8 @@ def check_collection(
     if full:
         _guard(report, "keys (exact scan)", lambda: _probe(store))
         _guard(report, "keys (every point)", lambda: _scroll_all(store, on_points))
+    else:
+        _guard(report, "keys (sample)", lambda: _sample(store))
     return report
 
 
@@ -88,19 +94,26 @@ def _indexes(store: KnnStore) -> tuple[bool, str]:
 
 def _counts(store: KnnStore) -> tuple[bool, str]:
     exact, engine = store.count(), store.engine_points()
-    by_domain = sum(store.domains().values())
-    by_doc = sum(store.doc_counts().values())
-    numbers = (
-        f"{exact:,} points; engine {engine:,}; by domain {by_domain:,}; by document {by_doc:,}"
-    )
-    if not exact == engine == by_domain == by_doc:
-        return False, numbers + " disagree"
+    numbers = f"{exact:,} points; engine {engine:,}"
+    problems = [] if exact == engine else ["the exact and the engine's counts disagree"]
+    # Points lost since the last write are told even when the per-field counts fail (a
+    # lost segment takes its payload indexes with it).
     recorded = store.load_state()
     if recorded is not None and isinstance(recorded.get("points"), int):
         if exact < recorded["points"]:
-            return False, f"{numbers}; {recorded['points'] - exact:,} lost since the last write"
-        numbers += f"; {recorded['points']:,} at the last completed write"
-    return True, numbers
+            problems.append(f"{recorded['points'] - exact:,} lost since the last write")
+        else:
+            numbers += f"; {recorded['points']:,} at the last completed write"
+    try:
+        by_domain = sum(store.domains().values())
+        by_doc = sum(store.doc_counts().values())
+    except StoreError as exc:
+        problems.append(f"cannot count per domain and document: {exc}")
+    else:
+        numbers += f"; by domain {by_domain:,}; by document {by_doc:,}"
+        if not exact == by_domain == by_doc:
+            problems.append("the counts per domain and per document disagree")
+    return not problems, "; ".join([numbers, *problems])
 
 
 def _policy(store: KnnStore, saved_policy: type) -> tuple[bool, str]:
@@ -118,6 +131,17 @@ def _policy(store: KnnStore, saved_policy: type) -> tuple[bool, str]:
 def _probe(store: KnnStore) -> tuple[bool, str]:
     store.probe()
     return True, "every key readable by the engine"
+
+
+def _sample(store: KnnStore) -> tuple[bool, str]:
+    assert store.meta is not None
+    store.search(np.zeros((1, store.meta.dim), dtype=np.float32), k=1)
+    for points, _ in store.scroll(batch=SAMPLE_POINTS):
+        bad = int((~np.isfinite(points.keys)).any(axis=1).sum())
+        if bad:
+            return False, f"{bad:,} of the first {len(points):,} keys hold NaN or infinite values"
+        return True, f"one search and the first {len(points):,} keys read back"
+    return True, "no points yet"
 
 
 def _scroll_all(store: KnnStore, on_points: Callable[[int], None] | None) -> tuple[bool, str]:

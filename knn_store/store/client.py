@@ -8,6 +8,7 @@ a call that got no answer is retried with bounded backoff before giving up.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -144,7 +145,7 @@ class QdrantClientStore(KnnStore):
 
     @classmethod
     def local(
-        cls, path: str | Path | None, *, collection: str, create: bool = True
+        cls, path: str | Path | None, *, collection: str, create: bool = True, retries: int = 3
     ) -> QdrantClientStore:
         """A collection in qdrant-client's local mode: in a folder, or in memory (None)."""
         from qdrant_client import QdrantClient
@@ -153,18 +154,24 @@ class QdrantClientStore(KnnStore):
             client, location = QdrantClient(location=":memory:"), ":memory:"
         else:
             folder = Path(path)
+            if not create and not (folder / "collection" / collection).is_dir():
+                raise CollectionMissing(
+                    f"no collection {collection!r} in {folder}; run `knnlm ingest` first"
+                )
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreUnavailable(f"cannot create {folder}: {exc.strerror or exc}") from exc
-            try:
-                client = QdrantClient(path=str(folder))
-            except Exception as exc:  # portalocker's lock, or an unreadable folder
-                raise StoreUnavailable(
-                    f"cannot open qdrant-client local storage {folder}: {_describe(exc)}"
-                ) from exc
+            client = _LOCAL_CLIENTS.acquire(folder)
             location = str(folder)
-        return cls(client, collection=collection, location=location, local=True, create=create)
+        return cls(
+            client,
+            collection=collection,
+            location=location,
+            local=True,
+            create=create,
+            retries=retries,
+        )
 
     @property
     def location(self) -> str:
@@ -226,7 +233,10 @@ class QdrantClientStore(KnnStore):
                 ),
                 # Bulk load first, index afterwards: finalize() sets m.
                 hnsw_config=models.HnswConfigDiff(
-                    m=0, ef_construct=s.hnsw_ef_construct, on_disk=s.index_on_disk
+                    m=0,
+                    ef_construct=s.hnsw_ef_construct,
+                    on_disk=s.index_on_disk,
+                    full_scan_threshold=s.indexing_threshold_kb,
                 ),
                 quantization_config=_quantization_config(s),
                 optimizers_config=models.OptimizersConfigDiff(
@@ -291,7 +301,10 @@ class QdrantClientStore(KnnStore):
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        self._client.close()
+        if self.local and self._location != ":memory:":
+            _LOCAL_CLIENTS.release(Path(self._location))
+        else:
+            self._client.close()
 
     def load_policy(self) -> dict[str, Any] | None:
         return self._policy
@@ -421,6 +434,50 @@ class QdrantClientStore(KnnStore):
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+class _SharedLocalClients:
+    """One qdrant-client per local-mode folder in this process, shared by its collections.
+
+    Local mode locks its folder for one client, so two collections of one folder (rebuild
+    copies between them) must go through the same client; it closes with the last user.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clients: dict[Path, tuple[Any, int]] = {}
+
+    def acquire(self, folder: Path) -> Any:
+        from qdrant_client import QdrantClient
+
+        key = folder.resolve()
+        with self._lock:
+            if key in self._clients:
+                client, users = self._clients[key]
+                self._clients[key] = (client, users + 1)
+                return client
+            try:
+                client = QdrantClient(path=str(folder))
+            except Exception as exc:  # portalocker's lock, or an unreadable folder
+                raise StoreUnavailable(
+                    f"cannot open qdrant-client local storage {folder}: {_describe(exc)}"
+                ) from exc
+            self._clients[key] = (client, 1)
+            return client
+
+    def release(self, folder: Path) -> None:
+        key = folder.resolve()
+        with self._lock:
+            if key not in self._clients:
+                return
+            client, users = self._clients.pop(key)
+            if users > 1:
+                self._clients[key] = (client, users - 1)
+                return
+        client.close()
+
+
+_LOCAL_CLIENTS = _SharedLocalClients()
 
 
 def _quantization_config(s: StorageConfig) -> Any:

@@ -28,8 +28,8 @@ class StorageConfig:
     vectors_on_disk: keep the original vectors on disk (memory-mapped) instead of in RAM.
     index_on_disk: keep the HNSW graph on disk instead of in RAM.
     hnsw_m, hnsw_ef_construct: HNSW graph degree and build-time beam width.
-    indexing_threshold_kb: segments larger than this get an HNSW index; smaller ones are
-        scanned. None: Qdrant's default (10 MB).
+    indexing_threshold_kb: segments larger than this get an HNSW index, and smaller ones
+        are searched by a full scan. None: Qdrant's default (10 MB).
     shard_number, replication_factor: Qdrant cluster layout (server collections only).
     """
 

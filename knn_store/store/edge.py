@@ -46,6 +46,10 @@ META_FILE = "meta.json"
 POLICY_FILE = "policy.json"
 STATE_FILE = "state.json"
 SHARD_DIR = "shard"
+# Free space every write leaves on the disk, and what opening needs beyond what its files
+# may still fill: see EdgeStore._require_space.
+SPARE_BYTES = 32 * 2**20
+OPEN_SPARE_BYTES = 4 * 2**20
 
 
 class EdgeStore(KnnStore):
@@ -97,6 +101,7 @@ class EdgeStore(KnnStore):
                 "shard number and replication factor apply to Qdrant server collections; "
                 "the embedded store is one shard"
             )
+        self._require_space("create a collection")
         if (self.path / SHARD_DIR).exists():
             self._discard_unfinished_shard()
         try:
@@ -134,6 +139,12 @@ class EdgeStore(KnnStore):
     def _open_shard(self, meta: CollectionMeta, *, create: bool = False) -> qe.EdgeShard:
         shard_path = self.path / SHARD_DIR
         config = _edge_config(meta, self.search_threads)
+        if not create:
+            # Loading replays the write-ahead log into the segments and may fill the holes
+            # of their sparse memory-mapped files (it does on tmpfs).
+            wal = _allocated(shard_path / "wal")
+            holes = _holes(shard_path / "segments")
+            self._require_space("open it", wal + holes, spare=OPEN_SPARE_BYTES)
         try:
             if create:
                 return qe.EdgeShard.create(str(shard_path), config)
@@ -143,6 +154,8 @@ class EdgeStore(KnnStore):
 
     def upsert(self, batch: PointBatch) -> None:
         shard = self._require_shard()
+        # the log and the segments each hold a float32 copy of the key, and the payload
+        self._require_space("write points", len(batch) * (batch.keys.shape[1] * 8 + 1024))
         points = [
             qe.Point(pid, key, payload)
             for pid, key, payload in zip(batch.ids, batch.keys, batch.payloads, strict=True)
@@ -157,6 +170,8 @@ class EdgeStore(KnnStore):
     def finalize(self) -> None:
         if self._shard is None:
             return
+        # the optimizer may write every segment anew before it drops the old ones
+        self._require_space("build the index", _allocated(self.path / SHARD_DIR / "segments"))
         self._call("build the index", self._shard.optimize)
         self.flush()
         self.save_state()
@@ -187,6 +202,29 @@ class EdgeStore(KnnStore):
     def save_policy(self, policy: dict[str, Any]) -> None:
         self._require_shard()
         _write_atomically(self.path / POLICY_FILE, json.dumps(policy, indent=1))
+
+    def _require_space(self, what: str, needed: int = 0, *, spare: int = SPARE_BYTES) -> None:
+        """Refuse to ``what`` unless ``needed`` bytes and ``spare`` more are free.
+
+        Qdrant Edge writes through memory maps: a write that finds the disk full kills the
+        process with SIGBUS, with no error and no message, and on a full disk even opening
+        the store (which replays its log) does. Stopping while space is left turns that
+        into an error after which the store still opens and a rerun resumes.
+        """
+        folder = self.path
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            return  # nothing to measure with; the write itself will tell
+        wanted = needed + spare
+        if free < wanted:
+            raise StoreUnavailable(
+                f"only {_megabytes(free)} free on the disk of {self.path}, too little to "
+                f"{what} ({_megabytes(wanted)} wanted: Qdrant Edge cannot survive a disk that "
+                "fills up mid-write); free some space, then run the same command again"
+            )
 
     def _require_shard(self) -> qe.EdgeShard:
         if self._shard is None:
@@ -254,10 +292,24 @@ class EdgeStore(KnnStore):
 
     def _facet(self, field: str) -> dict[str, int]:
         request = qe.FacetRequest(key=field, limit=FACET_LIMIT, exact=True)
-        facets = self._call(f"count points per {field}", self._require_shard().facet, request)
+        try:
+            facets = self._call(f"count points per {field}", self._require_shard().facet, request)
+        except StoreError as exc:
+            # Every collection is made with this index: without it, segments were lost.
+            if field not in self.indexed_fields():
+                raise StoreDamaged(
+                    f"collection {self.name!r} has lost its payload index on {field!r} (files "
+                    "under shard/segments deleted?); it is damaged: remove its folder and "
+                    "ingest again"
+                ) from exc
+            raise
         return {str(hit.value): hit.count for hit in facets.hits}
 
     def _delete(self, filter: PointFilter) -> None:
+        # The recorded count goes down first: killed in between, check sees more points than
+        # recorded (fine), never fewer (which it reports as lost).
+        remaining = self.count() - self._count(filter)
+        _write_atomically(self.path / STATE_FILE, json.dumps({"points": remaining}))
         operation = qe.UpdateOperation.delete_points_by_filter(_filter(filter))
         self._call("delete points", self._require_shard().update, operation)
         self.flush()
@@ -289,7 +341,8 @@ def _edge_config(meta: CollectionMeta, search_threads: int | None) -> qe.EdgeCon
         hnsw_config=qe.HnswIndexConfig(
             m=s.hnsw_m,
             ef_construct=s.hnsw_ef_construct,
-            full_scan_threshold=10_000,  # KB, Qdrant's default
+            # KB: a segment below it is scanned; with an indexing threshold, the same one
+            full_scan_threshold=s.indexing_threshold_kb or 10_000,
             memory=qe.Memory.Cold if s.index_on_disk else qe.Memory.Cached,
         ),
         optimizers=qe.EdgeOptimizersConfig(indexing_threshold=s.indexing_threshold_kb)
@@ -350,7 +403,7 @@ def _open_error(shard_path: Path, exc: Exception, *, create: bool) -> StoreError
     if "WAL" in text:
         return StoreDamaged(
             f"the write-ahead log of {shard_path} is unreadable ({text}); the collection is "
-            "damaged: `knnlm check` tells more, or remove it and ingest again"
+            "damaged: remove its folder and ingest again"
         )
     return StoreDamaged(f"cannot open Qdrant Edge store {shard_path}: {text}")
 
@@ -380,6 +433,31 @@ def _write_atomically(path: Path, text: str) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def _allocated(folder: Path) -> int:
+    """Bytes the files under ``folder`` take on disk (their memory maps are sparse)."""
+    return _sum_stat(folder, lambda st: st.st_blocks * 512)
+
+
+def _holes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` not on disk yet: what writing them may take."""
+    return _sum_stat(folder, lambda st: max(st.st_size - st.st_blocks * 512, 0))
+
+
+def _sum_stat(folder: Path, measure: Callable[[os.stat_result], int]) -> int:
+    total = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += measure(os.stat(os.path.join(root, name)))
+            except OSError:  # gone meanwhile
+                continue
+    return total
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
 
 
 def _first_line(exc: BaseException) -> str:

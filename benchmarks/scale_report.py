@@ -1,0 +1,169 @@
+"""Tables (``results.md``) and plots of ``benchmarks/scale.py``'s stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LABELS = {
+    "base": "base LM",
+    "paper": "lambda 0.25, T 1",
+    "fixed": "fixed lambda",
+    "buckets": "64 d_min buckets",
+    "cosine-buckets": "64 cosine buckets",
+    "learned": "learned (MLP)",
+}
+
+
+def write_report(bench: Path, out: Path) -> None:
+    def load(name: str) -> Any:
+        path = bench / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    lines = ["# The datastore at scale: SmolLM2-135M on the Linux kernel docs", ""]
+    sizes = load("sizes")
+    if sizes:
+        lines += _sizes_table(sizes)
+    configs = load("configs")
+    if configs:
+        lines += _configs_table(configs)
+    k = load("k")
+    if k:
+        lines += ["## The cost of k (1M points, policies retuned per k)", ""]
+        lines += ["| k | base | paper default | 64 d_min buckets | learned | ms/query |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for kk, row in k.items():
+            t = row["test"]
+            lines.append(
+                f"| {kk} | {t['base']:.3f} | {t['paper']:.3f} | {t['buckets']:.3f} | "
+                f"{t['learned']:.3f} | {row['ms_per_query']:.2f} |"
+            )
+        lines.append("")
+    throughput = load("throughput")
+    if throughput:
+        lines += ["## Eval throughput (test split, both measured in the same run)", ""]
+        lines += ["| datastore | search | gate | base LM tok/s | kNN-LM tok/s | ratio |"]
+        lines += ["|---|---|---|---|---|---|"]
+        for label, row in throughput.items():
+            lines.append(
+                f"| {label.split(' ')[0]} | {row['search']} | {'yes' if row['gate'] else 'no'} "
+                f"| {row['base_tokens_per_s']:.0f} | {row['knn_tokens_per_s']:.0f} | "
+                f"**{row['ratio']:.2f}x** |"
+            )
+        lines.append("")
+    ingest = load("ingest_speed")
+    if ingest:
+        lines += [
+            "## Ingest speed at 1M points",
+            "",
+            f"LM-only forward {ingest['lm_only_tokens_per_s']:.0f} tok/s, ingest "
+            f"{ingest['ingest_tokens_per_s']:.0f} tok/s: **{ingest['ratio']:.2f}x** "
+            f"({ingest['tokens']:,} tokens in turns, batch {ingest['batch_size']}).",
+            "",
+        ]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    _plots(sizes, throughput, out)
+
+
+def _sizes_table(sizes: dict[str, Any]) -> list[str]:
+    names = list(sizes)
+    lines = ["## Test perplexity by datastore size (exact float32 search, k=1024)", ""]
+    lines += [
+        "| policy (fitted on validation) | "
+        + " | ".join(f"{sizes[n]['points']:,} points" for n in names)
+        + " |"
+    ]
+    lines += ["|---|" + "---|" * len(names)]
+    for policy, label in LABELS.items():
+        cells = []
+        for n in names:
+            value, base = sizes[n]["test"][policy], sizes[n]["test"]["base"]
+            change = "" if policy == "base" else f" ({100 * (value / base - 1):+.1f}%)"
+            cells.append(f"{value:.3f}{change}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    cells = []
+    for n in names:
+        g = sizes[n]["gate"]
+        if g["threshold"] is None:
+            cells.append("none")
+        else:
+            cells.append(f"{g['test_perplexity']:.3f}, {100 * g['test_skipped']:.0f}% skipped")
+    lines.append("| buckets + retrieval gate | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _configs_table(configs: dict[str, Any]) -> list[str]:
+    lines = ["## Storage settings at 1M points (test queries, k=1024)", ""]
+    lines += [
+        "| setting | search | ms/query | recall@k | test ppl | vs exact | disk B/pt "
+        "| RSS B/pt (anon + file) | copy s |"
+    ]
+    lines += ["|---|---|---|---|---|---|---|---|---|"]
+    for name, row in configs.items():
+        for label, s in row["searches"].items():
+            lines.append(
+                f"| {name} | {label} | {s['ms_per_query']:.2f} | {s['recall']:.3f} | "
+                f"{s['test_perplexity']:.3f} | {s['change_vs_exact_percent']:+.2f}% | "
+                f"{row['disk_bytes_per_point']:.0f} | {row['rss_bytes_per_point']:.0f} "
+                f"({row['rss_anon_bytes_per_point']:.0f} + {row['rss_file_bytes_per_point']:.0f})"
+                f" | {row['copy_seconds'] or 0:.0f} |"
+            )
+    lines.append("")
+    return lines
+
+
+def _plots(sizes: dict[str, Any] | None, throughput: dict[str, Any] | None, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if sizes:
+        points = [sizes[n]["points"] for n in sizes]
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for policy in ("base", "paper", "fixed", "buckets", "learned"):
+            ax.plot(
+                points,
+                [sizes[n]["test"][policy] for n in sizes],
+                marker="o",
+                label=LABELS[policy],
+                linestyle="--" if policy == "base" else "-",
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("datastore size (points = stored tokens)")
+        ax.set_ylabel("test perplexity")
+        ax.set_title("kernel docs, SmolLM2-135M: perplexity vs datastore size")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "ppl_vs_datastore_size.png", dpi=120)
+        plt.close(fig)
+    if throughput and sizes:
+        rows = [(label, row) for label, row in throughput.items() if "(no gate)" not in label]
+        ungated = {
+            label.split(" ")[0]: row for label, row in throughput.items() if "(no gate)" in label
+        }
+        by_size = {n: sizes[n]["points"] for n in sizes}
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        xs = [by_size[label.split("/")[0]] for label, _ in rows]
+        ax.plot(xs, [r["base_tokens_per_s"] for _, r in rows], marker="o", label="base LM")
+        ax.plot(xs, [r["knn_tokens_per_s"] for _, r in rows], marker="o", label="kNN-LM (gate)")
+        if ungated:
+            ax.plot(
+                [by_size[k.split("/")[0]] for k in ungated],
+                [r["knn_tokens_per_s"] for r in ungated.values()],
+                marker="o",
+                label="kNN-LM (no gate)",
+            )
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("datastore size (points)")
+        ax.set_ylabel("eval tokens/s (2 CPU cores)")
+        ax.set_title("eval throughput vs datastore size")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "throughput_vs_datastore_size.png", dpi=120)
+        plt.close(fig)

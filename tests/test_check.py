@@ -1,0 +1,327 @@
+"""``knnlm check``, and the quick check ``knnlm info`` runs: a sound collection passes on both
+engines; every kind of damage that can be made by hand fails, with a finding that names it.
+
+One Edge collection is built per module; each damage test breaks a copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import Result
+
+from knn_store.errors import StoreError
+from knn_store.store.base import PointBatch
+from knn_store.store.point_ids import document_hash, document_key, make_point_ids
+from tests.conftest import CORPUS_LINES
+from tests.files import corrupt_wal, truncate_vector_files
+from tests.files import write as _write
+from tests.test_cli import Knnlm, _json_ok, _one_line_error
+
+_FINDING = re.compile(r"^(.{22}) (ok  |FAIL)  (.*)$")
+SOUND = [
+    "record",
+    "payload indexes",
+    "point counts",
+    "policy",
+    "keys (exact scan)",
+    "keys (every point)",
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_knnlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.upper().startswith("KNNLM_"):
+            monkeypatch.delenv(name)
+
+
+def _corpus(root: Path) -> Path:
+    for i, line in enumerate(CORPUS_LINES):
+        _write(root / f"doc{i}.txt", line * 3)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Path:
+    """A sound Edge collection 'test', built once; tests damage copies of it."""
+    root = tmp_path_factory.mktemp("check")
+    knnlm = Knnlm(root, tiny_models["gpt2"])
+    _json_ok(knnlm.ingest(str(_corpus(root / "corpus")), "-q", "--json"))
+    return knnlm.data_dir / "test"
+
+
+@pytest.fixture
+def copy(pristine: Path, tmp_path: Path, tiny_models: dict[str, Path]) -> tuple[Knnlm, Path]:
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    shutil.copytree(pristine, knnlm.data_dir / "test")
+    return knnlm, knnlm.data_dir / "test"
+
+
+def _check(knnlm: Knnlm, *args: str) -> tuple[Result, dict[str, tuple[bool, str]]]:
+    """Run `knnlm check -q` and parse its findings (what -> (ok, detail))."""
+    result = knnlm("check", *knnlm.store_args(), "-q", *args)
+    assert "Traceback" not in result.output
+    assert isinstance(result.exception, SystemExit | None), repr(result.exception)
+    findings = {}
+    for line in result.stdout.splitlines():
+        match = _FINDING.match(line)
+        if match:
+            findings[match[1].strip()] = (match[2] == "ok  ", match[3])
+    return result, findings
+
+
+def _assert_sound(knnlm: Knnlm, *args: str) -> dict[str, tuple[bool, str]]:
+    result, findings = _check(knnlm, *args)
+    assert result.exit_code == 0, result.output
+    assert list(findings) == SOUND
+    assert all(ok for ok, _ in findings.values()), findings
+    assert result.stdout.splitlines()[-1] == "collection 'test' is sound"
+    info = knnlm.info(*args)
+    assert info.exit_code == 0, info.output
+    return findings
+
+
+def _assert_damaged(knnlm: Knnlm, what: str, *fragments: str) -> str:
+    """check exits 1 with ``what`` failed (its detail holding ``fragments``), and info
+    refuses the collection in one line; returns the failed detail."""
+    result, findings = _check(knnlm)
+    assert result.exit_code == 1, result.output
+    assert what in findings, (what, result.stdout)
+    ok, detail = findings[what]
+    assert not ok, (what, detail)
+    for fragment in fragments:
+        assert fragment in detail, (fragment, detail)
+    if what != "open":
+        assert result.stderr.strip().splitlines()[-1] == "collection 'test' is damaged"
+        _one_line_error(knnlm.info(), "'test'", "damaged")
+    else:
+        _one_line_error(knnlm.info(), *fragments)
+    return detail
+
+
+# --- sound collections -----------------------------------------------------------------------
+
+
+def test_a_sound_edge_collection_passes(copy: tuple[Knnlm, Path]) -> None:
+    knnlm, _ = copy
+    findings = _assert_sound(knnlm)
+    points = knnlm.info_json()["points"]
+    assert f"{points:,} points; engine {points:,}" in findings["point counts"][1]
+    assert f"read {points:,} points" in findings["keys (every point)"][1]
+
+
+def test_a_sound_local_mode_collection_passes(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    knnlm = Knnlm(tmp_path, tiny_models["llama"])
+    local = ("--backend", "local")
+    _json_ok(knnlm.ingest(str(_corpus(tmp_path / "corpus")), *local, "-q", "--json"))
+    findings = _assert_sound(knnlm, *local)
+    assert findings["record"][1].startswith("llama, key ffn_input, 32-d")
+
+
+def test_still_sound_after_a_domain_drop_and_with_a_policy(
+    copy: tuple[Knnlm, Path], tmp_path: Path
+) -> None:
+    knnlm, collection = copy
+    extra = _write(tmp_path / "extra.txt", "while True:\n    break\n" * 3)
+    _json_ok(knnlm.ingest(str(extra), "--domain", "extra", "-q", "--json"))
+    _assert_sound(knnlm)
+    dropped = knnlm("domains", "drop", "extra", "--yes", *knnlm.store_args())
+    assert dropped.exit_code == 0, dropped.output
+    (collection / "policy.json").write_text(json.dumps(_policy(collection)))
+    findings = _assert_sound(knnlm)
+    assert findings["policy"][1] == "fixed, T=2"
+
+
+def _policy(collection: Path, **changes: object) -> dict[str, object]:
+    """A saved policy record as `knnlm tune` writes it, for this collection's model."""
+    meta = json.loads((collection / "meta.json").read_text())
+    policy: dict[str, object] = {
+        "policy": {"kind": "fixed", "lambda": 0.3},
+        "temperature": 2.0,
+        "k": 8,
+        "model_fingerprint": meta["model_fingerprint"],
+        "key_type": meta["key_type"],
+        "gate": None,
+        "domains": [],
+        "report": {},
+        "saved": "2026-01-01T00:00:00+00:00",
+    }
+    policy.update(changes)
+    return policy
+
+
+# --- damage ----------------------------------------------------------------------------------
+
+
+def _delete_segments(collection: Path) -> None:
+    shutil.rmtree(collection / "shard" / "segments")
+
+
+def _truncate_payloads(collection: Path) -> None:
+    for file in collection.glob("shard/segments/*/payload_storage/page_*.dat"):
+        file.write_bytes(b"")
+
+
+def _set_meta(collection: Path, **changes: object) -> None:
+    meta = json.loads((collection / "meta.json").read_text())
+    meta.update(changes)
+    (collection / "meta.json").write_text(json.dumps(meta))
+
+
+# (damage, the finding that must fail, fragments of its detail)
+DAMAGE: dict[str, tuple[Callable[[Path], object], str, tuple[str, ...]]] = {
+    "vector file cut to 0 bytes": (truncate_vector_files, "keys (exact scan)", ("read back",)),
+    "segments folder deleted": (_delete_segments, "payload indexes", ("doc", "domain")),
+    "payload pages cut to 0 bytes": (_truncate_payloads, "keys (every point)", ("stopped",)),
+    "write-ahead log garbled": (corrupt_wal, "open", ("write-ahead log",)),
+    "shard folder deleted": (
+        lambda c: shutil.rmtree(c / "shard"),
+        "open",
+        ("shard folder", "missing"),
+    ),
+    "shard settings garbled": (
+        lambda c: (c / "shard" / "edge_config.json").write_text("{"),
+        "open",
+        ("edge_config.json",),
+    ),
+    "record is not JSON": (lambda c: (c / "meta.json").write_text("{"), "open", ("meta.json",)),
+    "record without a dimension": (
+        lambda c: _set_meta(c, dim=None),
+        "open",
+        ("invalid dimension",),
+    ),
+    "record with another dimension": (lambda c: _set_meta(c, dim=16), "open", ("16",)),
+    "state says more points": (
+        lambda c: (c / "state.json").write_text('{"points": 1000000}'),
+        "point counts",
+        ("lost since the last write",),
+    ),
+    "state is not JSON": (
+        lambda c: (c / "state.json").write_text("[1,"),
+        "point counts",
+        ("state.json",),
+    ),
+    "policy is not JSON": (
+        lambda c: (c / "policy.json").write_text("{"),
+        "policy",
+        ("policy.json",),
+    ),
+    "policy with a NaN temperature": (
+        lambda c: (c / "policy.json").write_text(json.dumps(_policy(c, temperature=math.nan))),
+        "policy",
+        ("T=nan",),
+    ),
+    "learned policy with mismatched layers": (
+        lambda c: (c / "policy.json").write_text(
+            json.dumps(
+                _policy(
+                    c,
+                    policy={
+                        "kind": "learned",
+                        "features": ["d_min", "cosine"],
+                        "mean": [0, 0],
+                        "std": [1, 1],
+                        "layers": [[[[1.0, 2.0, 3.0]], [0.0]]],
+                    },
+                )
+            )
+        ),
+        "policy",
+        ("unreadable", "layer 0"),
+    ),
+    "policy for another model": (
+        lambda c: (c / "policy.json").write_text(
+            json.dumps(_policy(c, model_fingerprint="another"))
+        ),
+        "policy",
+        ("another model",),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_damage_is_found_and_named(copy: tuple[Knnlm, Path], name: str) -> None:
+    knnlm, collection = copy
+    damage, what, fragments = DAMAGE[name]
+    damage(collection)
+    _assert_damaged(knnlm, what, *fragments)
+
+
+def test_a_lost_segment_fails_the_counts_and_the_commands_that_need_its_index(
+    copy: tuple[Knnlm, Path],
+) -> None:
+    knnlm, collection = copy
+    _delete_segments(collection)
+    _, findings = _check(knnlm)
+    ok, detail = findings["point counts"]
+    assert not ok
+    assert "lost its payload index on 'domain'" in detail, detail
+    # what the write-ahead log still held is counted, and compared with the last write
+    assert re.match(r"^[\d,]+ points; engine [\d,]+", detail), detail
+    _one_line_error(knnlm("domains", "list", *knnlm.store_args()), "payload index", "'domain'")
+
+
+def _nan_points(n: int, dim: int) -> PointBatch:
+    h = document_hash("nan", "nan")
+    ids = make_point_ids(h, np.arange(n), np.zeros(n, dtype=np.int64))
+    payloads = [
+        {"domain": "nan", "doc": document_key(h), "source": "x", "offset": i, "context": ""}
+        for i in range(n)
+    ]
+    return PointBatch(ids=ids, keys=np.full((n, dim), np.nan, np.float32), payloads=payloads)
+
+
+def test_keys_holding_nan_are_found_or_refused(
+    copy: tuple[Knnlm, Path], tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    from knn_store.store.client import QdrantClientStore
+    from knn_store.store.edge import EdgeStore
+
+    knnlm, collection = copy
+    with EdgeStore(collection, create=False) as store:
+        store.upsert(_nan_points(200, 32))
+        store.finalize()
+    detail = _assert_damaged(knnlm, "keys (every point)", "NaN or infinite")
+    assert detail.startswith("200 of ")
+
+    local = Knnlm(tmp_path / "local", tiny_models["gpt2"])
+    flags = ("--backend", "local")
+    _json_ok(local.ingest(str(_corpus(tmp_path / "corpus")), *flags, "-q", "--json"))
+    with (
+        QdrantClientStore.local(
+            local.data_dir / "qdrant-local", collection="test", create=False
+        ) as store,
+        pytest.raises(StoreError, match="NaN"),
+    ):
+        store.upsert(_nan_points(200, 32))  # local mode refuses them at the door
+    _assert_sound(local, *flags)
+
+
+def test_a_local_collection_not_made_by_knnlm_is_refused(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    from qdrant_client import QdrantClient, models
+
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    client = QdrantClient(path=str(knnlm.data_dir / "qdrant-local"))
+    client.create_collection(
+        "test", vectors_config=models.VectorParams(size=4, distance=models.Distance.EUCLID)
+    )
+    client.close()
+    result = knnlm("check", *knnlm.store_args(), "--backend", "local", "-q")
+    _one_line_error(result, "not made by knnlm")
+
+
+def test_check_of_a_missing_collection(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    _one_line_error(knnlm("check", *knnlm.store_args(), "-q"), "no collection 'test'")
+    assert not knnlm.data_dir.exists()
