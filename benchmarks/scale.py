@@ -140,6 +140,25 @@ class Bench:
             **changes,
         )
 
+    def copy(self, name: str, storage: Any, flt: Any = None) -> float:
+        """Seconds to copy the 1M collection (the points ``flt`` selects) into ``name``."""
+        from knn_store import open_store
+        from knn_store.store.transfer import copy_collection
+
+        with (
+            open_store(self.settings(collection("1m"))) as source,
+            open_store(self.settings(name), create=True) as target,
+        ):
+            started = time.perf_counter()
+            copy_collection(
+                source,
+                target,
+                storage=storage,
+                filter=flt,
+                checkpoint_dir=self.work / "data" / ".transfers",
+            )
+            return time.perf_counter() - started
+
     def saved(self, name: str) -> dict[str, Any] | None:
         path = self.out / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else None
@@ -302,7 +321,6 @@ class Bench:
         from knn_store import StorageConfig, open_store
         from knn_store.saved_policy import SavedPolicy
         from knn_store.store.base import PointFilter
-        from knn_store.store.transfer import copy_collection
         from knn_store.tuning import fit_gate, tune
 
         tiers = self.tiers()
@@ -311,22 +329,11 @@ class Bench:
             if size in results:
                 continue
             name = collection(size)
-            if size != "1m":
-                with (
-                    open_store(self.settings(collection("1m"))) as source,
-                    open_store(self.settings(name), create=True) as target,
-                ):
-                    started = time.perf_counter()
-                    copy_collection(
-                        source,
-                        target,
-                        storage=StorageConfig(),
-                        filter=PointFilter(docs=tuple(tiers[size])),
-                        checkpoint_dir=self.work / "data" / ".transfers",
-                    )
-                    copy_seconds = time.perf_counter() - started
-            else:
-                copy_seconds = None
+            copy_seconds = None
+            if size != "1m":  # float32 like the source: the exact reference
+                copy_seconds = self.copy(
+                    name, StorageConfig(), PointFilter(docs=tuple(tiers[size]))
+                )
             validation, test = self.tuning_data(size, "validation"), self.tuning_data(size, "test")
             tuned = tune(validation, test)
             gate = fit_gate(validation, tuned.policies["buckets"], max_cost=0.005, test=test)
@@ -368,8 +375,7 @@ class Bench:
     def configs(self, only: list[str] | None) -> None:
         """Each storage setting at 1M: copy time, disk and memory per point, and per search
         setting its speed, recall and test perplexity against the exact reference."""
-        from knn_store import StorageConfig, open_store
-        from knn_store.store.transfer import copy_collection
+        from knn_store import StorageConfig
 
         results = self.saved("configs") or {}
         for config, fields in CONFIGS.items():
@@ -377,22 +383,8 @@ class Bench:
                 continue
             name = collection("1m", config)
             copy_seconds = None
-            if config != "f32":
-                with (
-                    open_store(self.settings(collection("1m"))) as source,
-                    open_store(self.settings(name), create=True) as target,
-                ):
-                    started = time.perf_counter()
-                    copy_collection(
-                        source,
-                        target,
-                        storage=StorageConfig(**fields),
-                        checkpoint_dir=self.work / "data" / ".transfers",
-                    )
-                    copy_seconds = time.perf_counter() - started
-                    policy = source.load_policy()
-                    assert policy is not None, "run the sizes stage first"
-                    target.save_policy(policy)
+            if config != "f32":  # with the policy the sizes stage tuned on the source
+                copy_seconds = self.copy(name, StorageConfig(**fields))
             measured = json.loads(
                 subprocess.run(
                     [

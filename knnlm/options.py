@@ -55,18 +55,17 @@ STORAGE_OPTIONS = (
     "shard_number",
     "replication_factor",
 )
-SEARCH_OPTIONS = (
+# How retrieval searches (what tune takes), then how it weighs what it found.
+RETRIEVAL_OPTIONS = (
     "top_k",
-    "lmbda",
-    "temperature",
     "exact",
     "hnsw_ef",
     "rescore",
     "oversampling",
     "search_threads",
     "search_batch",
-    "gate",
 )
+SEARCH_OPTIONS = (*RETRIEVAL_OPTIONS, "lmbda", "temperature", "gate")
 
 
 def flag_name(field: str) -> str:

@@ -14,6 +14,7 @@ import click
 from knn_store.errors import ConfigError
 from knnlm.options import (
     MODEL_OPTIONS,
+    RETRIEVAL_OPTIONS,
     STORE_OPTIONS,
     corpus_options,
     options,
@@ -71,17 +72,7 @@ LABELS = {
     "saved policy within this many percent; 0 fits no gate.",
 )
 @search_domain_option
-@options(
-    *MODEL_OPTIONS,
-    *STORE_OPTIONS,
-    "top_k",
-    "exact",
-    "hnsw_ef",
-    "rescore",
-    "oversampling",
-    "search_threads",
-    "search_batch",
-)
+@options(*MODEL_OPTIONS, *STORE_OPTIONS, *RETRIEVAL_OPTIONS)
 @output_options
 def tune(
     paths: tuple[str, ...],

@@ -82,6 +82,14 @@ def build_tiny_model(directory: Path, arch: str, *, seed: int = 0) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def _no_knnlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test decides the KNNLM_* variables it runs with."""
+    for name in list(os.environ):
+        if name.upper().startswith("KNNLM_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")

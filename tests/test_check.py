@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -35,13 +34,6 @@ SOUND = [
     "keys (exact scan)",
     "keys (every point)",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _no_knnlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("KNNLM_"):
-            monkeypatch.delenv(name)
 
 
 def _corpus(root: Path) -> Path:

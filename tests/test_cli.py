@@ -102,14 +102,6 @@ def _one_line_error(result: Result, *fragments: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(autouse=True)
-def _no_knnlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tests decide every KNNLM_* variable themselves."""
-    for name in list(os.environ):
-        if name.upper().startswith("KNNLM_"):
-            monkeypatch.delenv(name)
-
-
 @pytest.fixture
 def knnlm(tmp_path: Path, tiny_models: dict[str, Path]) -> Knnlm:
     return Knnlm(tmp_path, tiny_models["gpt2"])

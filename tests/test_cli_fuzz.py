@@ -269,13 +269,6 @@ def _snapshot(data_dir: Path) -> tuple[int | None, dict[str, bytes | None], list
     return points, collection_files(collection), sorted(p.name for p in data_dir.iterdir())
 
 
-@pytest.fixture(autouse=True)
-def _no_knnlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("KNNLM_"):
-            monkeypatch.delenv(name)
-
-
 def _is_clean_exit(name: str, args: list[str], result: Result) -> list[str]:
     """What is wrong with how a command ended (nothing, for a clean exit)."""
     problems = []

@@ -28,7 +28,7 @@ from knn_store.store.config import SearchOptions
 from knn_store.store.edge import EdgeStore
 from knn_store.store.point_ids import document_hash, make_point_ids
 from tests.reference import brute_force_knn
-from tests.test_cli import Knnlm, _json_ok, _no_knnlm_environment, _one_line_error  # noqa: F401
+from tests.test_cli import Knnlm, _json_ok, _one_line_error
 
 DIM, N, VOCAB = 16, 800, 50
 STORAGES = [

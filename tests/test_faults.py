@@ -33,13 +33,6 @@ KILL_TRIALS = 20
 KILL_SEED = 9
 
 
-@pytest.fixture(autouse=True)
-def _no_knnlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("KNNLM_"):
-            monkeypatch.delenv(name)
-
-
 def _corpus(root: Path, n_files: int) -> Path:
     rng = np.random.default_rng(0)
     words = ["def", "add", "return", "class", "Stack", "push", "self", "print", "range", "for"]

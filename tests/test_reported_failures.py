@@ -32,13 +32,6 @@ from tests.test_cli import Knnlm, _json_ok, _one_line_error
 HELD_OUT = "while queue:\n    item = queue.pop()\n    yield item * 2\n"
 
 
-@pytest.fixture(autouse=True)
-def _no_knnlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("KNNLM_"):
-            monkeypatch.delenv(name)
-
-
 @pytest.fixture
 def knnlm(tmp_path: Path, tiny_models: dict[str, Path]) -> Knnlm:
     return Knnlm(tmp_path, tiny_models["gpt2"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli import Knnlm, _json_ok, _no_knnlm_environment  # noqa: F401
+from tests.test_cli import Knnlm, _json_ok
 
 URL = os.environ.get("QDRANT_URL")
 pytestmark = [

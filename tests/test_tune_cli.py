@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,6 @@ TEST = [
     "def sub(a, b):\n    return a - b\n",
     "import sys\nprint(sys.argv)\nThe quick brown fox jumps.\n",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _no_knnlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("KNNLM_"):
-            monkeypatch.delenv(name)
 
 
 @pytest.fixture
