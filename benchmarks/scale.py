@@ -41,6 +41,7 @@ from benchmarks.kernel_docs import make_splits  # noqa: E402
 SIZES = {"100k": 100_000, "300k": 300_000, "1m": None}  # None: every datastore file
 DOMAIN = "kernel-docs"
 K = 1024
+GATE_MAX_COST = 0.002  # `knnlm tune --gate-max-cost 0.2`, the default
 WINDOW, STRIDE = 512, 256
 
 # Storage settings measured at 1M points; the first is the source the others are copied from.
@@ -336,11 +337,11 @@ class Bench:
                 )
             validation, test = self.tuning_data(size, "validation"), self.tuning_data(size, "test")
             tuned = tune(validation, test)
-            gate = fit_gate(validation, tuned.policies["buckets"], max_cost=0.005, test=test)
+            chosen = tuned.policies["buckets"]
+            gate = fit_gate(validation, chosen, max_cost=GATE_MAX_COST, test=test)
             with open_store(self.settings(name)) as store:
                 meta = store.meta
                 assert meta is not None
-                chosen = tuned.policies["buckets"]
                 store.save_policy(
                     SavedPolicy(
                         policy=chosen.policy,
@@ -495,7 +496,7 @@ class Bench:
     def throughput(self, chosen: str) -> None:
         """Eval tokens/s of the base LM and of the kNN-LM on the test split, in turns of
         chunks of documents in one process, so both see the same machine; per size."""
-        from knn_store import open_session
+        from knn_store import open_session, open_store
 
         texts = self.texts("test")
         chunks = [texts[i::3] for i in range(3)]
@@ -503,6 +504,12 @@ class Bench:
         for size in SIZES:
             name = collection(size, chosen) if size == "1m" else collection(size)
             key = f"{size}/{'chosen' if size == '1m' else 'f32'}"
+            if size == "1m":  # the policy and gate tuned on the source
+                with (
+                    open_store(self.settings(collection("1m"))) as source,
+                    open_store(self.settings(name)) as target,
+                ):
+                    target.save_policy(source.load_policy())  # type: ignore[arg-type]
             for gate in (True, False):
                 label = f"{key}{'' if gate else ' (no gate)'}"
                 if label in results:

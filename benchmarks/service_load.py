@@ -142,9 +142,9 @@ def mismatch(got: dict[str, Any], want: dict[str, Any]) -> str | None:
         return f"{got['tokens_count']} tokens, eval {want['tokens']}"
     for key in ("base_perplexity", "knn_perplexity"):
         mine, theirs = got[key], want[key]
-        if mine is None and math.isinf(theirs):
+        if mine is None and theirs is None:  # both infinite (JSON null)
             continue
-        if mine is None or not math.isclose(mine, theirs, rel_tol=RTOL):
+        if mine is None or theirs is None or not math.isclose(mine, theirs, rel_tol=RTOL):
             return f"{key} {mine}, eval {theirs}"
     return None
 

@@ -65,7 +65,7 @@ LABELS = {
 )
 @click.option(
     "--gate-max-cost",
-    default=0.5,
+    default=0.2,
     show_default=True,
     type=click.FloatRange(0.0, 100.0),
     help="Retrieval gate: skip as many searches as keeps the validation perplexity of the "

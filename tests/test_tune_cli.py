@@ -243,3 +243,53 @@ def knnlm_tokens(knnlm: Knnlm, text: str) -> list[int]:
 
     tokenizer = AutoTokenizer.from_pretrained(str(knnlm.model))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_the_gate_is_saved_and_eval_reproduces_its_numbers(
+    knnlm: Knnlm, splits: tuple[Path, Path]
+) -> None:
+    """A generous budget makes the gate skip searches; eval then skips the same share of the
+    test tokens and gives tune's gated test perplexity; --no-gate gives the ungated one."""
+    validation, test = splits
+    report = _json_ok(
+        _run(
+            knnlm,
+            "tune",
+            str(validation),
+            "--test",
+            str(test),
+            "--exact",
+            "--buckets",
+            "4",
+            "--gate-max-cost",
+            "50",
+            "-q",
+            "--json",
+        )
+    )
+    gate = report["gate"]
+    assert gate["threshold"] is not None
+    assert 0 < gate["validation"]["skipped_share"] <= 1
+    assert gate["validation"]["change_percent"] <= 50 + 1e-6  # within the budget
+    gated = _json_ok(_run(knnlm, "eval", str(test), "--exact", "-q", "--json"))
+    assert gated["gate"]["threshold"] == pytest.approx(gate["threshold"])
+    assert gated["skipped_share"] == pytest.approx(gate["test"]["skipped_share"])
+    assert gated["searches"] == round(gated["tokens"] * (1 - gate["test"]["skipped_share"]))
+    assert gated["knn_perplexity"] == pytest.approx(gate["test"]["perplexity"], rel=1e-4)
+    ungated = _json_ok(_run(knnlm, "eval", str(test), "--exact", "--no-gate", "-q", "--json"))
+    assert ungated["skipped_share"] == 0 and ungated["gate"] is None
+    assert ungated["knn_perplexity"] == pytest.approx(
+        report["policies"]["buckets"]["test_perplexity"], rel=1e-4
+    )
+    assert knnlm.info_json()["policy"]["gate_threshold"] == pytest.approx(gate["threshold"])
+    # an explicit lambda is a fixed policy, which the gate was not fitted for
+    fixed = _json_ok(_run(knnlm, "eval", str(test), "--lambda", "0.3", "-q", "--json"))
+    assert fixed["gate"] is None and fixed["skipped_share"] == 0
+
+
+def test_a_zero_gate_budget_saves_no_gate(knnlm: Knnlm, splits: tuple[Path, Path]) -> None:
+    validation, test = splits
+    report = _json_ok(_run(knnlm, "tune", str(validation), "--gate-max-cost", "0", "-q", "--json"))
+    assert "gate" not in report
+    evaluated = _json_ok(_run(knnlm, "eval", str(test), "-q", "--json"))
+    assert evaluated["gate"] is None and evaluated["searches"] == evaluated["tokens"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from knn_store.knn import knn_target_log_probs
+from knn_store.knn import interpolate, knn_target_log_probs
 from knn_store.lambdas import (
     FEATURES,
     BucketLambda,
@@ -236,3 +236,40 @@ def test_cosine_feature_must_be_computed() -> None:
     )
     with pytest.raises(ValueError, match="cosine"):
         BucketLambda("cosine", [0.0], [0.1, 0.5])(f)
+
+
+def _gate_data(n: int = 4000, seed: int = 0) -> TuningData:
+    """Retrieval helps where the LM is unsure (high entropy) and hurts where it is sure."""
+    g = torch.Generator().manual_seed(seed)
+    entropy = torch.rand(n, generator=g) * 4
+    unsure = entropy > 2
+    sq = torch.sort(torch.rand(n, 8, generator=g) * 10 + 1, dim=1).values
+    ids = torch.randint(100, 200, (n, 8), generator=g, dtype=torch.int32)
+    targets = torch.where(unsure, ids[:, 0].long(), torch.full((n,), 7))  # found, or not
+    features = QueryFeatures(sq, ids, entropy, -entropy / 4, torch.rand(n, generator=g))
+    lm = torch.where(unsure, torch.full((n,), -4.0), torch.full((n,), -0.2))
+    return TuningData(features, targets, lm)
+
+
+def test_fit_gate_skips_where_retrieval_does_not_help_within_the_budget() -> None:
+    from knn_store.tuning import fit_fixed, fit_gate, gated_nll
+
+    data = _gate_data()
+    tuned = fit_fixed(data, 1.0)
+    ungated, _ = gated_nll(data, tuned, None)
+    fit = fit_gate(data, tuned, max_cost=0.01, test=_gate_data(seed=1))
+    assert fit.gate is not None
+    # the sure half gains nothing from retrieval (it only dilutes the LM): skipped
+    assert fit.validation_skipped >= 0.45
+    assert fit.validation_nll <= ungated + math.log1p(0.01) + 1e-9
+    assert fit.test_skipped is not None and abs(fit.test_skipped - fit.validation_skipped) < 0.05
+    # the cost is what skipping the chosen positions loses, computed by hand
+    searched = fit.gate(data.features.lm_entropy, data.features.lm_max_log_prob)
+    mixed = interpolate(
+        data.lm_target_log_probs, data.knn_log_probs(tuned.temperature), tuned.policy(data.features)
+    )
+    by_hand = -torch.where(searched, mixed, data.lm_target_log_probs).double().mean().item()
+    assert fit.validation_nll == pytest.approx(by_hand, rel=1e-9)
+    # no budget: a threshold can still skip positions that lose nothing or gain
+    strict = fit_gate(data, tuned, max_cost=0.0)
+    assert strict.gate is None or strict.validation_nll <= ungated + 1e-12
