@@ -95,7 +95,19 @@ def main() -> None:
     parser.add_argument("--config", help="(measure) the collection's config name")
     parser.add_argument("--only", nargs="*", help="(configs) measure only these configs")
     parser.add_argument("--chosen", default="f16-disk-turbo4", help="config for k/throughput")
+    parser.add_argument("--hnsw-ef", type=int, help="(throughput) search ef of the chosen")
+    parser.add_argument("--oversampling", type=float, help="(throughput) of the chosen")
+    parser.add_argument("--top-k", type=int, help="(throughput) k of the chosen")
     args = parser.parse_args()
+    search = {
+        key: value
+        for key, value in (
+            ("hnsw_ef", args.hnsw_ef),
+            ("oversampling", args.oversampling),
+            ("top_k", args.top_k),
+        )
+        if value is not None
+    }
     bench = Bench(args.work, args.results)
     if args.stage == "measure":
         print(json.dumps(bench.measure_in_process(args.config)))
@@ -106,7 +118,7 @@ def main() -> None:
         "sizes": bench.sizes,
         "configs": lambda: bench.configs(args.only),
         "k": lambda: bench.cost_of_k(args.chosen),
-        "throughput": lambda: bench.throughput(args.chosen),
+        "throughput": lambda: bench.throughput(args.chosen, search),
         "ingest-speed": lambda: bench.ingest_speed(args.chosen),
         "report": bench.report,
     }[args.stage]
@@ -131,15 +143,15 @@ class Bench:
     def settings(self, name: str, **changes: Any):
         from knn_store import KnnlmSettings
 
-        return KnnlmSettings(
-            data_dir=self.work / "data",
-            collection=name,
-            window=WINDOW,
-            stride=STRIDE,
-            key_type="ffn_input",
-            top_k=K,
-            **changes,
-        )
+        fields = {
+            "data_dir": self.work / "data",
+            "collection": name,
+            "window": WINDOW,
+            "stride": STRIDE,
+            "key_type": "ffn_input",
+            "top_k": K,
+        }
+        return KnnlmSettings(**{**fields, **changes})
 
     def copy(self, name: str, storage: Any, flt: Any = None) -> float:
         """Seconds to copy the 1M collection (the points ``flt`` selects) into ``name``."""
@@ -493,50 +505,58 @@ class Bench:
                 print(json.dumps({k: results[k]}), file=sys.stderr)
         self.save("k", results)
 
-    def throughput(self, chosen: str) -> None:
+    def throughput(self, chosen: str, search: dict[str, Any]) -> None:
         """Eval tokens/s of the base LM and of the kNN-LM on the test split, in turns of
-        chunks of documents in one process, so both see the same machine; per size."""
+        chunks of documents in one process, so both see the same machine: float32 at every
+        size, and the chosen setting at 1M with and without the retrieval gate."""
         from knn_store import open_session, open_store
 
         texts = self.texts("test")
         chunks = [texts[i::3] for i in range(3)]
         results = self.saved("throughput") or {}
-        for size in SIZES:
-            name = collection(size, chosen) if size == "1m" else collection(size)
-            key = f"{size}/{'chosen' if size == '1m' else 'f32'}"
-            if size == "1m":  # the policy and gate tuned on the source
-                with (
-                    open_store(self.settings(collection("1m"))) as source,
-                    open_store(self.settings(name)) as target,
-                ):
-                    target.save_policy(source.load_policy())  # type: ignore[arg-type]
-            for gate in (True, False):
-                label = f"{key}{'' if gate else ' (no gate)'}"
-                if label in results:
-                    continue
-                with open_session(self.settings(name, gate=gate)) as session:
-                    knn_lm = session.knn_lm
-                    base_t = knn_t = 0.0
-                    base_n = knn_n = 0
-                    for chunk in chunks:
-                        seqs = session.encode(chunk)
-                        started = time.perf_counter()
-                        base_n += sum(len(v.targets) for v in _lm_views(knn_lm, seqs))
-                        base_t += time.perf_counter() - started
-                        started = time.perf_counter()
-                        result = knn_lm.evaluate(seqs)
-                        knn_t += time.perf_counter() - started
-                        knn_n += result.tokens
-                    results[label] = {
-                        "collection": name,
-                        "base_tokens_per_s": base_n / base_t,
-                        "knn_tokens_per_s": knn_n / knn_t,
-                        "ratio": (knn_n / knn_t) / (base_n / base_t),
-                        "search": knn_lm.search.describe(knn_lm.k),
-                        "gate": knn_lm.gate is not None,
-                    }
-                self.save("throughput", results)
-                print(json.dumps({label: results[label]}), file=sys.stderr)
+        with (  # the policy and gate tuned on the float32 source
+            open_store(self.settings(collection("1m"))) as source,
+            open_store(self.settings(collection("1m", chosen))) as target,
+        ):
+            target.save_policy(source.load_policy())  # type: ignore[arg-type]
+        runs = [(size, "f32", True, {}) for size in SIZES]
+        runs += [("1m", chosen, gate, search) for gate in (True, False)]
+        for size, config, gate, changes in runs:
+            label = f"{size}/{config}{'' if gate else ' (no gate)'}"
+            if label in results:
+                continue
+            settings = self.settings(collection(size, config), gate=gate, **changes)
+            with open_session(settings) as session:
+                knn_lm = session.knn_lm
+                base_t = knn_t = search_t = 0.0
+                base_n = knn_n = searches = 0
+                nll = 0.0
+                for chunk in chunks:
+                    seqs = session.encode(chunk)
+                    started = time.perf_counter()
+                    base_n += sum(len(v.targets) for v in _lm_views(knn_lm, seqs))
+                    base_t += time.perf_counter() - started
+                    started = time.perf_counter()
+                    result = knn_lm.evaluate(seqs)
+                    knn_t += time.perf_counter() - started
+                    knn_n += result.tokens
+                    nll += result.knn_nll
+                    searches += result.queries
+                    search_t += result.search_seconds
+                results[label] = {
+                    "collection": settings.collection,
+                    "base_tokens_per_s": base_n / base_t,
+                    "knn_tokens_per_s": knn_n / knn_t,
+                    "ratio": (knn_n / knn_t) / (base_n / base_t),
+                    "knn_perplexity": math.exp(nll / knn_n),
+                    "skipped_share": 1 - searches / knn_n,
+                    "search_ms_per_query": 1000 * search_t / max(searches, 1),
+                    "search": knn_lm.search.describe(knn_lm.k, session.store.meta.storage),  # type: ignore[union-attr]
+                    "k": knn_lm.k,
+                    "gate": knn_lm.gate is not None,
+                }
+            self.save("throughput", results)
+            print(json.dumps({label: results[label]}), file=sys.stderr)
 
     def ingest_speed(self, chosen: str) -> None:
         """Ingest vs LM-only forward tokens/s on documents outside every split, written into
@@ -683,13 +703,16 @@ def _recall(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def _rss() -> dict[str, int]:
-    """Resident memory of this process, bytes: total, anonymous and file-backed."""
+    """Resident memory of this process, bytes: total, anonymous and file-backed.
+
+    Proportional set sizes (PSS): a file page mapped twice (Qdrant maps some files more
+    than once) counts once, where plain RSS would count it twice."""
     fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
         name, _, value = line.partition(":")
-        if name in ("VmRSS", "RssAnon", "RssFile"):
+        if name in ("Pss", "Pss_Anon", "Pss_File"):
             fields[name] = int(value.split()[0]) * 1024
-    return {"total": fields["VmRSS"], "anon": fields["RssAnon"], "file": fields["RssFile"]}
+    return {"total": fields["Pss"], "anon": fields["Pss_Anon"], "file": fields["Pss_File"]}
 
 
 def _du(folder: Path) -> int:

@@ -67,7 +67,8 @@ def copy_collection(
         copied += len(points)
         if on_batch is not None:
             on_batch(len(points))
-        if sends % 16 == 0 or next_offset is None:
+        if sends % 32 == 0 or next_offset is None:
+            target.flush()  # lets the engine trim its write-ahead log as it goes
             state.save(next_offset)
     target.finalize()
     expected, have = source.count(flt), target.count(flt)
