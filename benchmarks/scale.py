@@ -48,16 +48,16 @@ WINDOW, STRIDE = 512, 256
 CONFIGS: dict[str, dict[str, Any]] = {
     "f32": {"datatype": "float32"},
     "f16": {"datatype": "float16"},
-    "f16-int8": {"datatype": "float16", "quantization": "int8"},
-    "f16-turbo4": {"datatype": "float16", "quantization": "turbo4"},
-    "f16-binary": {"datatype": "float16", "quantization": "binary"},
-    "f16-disk-turbo8": {"datatype": "float16", "quantization": "turbo8", "vectors_on_disk": True},
+    "f16-disk-int8": {"datatype": "float16", "quantization": "int8", "vectors_on_disk": True},
     "f16-disk-turbo4": {"datatype": "float16", "quantization": "turbo4", "vectors_on_disk": True},
-    "f16-disk-turbo4-m8": {
+    "f16-disk-binary": {"datatype": "float16", "quantization": "binary", "vectors_on_disk": True},
+    "f16-disk-turbo4-m8-index-disk": {
         "datatype": "float16",
         "quantization": "turbo4",
         "vectors_on_disk": True,
+        "index_on_disk": True,
         "hnsw_m": 8,
+        "hnsw_ef_construct": 64,
     },
 }
 # Search settings tried on each storage setting: (name, SearchOptions fields).

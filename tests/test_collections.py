@@ -524,3 +524,19 @@ def test_uuid_ids_round_trip_through_scroll(tmp_path: Path) -> None:
         assert sorted(ids) == sorted(batch.ids)
         assert all(str(uuid.UUID(i)) == i for i in ids)
         store.close()
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+def test_drop_removes_the_whole_collection(kind: str, tmp_path: Path) -> None:
+    from knn_store import CollectionMissing
+
+    _, _, batch = _points(100)
+    store = _open(kind, tmp_path)
+    store.ensure_collection(_meta(StorageConfig()))
+    store.upsert(batch)
+    store.save_policy({"policy": {"kind": "fixed", "lambda": 0.3}})
+    store.drop()
+    assert store.meta is None and store.count() == 0
+    store.close()
+    with pytest.raises(CollectionMissing):
+        _open(kind, tmp_path, create=False)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from knn_store.errors import DimensionMismatch, StoreDamaged, StoreError
+from knn_store.errors import ConfigError, DimensionMismatch, StoreDamaged, StoreError
 from knn_store.store.config import SearchOptions, StorageConfig
 from knn_store.store.point_ids import tokens_from_ids
 
@@ -182,7 +182,7 @@ class CollectionMeta:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "storage"}
         try:
             meta = cls(**known, storage=StorageConfig.from_dict(data.get("storage")))
-        except (TypeError, ValueError, StoreError, KeyError) as exc:
+        except (TypeError, ValueError, ConfigError, KeyError) as exc:
             raise StoreDamaged(f"collection record is incomplete or invalid: {exc}") from exc
         if not isinstance(meta.dim, int) or meta.dim < 1:
             raise StoreDamaged(f"collection record has an invalid dimension {meta.dim!r}")
