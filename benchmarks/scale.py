@@ -396,8 +396,11 @@ class Bench:
                 continue
             name = collection("1m", config)
             copy_seconds = None
-            if config != "f32":  # with the policy the sizes stage tuned on the source
+            if config in (previous := self.saved("configs_copies") or {}):
+                copy_seconds = previous[config]  # copied before: measure only
+            elif config != "f32":  # with the policy the sizes stage tuned on the source
                 copy_seconds = self.copy(name, StorageConfig(**fields))
+                self.save("configs_copies", {**previous, config: copy_seconds})
             measured = json.loads(
                 subprocess.run(
                     [
@@ -419,8 +422,9 @@ class Bench:
             print(json.dumps({config: results[config]}, indent=1), file=sys.stderr)
 
     def measure_in_process(self, config: str) -> dict[str, Any]:
-        """In a fresh process: memory before and after opening the store and searching,
-        disk, and per search setting ms/query, recall@k and test perplexity."""
+        """In a fresh process: disk, memory after opening the store and after each search
+        setting (settings that read fewer pages come first: memory only grows), and per
+        search setting ms/query, recall@k and test perplexity."""
         import torch
 
         from knn_store import open_store
@@ -428,51 +432,64 @@ class Bench:
         from knn_store.store.config import SearchOptions
 
         torch.set_num_threads(2)
-        # Everything this process needs is loaded and allocated before the first reading,
-        # so the difference is the store's own memory.
+        name = collection("1m", config)
+        with open_store(self.settings(name)) as store:  # what to run, before measuring
+            quantized = store.meta.storage.quantization != "none"  # type: ignore[union-attr]
+        searches = (QUANTIZED_SEARCHES if quantized else []) + SEARCHES
+        # Everything this process needs is loaded, and its pages touched, before the first
+        # reading: the differences are the store's own memory.
         lm_out = np.load(self.out / "lm_outputs.npz")
         queries = lm_out["test_keys"]
         exact_sq = np.load(self.out / "exact_1m.npz")["test_sq"]
-        reference = self.tuning_data("1m", "test")
-        found_sq = np.empty((len(queries), K), dtype=np.float32)
-        found_tokens = np.empty((len(queries), K), dtype=np.int64)
-        name = collection("1m", config)
+        found = {
+            label: (
+                np.full((len(queries), K), np.inf, dtype=np.float32),
+                np.full((len(queries), K), -1, dtype=np.int64),
+            )
+            for label, _ in searches
+        }
         rss_before = _rss()
         store = open_store(self.settings(name))
         rss_open = _rss()
-        points = store.count()
-        saved = SavedPolicy.from_dict(store.load_policy(), collection=name)
-        exact_nll = reference.nll(saved.policy, saved.temperature)
-        quantized = store.meta.storage.quantization != "none"  # type: ignore[union-attr]
-        rows: dict[str, Any] = {}
-        for label, fields in SEARCHES + (QUANTIZED_SEARCHES if quantized else []):
+        seconds: dict[str, float] = {}
+        memory: dict[str, dict[str, int]] = {}
+        for label, fields in searches:
             options = SearchOptions(**fields)
+            sq, tokens = found[label]
             store.search(queries[:64], k=K, options=options)  # warm up
             started = time.perf_counter()
             for lo in range(0, len(queries), 256):
-                found = store.search(queries[lo : lo + 256], k=K, options=options)
-                found_sq[lo : lo + len(found)] = found.sq_distances
-                found_tokens[lo : lo + len(found)] = found.token_ids
-            seconds = time.perf_counter() - started
-            data = replace_neighbours(reference, found_sq, found_tokens)
-            nll = data.nll(saved.policy, saved.temperature)
+                hits = store.search(queries[lo : lo + 256], k=K, options=options)
+                sq[lo : lo + len(hits)] = hits.sq_distances
+                tokens[lo : lo + len(hits)] = hits.token_ids
+            seconds[label] = time.perf_counter() - started
+            memory[label] = _rss()
+        points = store.count()
+        saved = SavedPolicy.from_dict(store.load_policy(), collection=name)
+        store.close()
+
+        def per_point(after: dict[str, int], part: str = "total") -> float:
+            return (after[part] - rss_before[part]) / points
+
+        reference = self.tuning_data("1m", "test")
+        exact_nll = reference.nll(saved.policy, saved.temperature)
+        rows: dict[str, Any] = {}
+        for label, (sq, tokens) in found.items():
+            nll = replace_neighbours(reference, sq, tokens).nll(saved.policy, saved.temperature)
             rows[label] = {
-                "ms_per_query": 1000 * seconds / len(queries),
-                "recall": _recall(found_sq, exact_sq),
+                "ms_per_query": 1000 * seconds[label] / len(queries),
+                "recall": _recall(sq, exact_sq),
                 "test_perplexity": math.exp(nll),
                 "change_vs_exact_percent": 100 * (math.exp(nll - exact_nll) - 1),
+                "memory_bytes_per_point": per_point(memory[label]),
+                "memory_anon_bytes_per_point": per_point(memory[label], "anon"),
+                "memory_file_bytes_per_point": per_point(memory[label], "file"),
             }
-        rss_after = _rss()
-        store.close()
-        folder = self.work / "data" / name
         return {
             "points": points,
             "exact_test_perplexity": math.exp(exact_nll),
-            "disk_bytes_per_point": _du(folder) / points,
-            "rss_open_bytes_per_point": (rss_open["total"] - rss_before["total"]) / points,
-            "rss_bytes_per_point": (rss_after["total"] - rss_before["total"]) / points,
-            "rss_anon_bytes_per_point": (rss_after["anon"] - rss_before["anon"]) / points,
-            "rss_file_bytes_per_point": (rss_after["file"] - rss_before["file"]) / points,
+            "disk_bytes_per_point": _du(self.work / "data" / name) / points,
+            "memory_open_bytes_per_point": per_point(rss_open),
             "searches": rows,
         }
 
@@ -591,52 +608,53 @@ class Bench:
             if tokens >= 24_000:
                 break
         chunks = [extra[i::4] for i in range(4)]
-        lm_t = ingest_t = 0.0
-        lm_n = ingest_n = 0
+        results = {}
         with open_store(settings) as store:
             before = store.count()
-            worker = IngestWorker(
-                lm,
-                store,
-                domain="ingest-speed",
-                window=WINDOW,
-                stride=STRIDE,
-                batch_size=settings.batch_size,
-                storage=store.meta.storage,
-                progress=False,  # type: ignore[union-attr]
-            )
-            for chunk in chunks:
-                started = time.perf_counter()
-                for doc in chunk:
-                    ids = lm.encode(doc.text)
-                    wins = list(sliding_windows(len(ids), window=WINDOW, stride=STRIDE))
-                    for lo in range(0, len(wins), settings.batch_size):
-                        group = [(ids, w) for w in wins[lo : lo + settings.batch_size]]
-                        input_ids, mask = pack_windows(group, pad_id=lm.pad_id)
-                        with torch.inference_mode():
-                            lm.model(
-                                input_ids=torch.from_numpy(input_ids),
-                                attention_mask=torch.from_numpy(mask),
-                                use_cache=False,
-                            )
-                        lm_n += sum(len(w.positions) for _, w in group)
-                lm_t += time.perf_counter() - started
-                report = worker.run(chunk)
-                ingest_n += report.tokens
-                ingest_t += report.seconds + report.index_seconds
-            dropped = store.delete(PointFilter(domains=("ingest-speed",)))
-            assert store.count() == before and dropped == ingest_n
-        self.save(
-            "ingest_speed",
-            {
-                "points": before,
-                "lm_only_tokens_per_s": lm_n / lm_t,
-                "ingest_tokens_per_s": ingest_n / ingest_t,
-                "ratio": (ingest_n / ingest_t) / (lm_n / lm_t),
-                "tokens": ingest_n,
-                "batch_size": settings.batch_size,
-            },
-        )
+            for batch_size in (1, 4):  # windows per LM forward
+                worker = IngestWorker(
+                    lm,
+                    store,
+                    domain="ingest-speed",
+                    window=WINDOW,
+                    stride=STRIDE,
+                    batch_size=batch_size,
+                    storage=store.meta.storage,  # type: ignore[union-attr]
+                    progress=False,
+                )
+                lm_t = ingest_t = index_t = 0.0
+                lm_n = ingest_n = 0
+                for chunk in chunks:
+                    started = time.perf_counter()
+                    for doc in chunk:
+                        ids = lm.encode(doc.text)
+                        wins = list(sliding_windows(len(ids), window=WINDOW, stride=STRIDE))
+                        for lo in range(0, len(wins), batch_size):
+                            group = [(ids, w) for w in wins[lo : lo + batch_size]]
+                            input_ids, mask = pack_windows(group, pad_id=lm.pad_id)
+                            with torch.inference_mode():
+                                lm.model(
+                                    input_ids=torch.from_numpy(input_ids),
+                                    attention_mask=torch.from_numpy(mask),
+                                    use_cache=False,
+                                )
+                            lm_n += sum(len(w.positions) for _, w in group)
+                    lm_t += time.perf_counter() - started
+                    report = worker.run(chunk)
+                    ingest_n += report.tokens
+                    ingest_t += report.seconds
+                    index_t += report.index_seconds
+                dropped = store.delete(PointFilter(domains=("ingest-speed",)))
+                assert store.count() == before and dropped == ingest_n
+                results[batch_size] = {
+                    "lm_only_tokens_per_s": lm_n / lm_t,
+                    "ingest_tokens_per_s": ingest_n / ingest_t,
+                    "ratio": (ingest_n / ingest_t) / (lm_n / lm_t),
+                    "with_index_tokens_per_s": ingest_n / (ingest_t + index_t),
+                    "tokens": ingest_n,
+                }
+                print(json.dumps({batch_size: results[batch_size]}), file=sys.stderr)
+        self.save("ingest_speed", {"points": before, "by_batch_size": results})
 
     def report(self) -> None:
         from benchmarks.scale_report import write_report
