@@ -249,7 +249,10 @@ def neighbours_from_hits(
         bad = ~np.isfinite(sq_distances) & mask  # [b, k]
         if bad.any():
             token_ids[bad], sq_distances[bad], point_ids[bad] = -1, np.inf, None
-            order = np.argsort(sq_distances, axis=1, kind="stable")  # keep rows ascending
+        # Rows must ascend (the nearest first). Binary quantization without rescoring returns
+        # scores in another order; so does a row where a damaged vector was dropped.
+        if bad.any() or (np.diff(sq_distances, axis=1) < 0).any():
+            order = np.argsort(sq_distances, axis=1, kind="stable")
             token_ids = np.take_along_axis(token_ids, order, 1)
             sq_distances = np.take_along_axis(sq_distances, order, 1)
             point_ids = np.take_along_axis(point_ids, order, 1)
