@@ -659,7 +659,7 @@ class Bench:
     def report(self) -> None:
         from benchmarks.scale_report import write_report
 
-        write_report(self.out, self.results)
+        write_report(self.out, self.results, order=list(CONFIGS))
 
 
 def replace_neighbours(data: Any, sq: np.ndarray, tokens: np.ndarray) -> Any:

@@ -16,7 +16,9 @@ LABELS = {
 }
 
 
-def write_report(bench: Path, out: Path) -> None:
+def write_report(bench: Path, out: Path, *, order: list[str]) -> None:
+    """``order``: the storage settings, in the order their rows are shown."""
+
     def load(name: str) -> Any:
         path = bench / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else None
@@ -27,6 +29,7 @@ def write_report(bench: Path, out: Path) -> None:
         lines += _sizes_table(sizes)
     configs = load("configs")
     if configs:
+        configs = {name: configs[name] for name in order if name in configs}
         lines += _configs_table(configs)
     k = load("k")
     if k:

@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 
 FEATURES = ("d_min", "cosine", "lm_entropy", "lm_max_prob", "agreement")
+MAX_LAMBDA = 0.99  # the largest lambda a tuned policy gives (the grid's top)
 AGREEMENT_TOP = 16  # "agreement": share of the nearest 16 neighbours voting like the nearest
 
 
@@ -221,7 +222,11 @@ class LearnedLambda:
         return h.squeeze(-1)
 
     def __call__(self, features: QueryFeatures) -> torch.Tensor:
-        lmbda = torch.sigmoid(self.logits(self.inputs(features, self.features)))
+        # At most the grid's 0.99: a saturated sigmoid rounds to 1.0 in float32, which would
+        # give the LM no say and a token no neighbour voted for probability 0.
+        lmbda = torch.sigmoid(self.logits(self.inputs(features, self.features))).clamp(
+            max=MAX_LAMBDA
+        )
         return torch.where(features.has_neighbour, lmbda, 0.0)
 
     def to_dict(self) -> dict[str, Any]:

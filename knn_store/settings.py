@@ -119,12 +119,14 @@ class KnnlmSettings(BaseSettings):
         default="float16", description="Datatype of the stored keys: float32 or float16."
     )
     quantization: Quantization = Field(
-        default="none",
+        default="turbo4",
         description="Compressed copy of the keys searched first: none, int8 (scalar), "
         "binary, or TurboQuant turbo1/turbo1.5/turbo2/turbo4/turbo8 (bits per dimension).",
     )
     vectors_on_disk: bool = Field(
-        default=False, description="Keep the original keys on disk (memory-mapped)."
+        default=True,
+        description="Keep the original keys on disk (memory-mapped; the quantized copy is "
+        "in RAM); --no-vectors-on-disk holds them in RAM too.",
     )
     index_on_disk: bool = Field(default=False, description="Keep the HNSW graph on disk.")
     hnsw_m: int = Field(default=16, ge=2, le=256, description="HNSW edges per node (m).")
@@ -161,10 +163,12 @@ class KnnlmSettings(BaseSettings):
     )
     exact: bool = Field(default=False, description="Exact (full-scan) search instead of HNSW.")
     hnsw_ef: int | None = Field(
-        default=None, ge=1, le=1_000_000, description="HNSW ef at search time. Default: 2 * k."
+        default=None, ge=1, le=1_000_000, description="HNSW ef at search time. Default: k."
     )
     rescore: bool = Field(
-        default=True, description="Rescore quantized candidates with the original keys."
+        default=False,
+        description="Re-rank quantized candidates by their original keys (exact distances; "
+        "reads the keys from disk, so their pages stay in memory).",
     )
     oversampling: float | None = Field(
         default=None,

@@ -47,7 +47,10 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Pa
     """A sound Edge collection 'test', built once; tests damage copies of it."""
     root = tmp_path_factory.mktemp("check")
     knnlm = Knnlm(root, tiny_models["gpt2"])
-    _json_ok(knnlm.ingest(str(_corpus(root / "corpus")), "-q", "--json"))
+    # unquantized: the damage below is to the original keys, which the engine then reads
+    # (a quantized copy cut short fails at open instead, a case of its own below)
+    plain = ["--quantization", "none", "--no-vectors-on-disk"]
+    _json_ok(knnlm.ingest(str(_corpus(root / "corpus")), *plain, "-q", "--json"))
     return knnlm.data_dir / "test"
 
 
@@ -317,3 +320,13 @@ def test_check_of_a_missing_collection(tmp_path: Path, tiny_models: dict[str, Pa
     knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
     _one_line_error(knnlm("check", *knnlm.store_args(), "-q"), "no collection 'test'")
     assert not knnlm.data_dir.exists()
+
+
+def test_a_cut_quantized_copy_fails_at_open(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    """The default storage (turbo4 in RAM, keys on disk): cutting its files breaks the open,
+    which check and info name in one line instead of a traceback."""
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    _json_ok(knnlm.ingest(str(_corpus(tmp_path / "corpus")), "-q", "--json"))
+    assert knnlm.info_json()["storage"]["quantization"] == "turbo4"
+    truncate_vector_files(knnlm.data_dir / "test")
+    _assert_damaged(knnlm, "open", "cannot open")

@@ -151,10 +151,14 @@ def test_an_absurd_top_k_is_capped_by_name(
 
 
 def test_a_truncated_vector_file_is_damage_and_ingest_keeps_the_store_openable(
-    knnlm: Knnlm, populated: dict[str, Any], tmp_path: Path
+    knnlm: Knnlm, corpus_dir: Path, tmp_path: Path
 ) -> None:
     from knn_store.store.edge import EdgeStore
 
+    # the keys themselves in RAM, unquantized, as the collection of the report held them
+    plain = ["--quantization", "none", "--no-vectors-on-disk"]
+    populated = _json_ok(knnlm.ingest(str(corpus_dir), *plain, "-q", "--json"))
+    populated["points"] = populated["points_total"]
     collection = knnlm.data_dir / "test"
     truncate_vector_files(collection)
     _one_line_error(knnlm.info(), "'test'", "damaged", "keys")

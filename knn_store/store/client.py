@@ -333,8 +333,8 @@ class QdrantClientStore(KnnStore):
         if not self.local:
             quantization = None
             if self._meta.storage.quantization != "none":
-                quantization = models.QuantizationSearchParams(
-                    rescore=options.rescore, oversampling=options.oversampling
+                quantization = models.QuantizationSearchParams(  # exact: the originals
+                    ignore=options.exact, rescore=options.rescore, oversampling=options.oversampling
                 )
             params = models.SearchParams(
                 hnsw_ef=options.ef(k), exact=options.exact, quantization=quantization

@@ -270,8 +270,9 @@ class EdgeStore(KnnStore):
         assert self._meta is not None
         if self._meta.storage.quantization == "none":
             return None
+        # an exact search reads the original keys: exact distances, whatever the settings
         return qe.QuantizationSearchParams(
-            rescore=options.rescore, oversampling=options.oversampling
+            ignore=options.exact, rescore=options.rescore, oversampling=options.oversampling
         )
 
     def _retrieve(self, ids: list[Any], *, with_keys: bool, with_payload: bool) -> list[Any]:
