@@ -435,7 +435,7 @@ class Bench:
         name = collection("1m", config)
         with open_store(self.settings(name)) as store:  # what to run, before measuring
             quantized = store.meta.storage.quantization != "none"  # type: ignore[union-attr]
-        searches = (QUANTIZED_SEARCHES if quantized else []) + SEARCHES
+        searches = QUANTIZED_SEARCHES if quantized else SEARCHES
         # Everything this process needs is loaded, and its pages touched, before the first
         # reading: the differences are the store's own memory.
         lm_out = np.load(self.out / "lm_outputs.npz")
@@ -539,7 +539,8 @@ class Bench:
         runs = [(size, "f32", True, {}) for size in SIZES]
         runs += [("1m", chosen, gate, search) for gate in (True, False)]
         for size, config, gate, changes in runs:
-            label = f"{size}/{config}{'' if gate else ' (no gate)'}"
+            extra = "".join(f", {key}={value}" for key, value in changes.items())
+            label = f"{size}/{config}{extra}{'' if gate else ' (no gate)'}"
             if label in results:
                 continue
             settings = self.settings(collection(size, config), gate=gate, **changes)

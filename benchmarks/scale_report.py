@@ -46,11 +46,16 @@ def write_report(bench: Path, out: Path, *, order: list[str]) -> None:
     throughput = load("throughput")
     if throughput:
         lines += ["## Eval throughput (test split, both measured in the same run)", ""]
-        lines += ["| datastore | search | gate | base LM tok/s | kNN-LM tok/s | ratio |"]
-        lines += ["|---|---|---|---|---|---|"]
+        lines += [
+            "| datastore | k | search | gate (searches skipped) | test ppl | search ms/query "
+            "| base LM tok/s | kNN-LM tok/s | ratio |"
+        ]
+        lines += ["|---|---|---|---|---|---|---|---|---|"]
         for label, row in throughput.items():
+            gate = f"yes ({100 * row['skipped_share']:.0f}%)" if row["gate"] else "no"
             lines.append(
-                f"| {label.split(' ')[0]} | {row['search']} | {'yes' if row['gate'] else 'no'} "
+                f"| {label.split(',')[0].split(' ')[0]} | {row['k']} | {row['search']} | {gate} "
+                f"| {row['knn_perplexity']:.3f} | {row['search_ms_per_query']:.2f} "
                 f"| {row['base_tokens_per_s']:.0f} | {row['knn_tokens_per_s']:.0f} | "
                 f"**{row['ratio']:.2f}x** |"
             )
@@ -157,22 +162,26 @@ def _plots(sizes: dict[str, Any] | None, throughput: dict[str, Any] | None, out:
         fig.savefig(out / "ppl_vs_datastore_size.png", dpi=120)
         plt.close(fig)
     if throughput and sizes:
-        rows = [(label, row) for label, row in throughput.items() if "(no gate)" not in label]
-        ungated = {
-            label.split(" ")[0]: row for label, row in throughput.items() if "(no gate)" in label
-        }
         by_size = {n: sizes[n]["points"] for n in sizes}
+        exact = [(lb.split("/")[0], r) for lb, r in throughput.items() if "/f32" in lb]
+        xs = [by_size[size] for size, _ in exact]
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
-        xs = [by_size[label.split("/")[0]] for label, _ in rows]
-        ax.plot(xs, [r["base_tokens_per_s"] for _, r in rows], marker="o", label="base LM")
-        ax.plot(xs, [r["knn_tokens_per_s"] for _, r in rows], marker="o", label="kNN-LM (gate)")
-        if ungated:
-            ax.plot(
-                [by_size[k.split("/")[0]] for k in ungated],
-                [r["knn_tokens_per_s"] for r in ungated.values()],
-                marker="o",
-                label="kNN-LM (no gate)",
-            )
+        ax.plot(xs, [r["base_tokens_per_s"] for _, r in exact], marker="o", label="base LM")
+        ax.plot(
+            xs,
+            [r["knn_tokens_per_s"] for _, r in exact],
+            marker="o",
+            label="kNN-LM, float32 + HNSW, gate",
+        )
+        for label, row in throughput.items():
+            if "/f32" not in label:
+                ax.scatter(
+                    [by_size[label.split("/")[0]]],
+                    [row["knn_tokens_per_s"]],
+                    marker="s" if row["gate"] else "x",
+                    label=f"kNN-LM, {label.split('/', 1)[1]}" + (", gate" if row["gate"] else ""),
+                    zorder=3,
+                )
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)
         ax.set_xlabel("datastore size (points)")

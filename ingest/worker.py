@@ -39,7 +39,7 @@ from knn_store.store.base import (
 )
 from knn_store.store.config import StorageConfig
 from knn_store.store.point_ids import document_hash, document_key, make_point_ids
-from knn_store.windows import Window, pack_windows
+from knn_store.windows import Window, by_padded_width, pack_windows
 
 CONTEXT_TOKENS = 24  # tokens of text kept with each point, ending at its key's position
 FLUSH_EVERY = 50_000  # points between flushes: bounds the write-ahead log
@@ -242,17 +242,22 @@ class IngestWorker:
             yield self._forward(group)
 
     def _forward(self, group: list[tuple[_Tokenized, Window]]) -> PointBatch:
-        input_ids, mask = pack_windows([(d.ids, w) for d, w in group], pad_id=self.lm.pad_id)
-        keys = self.lm.forward(input_ids, attention_mask=mask, with_logits=False).keys  # [b, W, d]
-        keys_np = keys.cpu().numpy()
+        rows: list[np.ndarray] = [np.empty(0)] * len(group)  # per window: [m_i, d]
+        for width, members in by_padded_width([w for _, w in group], cap=self.window):
+            batch = [(group[i][0].ids, group[i][1]) for i in members]
+            # padded as eval pads: the stored keys are the keys eval computes, to the bit
+            input_ids, mask = pack_windows(batch, pad_id=self.lm.pad_id, width=width)
+            keys = self.lm.forward(input_ids, attention_mask=mask, with_logits=False).keys
+            keys_np = keys.cpu().numpy()  # [b, width, d]
+            for row, i in enumerate(members):
+                win = group[i][1]
+                rows[i] = keys_np[row, win.positions - win.start]
 
         ids: list[str] = []
         payloads: list[dict[str, object]] = []
-        rows: list[np.ndarray] = []
-        for row, (doc, win) in enumerate(group):  # per window, not per token
+        for doc, win in group:  # per window, not per token
             positions = win.positions  # [m] absolute positions scored here
             tokens = doc.ids[positions + 1]  # [m] each position's next token
-            rows.append(keys_np[row, positions - win.start])  # [m, d]
             ids += make_point_ids(doc.doc_hash, positions, tokens)
             base = {
                 DOMAIN_FIELD: self.domain,

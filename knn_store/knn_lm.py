@@ -27,7 +27,7 @@ from knn_store.lambdas import LambdaPolicy, QueryFeatures
 from knn_store.lm import LanguageModel
 from knn_store.store.base import KnnStore, Neighbours, PointFilter
 from knn_store.store.config import SearchOptions
-from knn_store.windows import Window, pack_windows, sliding_windows
+from knn_store.windows import Window, by_padded_width, pack_windows, sliding_windows
 
 
 @dataclass(frozen=True)
@@ -268,30 +268,29 @@ class KnnLM:
     # --- the pipeline ----------------------------------------------------------------------
 
     def lm_view(self, group: list[tuple[int, np.ndarray, Window]], *, full: bool = False) -> LMView:
-        """One LM forward over a batch of windows (sequence index, tokens, window), reduced
-        to what scoring needs at each scored position."""
+        """The LM over a batch of windows (sequence index, tokens, window), one forward per
+        padded width (``by_padded_width``), reduced to what scoring needs at each position."""
         started = time.perf_counter()
-        input_ids, mask = pack_windows([(seq, w) for _, seq, w in group], pad_id=self.lm.pad_id)
-        rows, cols, seqs, positions, targets = [], [], [], [], []
-        for row, (index, seq, win) in enumerate(group):
-            p = win.positions  # [m_i]
-            rows.append(np.full(len(p), row))
-            cols.append(p - win.start)
-            seqs.append(np.full(len(p), index))
-            positions.append(p)
-            targets.append(seq[p + 1])
-        out = self.lm.forward(input_ids, attention_mask=mask, with_logits=True)
-        assert out.logits is not None
-        device = out.keys.device
-        r = torch.from_numpy(np.concatenate(rows)).to(device)  # [m]
-        c = torch.from_numpy(np.concatenate(cols)).to(device)  # [m]
-        t = torch.from_numpy(np.concatenate(targets)).to(device)  # [m]
-        log_probs = torch.log_softmax(out.logits[r, c].float(), dim=-1)  # [m, V], scored rows
+        keys: list[torch.Tensor] = [torch.empty(0)] * len(group)  # per window: [m_i, dim]
+        logits: list[torch.Tensor] = [torch.empty(0)] * len(group)  # [m_i, V]
+        for width, members in by_padded_width([w for _, _, w in group], cap=self.window):
+            input_ids, mask = pack_windows(
+                [(group[i][1], group[i][2]) for i in members], pad_id=self.lm.pad_id, width=width
+            )
+            out = self.lm.forward(input_ids, attention_mask=mask, with_logits=True)
+            assert out.logits is not None
+            for row, i in enumerate(members):
+                win = group[i][2]
+                cols = torch.from_numpy(win.positions - win.start).to(out.keys.device)
+                keys[i], logits[i] = out.keys[row, cols], out.logits[row, cols]
+        t = torch.from_numpy(np.concatenate([seq[w.positions + 1] for _, seq, w in group]))
+        t = t.to(keys[0].device)  # [m], the true next tokens
+        log_probs = torch.log_softmax(torch.cat(logits).float(), dim=-1)  # [m, V], scored rows
         entropy, max_log_prob = lm_summary(log_probs)
         return LMView(
-            sequence=np.concatenate(seqs),
-            position=np.concatenate(positions),
-            keys=out.keys[r, c],
+            sequence=np.concatenate([np.full(len(w.positions), i) for i, _, w in group]),
+            position=np.concatenate([w.positions for _, _, w in group]),
+            keys=torch.cat(keys),
             targets=t,
             lm_target_log_prob=log_probs.gather(1, t[:, None]).squeeze(1),
             lm_entropy=entropy,

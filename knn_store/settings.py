@@ -168,7 +168,8 @@ class KnnlmSettings(BaseSettings):
     rescore: bool = Field(
         default=False,
         description="Re-rank quantized candidates by their original keys (exact distances; "
-        "reads the keys from disk, so their pages stay in memory).",
+        "reads the keys from disk, so their pages stay in memory). Binary quantization "
+        "always rescores: its scores are not distances.",
     )
     oversampling: float | None = Field(
         default=None,

@@ -11,7 +11,7 @@ back to end at the sequence's end, which gives its positions more context, never
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,11 +50,29 @@ def sliding_windows(n: int, *, window: int, stride: int) -> Iterator[Window]:
         start = min(start + stride, scored_until)  # the window must hold what it scores
 
 
+PAD_MULTIPLE = 64
+
+
+def by_padded_width(windows: Sequence[Window], *, cap: int) -> list[tuple[int, list[int]]]:
+    """Split a batch of windows into forwards of one width each: ``(width, indices)``, a
+    window's length rounded up to PAD_MULTIPLE (at most ``cap``, the window size).
+
+    A forward's floats depend on how far its rows are padded (attention sums over the
+    padded length) but not on the other rows: so a window gets the same keys and scores
+    whatever it is batched with, and batched requests equal `knnlm eval` to the bit."""
+    groups: dict[int, list[int]] = {}
+    for i, w in enumerate(windows):
+        n = w.end - w.start
+        groups.setdefault(min(-(-n // PAD_MULTIPLE) * PAD_MULTIPLE, max(cap, n)), []).append(i)
+    return list(groups.items())
+
+
 def pack_windows(
-    group: list[tuple[np.ndarray, Window]], *, pad_id: int
+    group: list[tuple[np.ndarray, Window]], *, pad_id: int, width: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded int64 [b, W] input ids and attention mask for windows of token sequences."""
-    width = max(w.end - w.start for _, w in group)
+    """Right-padded int64 [b, width] input ids and attention mask for windows of token
+    sequences; ``width`` defaults to the longest window."""
+    width = width or max(w.end - w.start for _, w in group)
     input_ids = np.full((len(group), width), pad_id, dtype=np.int64)  # [b, W]
     mask = np.zeros((len(group), width), dtype=np.int64)  # 1 = real token
     for row, (seq, win) in enumerate(group):

@@ -158,6 +158,33 @@ def test_hnsw_is_built_and_ef_is_honoured(tmp_path: Path) -> None:
     assert wide > narrow + 0.3, (narrow, wide)  # measured here: 0.28 at ef 1, 1.0 at 512
 
 
+def test_binary_quantization_always_rescores(tmp_path: Path) -> None:
+    """Binary scores are not distances: a search that does not ask to rescore still gets
+    each neighbour's exact squared distance, on an indexed (quantized) segment."""
+    rng = np.random.default_rng(2)
+    n = 3000
+    keys = rng.standard_normal((n, DIM)).astype(np.float32) + 3.0  # off-centre, as LM states
+    ids = make_point_ids(document_hash("d", "t"), np.arange(n), np.zeros(n, dtype=np.int64))
+    storage = StorageConfig(quantization="binary", indexing_threshold_kb=10)
+    store = EdgeStore(tmp_path / "c")
+    store.ensure_collection(_meta(storage))
+    store.upsert(PointBatch(ids=ids, keys=keys, payloads=[{"doc": "d"} for _ in ids]))
+    store.finalize()
+    assert store._require_shard().info().indexed_vectors_count == n
+    queries = keys[:20] + 0.05
+    options = SearchOptions()
+    assert not options.rescore and options.rescores(storage)
+    assert options.describe(8, storage) == "hnsw ef=8, binary, rescored x1"
+    got = store.search(queries, k=8, options=options)
+    store.close()
+    row = {pid: i for i, pid in enumerate(ids)}
+    assert got.point_ids is not None
+    found = np.vectorize(lambda pid: row[str(pid)])(got.point_ids)  # [20, 8]
+    true = ((keys[found] - queries[:, None, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(got.sq_distances, true, rtol=1e-4, atol=1e-3)
+    assert (np.diff(got.sq_distances, axis=1) >= 0).all()
+
+
 @pytest.fixture
 def knnlm(tmp_path: Path, tiny_models: dict[str, Path]) -> Knnlm:
     return Knnlm(tmp_path, tiny_models["llama"])

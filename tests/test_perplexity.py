@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from ingest.corpus import read_corpus
+from ingest.corpus import Document, read_corpus
 from ingest.worker import IngestWorker
 from knn_store import KnnLM, load_language_model, open_store
 from knn_store.lambdas import BucketLambda, FixedLambda
@@ -182,6 +182,38 @@ def test_sliding_windows_score_every_token_once(tiny_models, corpus_dir, setting
     assert result.tokens == sum(len(s) - 1 for s in seqs)
     assert result.queries == result.tokens
     assert result.knn_perplexity == pytest.approx(result.base_perplexity, rel=1e-6)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_a_text_scores_the_same_in_any_batch(model: str, tiny_models, settings_factory) -> None:
+    """Batch mates of other lengths change nothing, to the bit: the service's batched answers
+    equal `knnlm eval` on the text alone, and ingest stores the keys eval computes."""
+    settings = settings_factory(tiny_models[model], window=128, stride=64)
+    lm = load_language_model(settings)
+    store = open_store(settings, create=True)
+    texts = [HELD_OUT * 6, HELD_OUT]  # one forward for both in ingest: padded differently
+    IngestWorker(lm, store, domain="d", window=128, stride=64, batch_size=4, progress=False).run(
+        [Document(f"doc{i}", text) for i, text in enumerate(texts)]
+    )
+    long, short = (lm.encode(text) for text in texts)
+    assert len(short) < 64 < len(long)  # windows of 128 (3 of them) and of one width bucket
+    knn_lm = KnnLM(
+        lm, store, k=4, temperature=1.0, policy=FixedLambda(0.25), search=EXACT, window=128,
+        stride=64, batch_size=4,
+    )  # fmt: skip
+    alone = next(iter(knn_lm.score([short])))
+    batched = next(iter(knn_lm.score([long, short, long])))
+    stored = sorted(
+        (payload["offset"], key)
+        for batch, _ in store.scroll()
+        for key, payload in zip(batch.keys, batch.payloads, strict=True)
+        if payload["source"] == "doc1"
+    )
+    store.close()
+    rows = batched.lm.sequence == 1
+    assert torch.equal(alone.lm.keys, batched.lm.keys[rows])
+    assert torch.equal(alone.log_prob, batched.log_prob[rows])
+    assert np.array_equal(np.stack([key for _, key in stored]), alone.lm.keys.numpy())
 
 
 def test_cli_eval_exact_matches_reference(tiny_models, corpus_dir: Path, tmp_path: Path) -> None:

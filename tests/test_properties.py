@@ -35,7 +35,7 @@ from knn_store.lambdas import (
     policy_from_dict,
 )
 from knn_store.settings import MAX_TOP_K, KnnlmSettings
-from knn_store.windows import sliding_windows
+from knn_store.windows import PAD_MULTIPLE, by_padded_width, sliding_windows
 
 BOUNDED = settings(
     max_examples=150,
@@ -428,6 +428,20 @@ def test_windows_score_every_position_once_with_enough_context(
             assert np.all(w.positions - w.start + 1 >= window - stride)
     # no wasted windows: each new one scores min(S, W - 1) new positions (the last maybe less)
     assert len(windows) <= (0 if n < 2 else math.ceil((n - 1) / min(stride, window - 1)) + 1)
+
+
+@BOUNDED
+@given(args=window_args)
+def test_padded_widths_depend_on_the_window_alone(args: tuple[int, int, int]) -> None:
+    n, window, stride = args
+    windows = list(sliding_windows(n, window=window, stride=stride))
+    groups = by_padded_width(windows, cap=window)
+    assert sorted(i for _, members in groups for i in members) == list(range(len(windows)))
+    for width, members in groups:
+        for i in members:  # the same width alone as in any batch, never past the window
+            assert by_padded_width([windows[i]], cap=window) == [(width, [0])]
+            assert windows[i].end - windows[i].start <= width <= window
+            assert width % PAD_MULTIPLE == 0 or width == window
 
 
 @pytest.mark.parametrize(("window", "stride"), [(1, 1), (0, 1), (4, 0), (4, 5), (4, -1)])

@@ -334,7 +334,9 @@ class QdrantClientStore(KnnStore):
             quantization = None
             if self._meta.storage.quantization != "none":
                 quantization = models.QuantizationSearchParams(  # exact: the originals
-                    ignore=options.exact, rescore=options.rescore, oversampling=options.oversampling
+                    ignore=options.exact,
+                    rescore=options.rescores(self._meta.storage),
+                    oversampling=options.oversampling,
                 )
             params = models.SearchParams(
                 hnsw_ef=options.ef(k), exact=options.exact, quantization=quantization

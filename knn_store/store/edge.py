@@ -272,7 +272,9 @@ class EdgeStore(KnnStore):
             return None
         # an exact search reads the original keys: exact distances, whatever the settings
         return qe.QuantizationSearchParams(
-            ignore=options.exact, rescore=options.rescore, oversampling=options.oversampling
+            ignore=options.exact,
+            rescore=options.rescores(self._meta.storage),
+            oversampling=options.oversampling,
         )
 
     def _retrieve(self, ids: list[Any], *, with_keys: bool, with_payload: bool) -> list[Any]:
