@@ -235,7 +235,7 @@ def eval_(
     ]
     with open_session(settings, search_domains=search_domains) as session:
         result = session.evaluate(texts, progress=not quiet)
-    knn_lm = session.knn_lm
+    knn_lm, meta = session.knn_lm, session.store.meta
     out = {
         **result.to_dict(),
         "collection": settings.collection,
@@ -244,7 +244,7 @@ def eval_(
         "policy_source": session.resolved.source,
         "temperature": session.resolved.temperature,
         "gate": None if knn_lm.gate is None else knn_lm.gate.to_dict(),
-        "search": knn_lm.search.describe(knn_lm.k),
+        "search": knn_lm.search.describe(knn_lm.k, meta.storage if meta else None),
         "exact": knn_lm.search.exact,
         "window": knn_lm.window,
         "stride": knn_lm.stride,
