@@ -39,7 +39,7 @@ from knn_store.store.base import (
 )
 from knn_store.store.config import StorageConfig
 from knn_store.store.point_ids import document_hash, document_key, make_point_ids
-from knn_store.windows import Window, by_padded_width, pack_windows
+from knn_store.windows import Window
 
 CONTEXT_TOKENS = 24  # tokens of text kept with each point, ending at its key's position
 FLUSH_EVERY = 50_000  # points between flushes: bounds the write-ahead log
@@ -242,16 +242,11 @@ class IngestWorker:
             yield self._forward(group)
 
     def _forward(self, group: list[tuple[_Tokenized, Window]]) -> PointBatch:
-        rows: list[np.ndarray] = [np.empty(0)] * len(group)  # per window: [m_i, d]
-        for width, members in by_padded_width([w for _, w in group], cap=self.window):
-            batch = [(group[i][0].ids, group[i][1]) for i in members]
-            # padded as eval pads: the stored keys are the keys eval computes, to the bit
-            input_ids, mask = pack_windows(batch, pad_id=self.lm.pad_id, width=width)
-            keys = self.lm.forward(input_ids, attention_mask=mask, with_logits=False).keys
-            keys_np = keys.cpu().numpy()  # [b, width, d]
-            for row, i in enumerate(members):
-                win = group[i][1]
-                rows[i] = keys_np[row, win.positions - win.start]
+        # padded as eval pads: the stored keys are the keys eval computes, to the bit
+        outs = self.lm.forward_windows(
+            [(d.ids, w) for d, w in group], cap=self.window, with_logits=False
+        )
+        keys = np.concatenate([o.keys.cpu().numpy() for o in outs])  # [m, d]
 
         ids: list[str] = []
         payloads: list[dict[str, object]] = []
@@ -273,7 +268,7 @@ class IngestWorker:
                 {**base, OFFSET_FIELD: int(p), CONTEXT_FIELD: c}
                 for p, c in zip(positions, contexts, strict=True)
             ]
-        return PointBatch(ids=ids, keys=np.concatenate(rows), payloads=payloads)
+        return PointBatch(ids=ids, keys=keys, payloads=payloads)
 
 
 @dataclass

@@ -27,7 +27,7 @@ from knn_store.lambdas import LambdaPolicy, QueryFeatures
 from knn_store.lm import LanguageModel
 from knn_store.store.base import KnnStore, Neighbours, PointFilter
 from knn_store.store.config import SearchOptions
-from knn_store.windows import Window, by_padded_width, pack_windows, sliding_windows
+from knn_store.windows import Window, sliding_windows
 
 
 @dataclass(frozen=True)
@@ -268,29 +268,22 @@ class KnnLM:
     # --- the pipeline ----------------------------------------------------------------------
 
     def lm_view(self, group: list[tuple[int, np.ndarray, Window]], *, full: bool = False) -> LMView:
-        """The LM over a batch of windows (sequence index, tokens, window), one forward per
-        padded width (``by_padded_width``), reduced to what scoring needs at each position."""
+        """The LM over a batch of windows (sequence index, tokens, window), reduced to what
+        scoring needs at each scored position."""
         started = time.perf_counter()
-        keys: list[torch.Tensor] = [torch.empty(0)] * len(group)  # per window: [m_i, dim]
-        logits: list[torch.Tensor] = [torch.empty(0)] * len(group)  # [m_i, V]
-        for width, members in by_padded_width([w for _, _, w in group], cap=self.window):
-            input_ids, mask = pack_windows(
-                [(group[i][1], group[i][2]) for i in members], pad_id=self.lm.pad_id, width=width
-            )
-            out = self.lm.forward(input_ids, attention_mask=mask, with_logits=True)
-            assert out.logits is not None
-            for row, i in enumerate(members):
-                win = group[i][2]
-                cols = torch.from_numpy(win.positions - win.start).to(out.keys.device)
-                keys[i], logits[i] = out.keys[row, cols], out.logits[row, cols]
+        outs = self.lm.forward_windows(
+            [(seq, w) for _, seq, w in group], cap=self.window, with_logits=True
+        )
+        keys = torch.cat([o.keys for o in outs])  # [m, dim]
         t = torch.from_numpy(np.concatenate([seq[w.positions + 1] for _, seq, w in group]))
-        t = t.to(keys[0].device)  # [m], the true next tokens
-        log_probs = torch.log_softmax(torch.cat(logits).float(), dim=-1)  # [m, V], scored rows
+        t = t.to(keys.device)  # [m], the true next tokens
+        logits = torch.cat([o.logits for o in outs if o.logits is not None])  # [m, V]
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
         entropy, max_log_prob = lm_summary(log_probs)
         return LMView(
             sequence=np.concatenate([np.full(len(w.positions), i) for i, _, w in group]),
             position=np.concatenate([w.positions for _, _, w in group]),
-            keys=torch.cat(keys),
+            keys=keys,
             targets=t,
             lm_target_log_prob=log_probs.gather(1, t[:, None]).squeeze(1),
             lm_entropy=entropy,

@@ -38,6 +38,7 @@ import numpy as np
 from knn_store.errors import ConfigError
 from knn_store.store.base import CollectionMeta
 from knn_store.store.config import StorageConfig
+from knn_store.windows import Window, by_padded_width, pack_windows
 
 if TYPE_CHECKING:
     import torch
@@ -205,6 +206,23 @@ class LanguageModel:
         if not capture.keys:
             raise ConfigError(f"the key hook of model {self.name!r} never ran")
         return ForwardOutput(keys=capture.keys[-1], logits=logits)
+
+    def forward_windows(
+        self, windows: list[tuple[np.ndarray, Window]], *, cap: int, with_logits: bool
+    ) -> list[ForwardOutput]:
+        """Keys (float [m_i, dim]) and logits ([m_i, V], or None) at the positions each
+        window scores, one forward per padded width (``by_padded_width``): a window gets
+        the same numbers to the bit whatever it is batched with."""
+        outputs: dict[int, ForwardOutput] = {}
+        for width, members in by_padded_width([w for _, w in windows], cap=cap):
+            batch = [windows[i] for i in members]
+            input_ids, mask = pack_windows(batch, pad_id=self.pad_id, width=width)
+            out = self.forward(input_ids, attention_mask=mask, with_logits=with_logits)
+            for row, (_, win) in enumerate(batch):
+                cols = win.positions - win.start  # [m_i]
+                logits = None if out.logits is None else out.logits[row, cols]
+                outputs[members[row]] = ForwardOutput(keys=out.keys[row, cols], logits=logits)
+        return [outputs[i] for i in range(len(windows))]
 
     @functools.cached_property
     def _fingerprints(self) -> tuple[str, str]:

@@ -249,9 +249,9 @@ def neighbours_from_hits(
         bad = ~np.isfinite(sq_distances) & mask  # [b, k]
         if bad.any():
             token_ids[bad], sq_distances[bad], point_ids[bad] = -1, np.inf, None
-        # Rows must ascend (the nearest first). Binary quantization without rescoring returns
-        # scores in another order; so does a row where a damaged vector was dropped.
-        if bad.any() or (np.diff(sq_distances, axis=1) < 0).any():
+        # Rows must ascend (the nearest first): a row where a damaged vector was dropped does
+        # not, nor do quantized scores that are not distances (unrescored binary codes).
+        if bad.any() or (sq_distances[:, 1:] < sq_distances[:, :-1]).any():
             order = np.argsort(sq_distances, axis=1, kind="stable")
             token_ids = np.take_along_axis(token_ids, order, 1)
             sq_distances = np.take_along_axis(sq_distances, order, 1)

@@ -8,6 +8,7 @@ a call that got no answer is retried with bounded backoff before giving up.
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
 import warnings
@@ -448,6 +449,13 @@ class _SharedLocalClients:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._clients: dict[Path, tuple[Any, int]] = {}
+        atexit.register(self.close_all)  # a store left open: close it while Python still can
+
+    def close_all(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client, _ in clients:
+            client.close()
 
     def acquire(self, folder: Path) -> Any:
         from qdrant_client import QdrantClient
