@@ -243,7 +243,7 @@ class IngestWorker:
 
     def _forward(self, group: list[tuple[_Tokenized, Window]]) -> PointBatch:
         # padded as eval pads: the stored keys are the keys eval computes, to the bit
-        outs = self.lm.forward_windows(
+        outs, _ = self.lm.forward_windows(
             [(d.ids, w) for d, w in group], cap=self.window, with_logits=False
         )
         keys = np.concatenate([o.keys.cpu().numpy() for o in outs])  # [m, d]

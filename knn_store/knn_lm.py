@@ -43,6 +43,7 @@ class LMView:
     lm_max_log_prob: torch.Tensor  # float32 [m]
     lm_log_probs: torch.Tensor | None  # float32 [m, V], when the full distribution is wanted
     lm_seconds: float
+    forwards: int  # LM forward passes it took (one per padded width)
 
 
 @dataclass(frozen=True)
@@ -271,7 +272,7 @@ class KnnLM:
         """The LM over a batch of windows (sequence index, tokens, window), reduced to what
         scoring needs at each scored position."""
         started = time.perf_counter()
-        outs = self.lm.forward_windows(
+        outs, forwards = self.lm.forward_windows(
             [(seq, w) for _, seq, w in group], cap=self.window, with_logits=True
         )
         keys = torch.cat([o.keys for o in outs])  # [m, dim]
@@ -290,6 +291,7 @@ class KnnLM:
             lm_max_log_prob=max_log_prob,
             lm_log_probs=log_probs if full else None,
             lm_seconds=time.perf_counter() - started,
+            forwards=forwards,
         )
 
     def finish(

@@ -209,12 +209,14 @@ class LanguageModel:
 
     def forward_windows(
         self, windows: list[tuple[np.ndarray, Window]], *, cap: int, with_logits: bool
-    ) -> list[ForwardOutput]:
+    ) -> tuple[list[ForwardOutput], int]:
         """Keys (float [m_i, dim]) and logits ([m_i, V], or None) at the positions each
-        window scores, one forward per padded width (``by_padded_width``): a window gets
-        the same numbers to the bit whatever it is batched with."""
+        window scores, and the number of forwards: one per padded width
+        (``by_padded_width``), so a window gets the same numbers to the bit whatever it is
+        batched with."""
         outputs: dict[int, ForwardOutput] = {}
-        for width, members in by_padded_width([w for _, w in windows], cap=cap):
+        widths = by_padded_width([w for _, w in windows], cap=cap)
+        for width, members in widths:
             batch = [windows[i] for i in members]
             input_ids, mask = pack_windows(batch, pad_id=self.pad_id, width=width)
             out = self.forward(input_ids, attention_mask=mask, with_logits=with_logits)
@@ -222,7 +224,7 @@ class LanguageModel:
                 cols = win.positions - win.start  # [m_i]
                 logits = None if out.logits is None else out.logits[row, cols]
                 outputs[members[row]] = ForwardOutput(keys=out.keys[row, cols], logits=logits)
-        return [outputs[i] for i in range(len(windows))]
+        return [outputs[i] for i in range(len(windows))], len(widths)
 
     @functools.cached_property
     def _fingerprints(self) -> tuple[str, str]:

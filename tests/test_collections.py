@@ -4,6 +4,7 @@ sharded ingest, retries, and the README's library example."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import uuid
@@ -29,6 +30,7 @@ from knn_store.store.edge import EdgeStore
 from knn_store.store.point_ids import document_hash, make_point_ids
 from tests.reference import brute_force_knn
 from tests.test_cli import Knnlm, _json_ok, _one_line_error
+from tests.test_store import META
 
 DIM, N, VOCAB = 16, 800, 50
 STORAGES = [
@@ -42,15 +44,7 @@ STORAGES = [
 
 
 def _meta(storage: StorageConfig) -> CollectionMeta:
-    return CollectionMeta(
-        model="tiny",
-        model_fingerprint="abc",
-        key_type="final",
-        dim=DIM,
-        vocab_size=VOCAB,
-        tokenizer="t:1",
-        storage=storage,
-    )
+    return dataclasses.replace(META, storage=storage)
 
 
 def _points(n: int = N, seed: int = 0) -> tuple[np.ndarray, np.ndarray, PointBatch]:

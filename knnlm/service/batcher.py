@@ -367,7 +367,7 @@ class Batcher:
         runner = knn_lm.with_options(batch_size=per_forward)
         rows: list[list[Any]] = [[] for _ in batch]
         for scored in runner.score([job.ids for job in batch], full=explain):
-            self.stats.lm_forwards += 1
+            self.stats.lm_forwards += scored.lm.forwards
             sequence = scored.lm.sequence  # [m], index into the batch
             if explain:
                 top, neighbours = batch[0].args
