@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from ingest.corpus import Document
 from knn_store import CorpusError, KnnStore, LanguageModel, PointBatch, sliding_windows
-from knn_store.errors import StoreError
+from knn_store.errors import StoreError, StoreUnavailable
 from knn_store.store.base import (
     CONTEXT_FIELD,
     DOC_FIELD,
@@ -159,9 +159,15 @@ class IngestWorker:
                 if buffer is not None and len(buffer):
                     writer.put(buffer)
         except StoreError as exc:
+            # A server out of reach, or a write the engine failed, may succeed on a rerun;
+            # damage, a refused key or a mismatch (the subclasses) would fail the same way.
+            hint = (
+                "; run the same command again to resume (stored documents are skipped)"
+                if type(exc) is StoreError or isinstance(exc, StoreUnavailable)
+                else ""
+            )
             raise type(exc)(
-                f"{exc}. {writer.written:,} points were written before it failed; run the same "
-                "command again to resume (stored documents are skipped)"
+                f"{exc}. {writer.written:,} points were written before it failed{hint}"
             ) from exc
         seconds = time.perf_counter() - started
 

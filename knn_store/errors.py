@@ -37,6 +37,10 @@ class StoreUnavailable(StoreError):
     """The Qdrant server cannot be reached, or the embedded store cannot be opened."""
 
 
+class StoreAccessDenied(StoreError):
+    """The server refused the API key, or the key may not do this (read-only)."""
+
+
 class StoreLocked(StoreUnavailable):
     """Another process holds the embedded store."""
 

@@ -37,18 +37,21 @@ class RetrievalGate:
         *,
         threshold: float,
     ) -> None:
+        from knn_store.lambdas import finite_numbers
+
         n = len(GATE_FEATURES)
         if not len(mean) == len(std) == len(weights) == n:
             raise ValueError(f"a gate needs {n} means, stds and weights")
-        if any(s <= 0 for s in std):
+        # NaN weights would make every score NaN, below any threshold: every search skipped
+        self.mean = finite_numbers("gate means", mean)
+        self.std = finite_numbers("gate feature scales", std)
+        self.weights = finite_numbers("gate weights", weights)
+        (self.bias,) = finite_numbers("gate bias", [bias])
+        (self.threshold,) = finite_numbers("gate threshold", [threshold])
+        if any(s <= 0 for s in self.std):
             raise ValueError("gate feature scales must be positive")
-        if not 0.0 <= threshold <= 1.0:
+        if not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"gate threshold must lie in [0, 1], got {threshold}")
-        self.mean = [float(x) for x in mean]
-        self.std = [float(x) for x in std]
-        self.weights = [float(x) for x in weights]
-        self.bias = float(bias)
-        self.threshold = float(threshold)
 
     def scores(self, lm_entropy: torch.Tensor, lm_max_log_prob: torch.Tensor) -> torch.Tensor:
         """float32 [b]: the predicted probability that retrieval helps at each position."""

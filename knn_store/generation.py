@@ -31,6 +31,9 @@ from knn_store.knn_lm import KnnLM
 from knn_store.lm import KeyCapture
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
 @dataclass(frozen=True)
 class Sampling:
     """How one sequence is continued.
@@ -38,7 +41,7 @@ class Sampling:
     temperature: sampling temperature over the interpolated distribution; 0 = greedy.
     top_k: sample among the k likeliest tokens only; 0 = all.
     top_p: nucleus sampling: the smallest set of tokens holding this much probability.
-    seed: random seed of this sequence (None: unseeded).
+    seed: random seed of this sequence (None: unseeded); torch's range, -2**63 .. 2**64 - 1.
     max_new_tokens: tokens to add at most (fewer if an end-of-text token comes).
     knn: False samples from the base LM alone.
     """
@@ -61,15 +64,27 @@ class Sampling:
             raise ConfigError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ConfigError(f"seed must lie in [-2**63, 2**64 - 1], got {self.seed}")
 
 
 def sample_next(
     log_probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
 ) -> int:
-    """One token from log-probabilities float [V] under ``sampling``."""
+    """One token from log-probabilities float [V] under ``sampling``.
+
+    Safe for every finite temperature > 0 and top_p in (0, 1]: the work is in float64 on
+    logits shifted so that the likeliest token is at 0, so a tiny temperature sends every
+    other token to -inf (probability 0: greedy) instead of overflowing into inf - inf = nan,
+    and the likeliest token always survives top_k and top_p.
+    """
     if sampling.temperature == 0:
         return int(log_probs.argmax())
-    logits = log_probs.float() / sampling.temperature  # [V]
+    logits = log_probs.double()  # [V]
+    best = logits.max()
+    if not torch.isfinite(best):  # nothing has a finite log-probability: nothing to weigh
+        return int(log_probs.argmax())
+    logits = (logits - best) / sampling.temperature  # <= 0, exactly 0 at the likeliest
     if sampling.top_k:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -78,6 +93,7 @@ def sample_next(
         probs = logits[order].softmax(-1)
         # drop a token once the mass before it already reaches top_p (the first always stays)
         drop = probs.cumsum(-1) - probs >= sampling.top_p
+        drop[0] = False
         logits[order[drop]] = float("-inf")
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -70,6 +73,23 @@ class QueryFeatures:
         raise ValueError(f"unknown feature {name!r}; known: {', '.join(FEATURES)}")
 
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def finite_numbers(name: str, values: Iterable[Any]) -> list[float]:
+    """``values`` as floats; ``ValueError`` unless each is a real number, finite in
+    float32 (what policies compute in). A bool, a string or a NaN in a saved policy is
+    damage, never a number to compute with."""
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be numbers, got {value!r}")
+        if not (math.isfinite(value) and abs(value) <= _FLOAT32_MAX):
+            raise ValueError(f"{name} must be finite, got {value}")
+        out.append(float(value))
+    return out
+
+
 class LambdaPolicy(Protocol):
     needs_cosine: bool
 
@@ -93,6 +113,7 @@ class FixedLambda:
     needs_cosine = False
 
     def __init__(self, lmbda: float) -> None:
+        (lmbda,) = finite_numbers("`lmbda`", [lmbda])
         if not 0.0 <= lmbda <= 1.0:
             raise ValueError(f"`lmbda` must lie in [0, 1], got {lmbda}")
         self.lmbda = float(lmbda)
@@ -124,7 +145,8 @@ class BucketLambda:
             raise ValueError(
                 f"{len(edges)} edges need {len(edges) + 1} lambdas, not {len(lambdas)}"
             )
-        if any(not 0.0 <= x <= 1.0 for x in lambdas):
+        edges = finite_numbers("bucket edges", edges)
+        if any(not 0.0 <= x <= 1.0 for x in finite_numbers("bucket lambdas", lambdas)):
             raise ValueError("every lambda must lie in [0, 1]")
         if any(b < a for a, b in itertools.pairwise(edges)):
             raise ValueError("bucket edges must be ascending")
@@ -178,6 +200,9 @@ class LearnedLambda:
             raise ValueError(f"unknown features {sorted(unknown)}; known: {', '.join(FEATURES)}")
         if not layers or len(mean) != len(features) or len(std) != len(features):
             raise ValueError("a learned policy needs layers and one mean/std per feature")
+        mean = finite_numbers("feature means", mean)
+        if any(s <= 0 for s in finite_numbers("feature scales", std)):
+            raise ValueError("feature scales must be positive")
         self.features = list(features)
         self.mean = [float(x) for x in mean]
         self.std = [float(x) for x in std]
@@ -198,6 +223,8 @@ class LearnedLambda:
                     f"layer {i} has weight {tuple(w.shape)} and bias {tuple(b.shape)}; "
                     f"expected (n, {width}) and (n,)"
                 )
+            if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+                raise ValueError(f"layer {i} has weights that are not finite float32 numbers")
             width = b.shape[0]
         if width != 1:
             raise ValueError(f"the last layer must give one output, not {width}")

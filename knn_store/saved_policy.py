@@ -15,7 +15,7 @@ from typing import Any
 from knn_store.errors import StoreDamaged
 from knn_store.gate import RetrievalGate
 from knn_store.lambdas import FixedLambda, LambdaPolicy, policy_from_dict
-from knn_store.store.base import CollectionMeta
+from knn_store.store.base import CollectionMeta, KnnStore
 
 DEFAULT_LAMBDA = 0.25
 DEFAULT_TEMPERATURE = 1.0
@@ -117,3 +117,14 @@ def resolve_policy(
     if temperature is not None:
         return Resolved(saved.policy, temperature, gate, "tuned policy, T from flags")
     return Resolved(saved.policy, saved.temperature, gate, "tuned")
+
+
+def verify_policy(raw: dict[str, Any], store: KnnStore) -> str:
+    """What ``knnlm check`` says of a collection's saved policy: a one-line description,
+    or a ``KnnlmError`` when it is unreadable or was tuned for another model."""
+    saved = SavedPolicy.from_dict(raw, collection=store.name)
+    assert store.meta is not None
+    if saved.model_fingerprint != store.meta.model_fingerprint:
+        raise StoreDamaged("tuned for another model: eval ignores it; run `knnlm tune` again")
+    gate = "" if saved.gate is None else f", gate {saved.gate.threshold:.3g}"
+    return f"{saved.to_dict()['policy']['kind']}, T={saved.temperature:.4g}{gate}"

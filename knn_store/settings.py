@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from knn_store.store.config import SearchOptions, StorageConfig
+from knn_store.store.config import SearchOptions, StorageConfig, StoreLocation
 
 KeyType = Literal["final", "ffn_input"]
 Backend = Literal["edge", "qdrant", "local"]
@@ -34,6 +34,7 @@ STORAGE_FIELDS = {
     "indexing_threshold_kb": "indexing_threshold_kb",
     "shard_number": "shard_number",
     "replication_factor": "replication_factor",
+    "write_consistency_factor": "write_consistency_factor",
 }
 
 
@@ -105,7 +106,16 @@ class KnnlmSettings(BaseSettings):
         default=False,
         description="Send the API key over plain http to a host other than this machine.",
     )
-    prefer_grpc: bool = Field(default=False, description="Talk gRPC (port 6334) to the server.")
+    prefer_grpc: bool = Field(default=False, description="Talk gRPC to the server (--grpc-port).")
+    grpc_port: int = Field(
+        default=6334, ge=1, le=65_535, description="The server's gRPC port (with --prefer-grpc)."
+    )
+    ca_cert: Path | None = Field(
+        default=None,
+        description="PEM file of the certificate authority to trust for an https server (a "
+        "private CA or a self-signed certificate), over REST and gRPC. Default: the system's "
+        "trusted CAs (REST also honours SSL_CERT_FILE).",
+    )
     timeout: int = Field(default=60, ge=1, le=86_400, description="Server request timeout, s.")
     retries: int = Field(
         default=3,
@@ -144,6 +154,13 @@ class KnnlmSettings(BaseSettings):
     )
     replication_factor: int | None = Field(
         default=None, ge=1, le=64, description="Copies of each shard (server cluster)."
+    )
+    write_consistency_factor: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="Replicas of a shard that must acknowledge each write (server cluster; "
+        "at most the replication factor).",
     )
 
     # --- retrieval and interpolation --------------------------------------------------------
@@ -217,7 +234,35 @@ class KnnlmSettings(BaseSettings):
             raise ValueError(f"stride ({self.stride}) must not exceed window ({self.window})")
         if self.backend == "qdrant" and not self.url:
             raise ValueError("backend 'qdrant' needs a url (KNNLM_URL or --url)")
+        if self.backend != "qdrant" and "backend" not in self.model_fields_set:
+            for name in ("url", "prefer_grpc", "ca_cert"):
+                if getattr(self, name):
+                    flag = name.replace("_", "-")
+                    raise ValueError(
+                        f"--{flag} is for a Qdrant server, but no --backend was given and "
+                        f"the default is {self.backend!r}: add --backend qdrant "
+                        "(KNNLM_BACKEND=qdrant)"
+                    )
+        if self.ca_cert is not None and not self.ca_cert.is_file():
+            raise ValueError(f"--ca-cert {self.ca_cert} is not a file")
         return self
+
+    def store_location(self) -> StoreLocation:
+        """Where ``collection`` lives and how to reach it (what ``open_store`` takes)."""
+        return StoreLocation(
+            collection=self.collection,
+            backend=self.backend,
+            data_dir=self.data_dir,
+            url=self.url,
+            api_key=self.api_key.get_secret_value() if self.api_key else None,
+            prefer_grpc=self.prefer_grpc,
+            grpc_port=self.grpc_port,
+            ca_cert=self.ca_cert,
+            timeout=self.timeout,
+            retries=self.retries,
+            search_threads=self.search_threads,
+            allow_insecure_api_key=self.allow_insecure_api_key,
+        )
 
     def storage(self) -> StorageConfig:
         """How a collection created with these settings stores its keys."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from knn_store.errors import CorpusError
+from knn_store.errors import ConfigError, CorpusError
 from knn_store.gate import RetrievalGate
 from knn_store.knn import interpolate
 from knn_store.knn_lm import KnnLM
@@ -439,8 +439,8 @@ def fit_gate(
     Each position is weighted by how much skipping it would change its log-likelihood, so
     the model learns where the gain is, not merely where there is any.
     """
-    if max_cost < 0:
-        raise ValueError(f"`max_cost` must be >= 0, got {max_cost}")
+    if not 0 <= max_cost < math.inf:
+        raise ValueError(f"`max_cost` must be finite and >= 0, got {max_cost}")
     gains = retrieval_gains(validation, tuned)  # [n]
     f = validation.features
     x = torch.stack([f.lm_entropy.double(), f.lm_max_log_prob.double()], dim=-1)  # [n, 2]
@@ -482,3 +482,116 @@ def fit_gate(
         test_nll, test_skipped = gated_nll(test, tuned, gate)
         fit = GateFit(gate, val_skipped, val_nll, test_skipped, test_nll)
     return fit
+
+
+# --- what tune may fit and save ------------------------------------------------------------
+
+MIN_TOKENS_PER_BUCKET = 32  # each lambda of an equal-population bucket fitted to this many
+MIN_FIXED_TOKENS = 64  # one lambda and T; also the least text tune reports on
+MIN_LEARNED_TOKENS = 256  # the MLP's 113 weights: two tokens or more each
+MAX_HELD_SHARE = 0.5  # validation tokens that find their own key in the store, at most
+HELD_COSINE = 0.9999  # a nearest key this close in direction is the query's own (distance 0)
+NOISE_ERRORS = 2.0  # a validation gain under this many standard errors is noise ...
+LARGE_TEST_CHANGE = 0.05  # ... and then a test perplexity change past 5% either way is refused
+
+
+def tokens_needed(kind: str, *, buckets: int) -> int:
+    """The fewest validation tokens ``knnlm tune`` fits policy ``kind`` on ("none": it only
+    reports)."""
+    if kind in ("buckets", "cosine-buckets"):
+        return MIN_TOKENS_PER_BUCKET * buckets
+    if kind == "learned":
+        return MIN_LEARNED_TOKENS
+    return MIN_FIXED_TOKENS
+
+
+def check_tuning_size(tokens: int, kind: str, *, buckets: int) -> None:
+    """``CorpusError`` unless ``tokens`` validation tokens are enough for policy ``kind``."""
+    needed = tokens_needed(kind, buckets=buckets)
+    if tokens >= needed:
+        return
+    have = f"the validation text has {tokens:,} token{'' if tokens == 1 else 's'}"
+    if kind in ("buckets", "cosine-buckets"):
+        most = tokens // MIN_TOKENS_PER_BUCKET
+        fewer = f", at most --buckets {most}" if most >= 2 else ""
+        raise CorpusError(
+            f"{have}, too few for {buckets:,} buckets: they need at least {needed:,} "
+            f"({MIN_TOKENS_PER_BUCKET} per bucket); give more validation text{fewer}, "
+            "or --save fixed"
+        )
+    what = "the learned policy" if kind == "learned" else "a fixed lambda and T"
+    other = " or --save fixed" if kind == "learned" else ""
+    raise CorpusError(
+        f"{have}, too few to fit {what}: it needs at least {needed:,}; give more "
+        f"validation text{other}"
+    )
+
+
+def held_share(data: TuningData) -> float:
+    """The share of positions whose nearest stored key is their own key: cosine at least
+    ``HELD_COSINE``, i.e. distance 0 up to the stored keys' precision. Text the datastore
+    already holds finds itself everywhere."""
+    cosine = data.features.cosine
+    if cosine is None or not len(data):
+        return 0.0
+    own = (cosine >= HELD_COSINE) & data.features.has_neighbour
+    return own.double().mean().item()
+
+
+def check_not_held(data: TuningData) -> None:
+    """``CorpusError`` if more than ``MAX_HELD_SHARE`` of the validation text is in the
+    datastore: tuned on it, T and lambda trust retrieval blindly."""
+    share = held_share(data)
+    if share > MAX_HELD_SHARE:
+        raise CorpusError(
+            f"the datastore already holds the validation text: {share:.0%} of its tokens find "
+            f"their own key among the stored ones (cosine >= {HELD_COSINE}), more than "
+            f"{MAX_HELD_SHARE:.0%}; tuned on it, T and lambda would trust retrieval blindly: "
+            "tune on held-out text"
+        )
+
+
+def gain(
+    data: TuningData, tuned: Tuned, gate: RetrievalGate | None = None
+) -> tuple[float, float]:
+    """Mean log-likelihood gain per token (nats) of ``tuned`` (and its ``gate``) over the LM
+    alone, and the standard error of that mean."""
+    gains = retrieval_gains(data, tuned)  # float64 [n]
+    if gate is not None:
+        gains = gains * gate(data.features.lm_entropy, data.features.lm_max_log_prob)
+    n = len(gains)
+    if n == 0:
+        return 0.0, math.inf
+    error = gains.std().item() / math.sqrt(n) if n > 1 else math.inf
+    return gains.mean().item(), error
+
+
+def check_saveable(
+    validation: TuningData,
+    tuned: Tuned,
+    *,
+    gate: RetrievalGate | None = None,
+    test: TuningData | None = None,
+) -> None:
+    """``ConfigError`` if ``tuned`` (with ``gate``) should not be saved: it is worse than the
+    base LM on validation, or its validation gain is within noise (under ``NOISE_ERRORS``
+    standard errors) while it changes the test perplexity by more than ``LARGE_TEST_CHANGE``
+    either way (validation then does not predict test)."""
+    mean, error = gain(validation, tuned, gate)
+    change = 100 * math.expm1(-mean)  # validation perplexity, percent
+    if not mean >= -1e-12:
+        raise ConfigError(
+            f"the fitted {tuned.name} policy is worse than the base LM on the validation text "
+            f"(perplexity {change:+.2f}%); nothing saved: give more validation text, or "
+            "choose another --save"
+        )
+    if test is None or mean >= NOISE_ERRORS * error:
+        return
+    test_change = math.expm1(-gain(test, tuned, gate)[0])
+    if abs(test_change) > LARGE_TEST_CHANGE:
+        raise ConfigError(
+            f"the fitted {tuned.name} policy's validation gain is within noise (perplexity "
+            f"{change:+.2f}% +- {100 * error:.2f}%, under {NOISE_ERRORS:g} standard errors) "
+            f"while it changes the test perplexity by {100 * test_change:+.1f}%: the validation "
+            "text does not predict the test text; nothing saved: tune on more validation text"
+        )

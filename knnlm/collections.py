@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING, Any
 import click
 from tqdm import tqdm
 
-from knn_store.errors import KnnlmError, StoreDamaged
+from knn_store.errors import StoreDamaged, StoreUnavailable
 from knnlm.options import STORAGE_OPTIONS, STORE_OPTIONS, options, settings_from
 
 if TYPE_CHECKING:
-    from knn_store.store.base import KnnStore
+    pass
 
 
 @click.command()
@@ -22,6 +22,7 @@ def info(as_json: bool, **params: Any) -> None:
     """Show a collection: points per domain, the model, key type and storage that built it,
     and its tuned policy. A damaged collection is reported as such (exit 1)."""
     from knn_store import open_store
+    from knn_store.summary import collection_summary
 
     settings = settings_from(params)
     with open_store(settings) as store:
@@ -31,8 +32,9 @@ def info(as_json: bool, **params: Any) -> None:
     if as_json:
         click.echo(json.dumps(data))
         return
-    width = max(len(k) for k in data)
-    for key, value in data.items():
+    shown = {k: v for k, v in data.items() if v is not None and k != "engine_storage"}
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
         if key == "domains":
             value = ", ".join(f"{d} ({n:,})" for d, n in value.items()) or "-"
         elif key == "storage":
@@ -42,47 +44,6 @@ def info(as_json: bool, **params: Any) -> None:
         elif isinstance(value, int):
             value = f"{value:,}"
         click.echo(f"{key:<{width}}  {value}")
-
-
-def collection_summary(store: KnnStore, *, backend: str) -> dict[str, Any]:
-    """What `knnlm info --json` prints (and the service's /v1/collection answers), after the
-    quick health check: a damaged collection raises ``StoreDamaged`` rather than half a
-    summary."""
-    from knn_store.store.check import check_collection
-
-    health = check_collection(store, full=False)
-    if not health.ok:
-        problems = "; ".join(f"{f.what}: {f.detail}" for f in health.problems)
-        raise StoreDamaged(f"collection {store.name!r} is damaged ({problems}); run `knnlm check`")
-    meta = store.meta
-    assert meta is not None
-    return {
-        "collection": store.name,
-        "backend": backend,
-        "location": store.location,
-        "points": store.count(),
-        "domains": store.domains(),
-        "model": meta.model,
-        "key_type": meta.key_type,
-        "dim": meta.dim,
-        "vocab_size": meta.vocab_size,
-        "tokenizer": meta.tokenizer,
-        "storage": meta.storage.to_dict(),
-        "policy": _policy_summary(store.load_policy()),
-    }
-
-
-def _policy_summary(raw: dict[str, Any] | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
-    return {
-        "kind": (raw.get("policy") or {}).get("kind"),
-        "temperature": raw.get("temperature"),
-        "k": raw.get("k"),
-        "gate_threshold": (raw.get("gate") or {}).get("threshold"),
-        "domains": raw.get("domains") or [],
-        "saved": raw.get("saved"),
-    }
 
 
 def _describe_policy(value: dict[str, Any] | None) -> str:
@@ -108,7 +69,7 @@ def check(quiet: bool, **params: Any) -> None:
       knnlm check --collection kernel-docs
     """
     from knn_store import open_store
-    from knn_store.store.check import check_collection
+    from knn_store.summary import check as check_collection
 
     settings = settings_from(params)
     try:
@@ -190,9 +151,21 @@ def domains_drop(name: str, yes: bool, **params: Any) -> None:
     multiple=True,
     help="Copy only the points of this domain (repeatable; default: all).",
 )
+@click.option(
+    "--into-existing",
+    is_flag=True,
+    help="Add the points to a target collection that exists and was not made by this copy "
+    "(its record and tuned policy stay). Without it such a target is refused.",
+)
 @options(*STORE_OPTIONS, *STORAGE_OPTIONS, "search_threads")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def rebuild(to_collection: str, only_domains: tuple[str, ...], quiet: bool, **params: Any) -> None:
+def rebuild(
+    to_collection: str,
+    only_domains: tuple[str, ...],
+    into_existing: bool,
+    quiet: bool,
+    **params: Any,
+) -> None:
     """Copy a collection into a new one with other storage settings, without the LM.
 
     The new collection takes the storage flags given here (datatype, quantization, on-disk
@@ -206,11 +179,13 @@ def rebuild(to_collection: str, only_domains: tuple[str, ...], quiet: bool, **pa
     from knn_store.store.transfer import copy_collection
 
     settings = settings_from(params)
-    target_settings = settings_from(params, collection=to_collection)
+    target_settings = settings_from(
+        params, flags={"collection": "--to-collection"}, collection=to_collection
+    )
     if to_collection == settings.collection:
         raise click.BadParameter("must differ from --collection", param_hint="--to-collection")
     with open_store(settings) as source, open_store(target_settings, create=True) as target:
-        _copy(source, target, settings, only_domains, quiet, copy_collection)
+        _copy(source, target, settings, only_domains, quiet, copy_collection, into_existing)
 
 
 @click.command()
@@ -232,7 +207,13 @@ def rebuild(to_collection: str, only_domains: tuple[str, ...], quiet: bool, **pa
     multiple=True,
     help="Push only the points of this domain (repeatable; default: all).",
 )
-@options(*STORE_OPTIONS, "shard_number", "replication_factor")
+@click.option(
+    "--into-existing",
+    is_flag=True,
+    help="Add the points to a target collection that exists and was not made by this copy "
+    "(its record and tuned policy stay). Without it such a target is refused.",
+)
+@options(*STORE_OPTIONS, "shard_number", "replication_factor", "write_consistency_factor")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def push(
     to_url: str | None,
@@ -240,6 +221,7 @@ def push(
     to_collection: str | None,
     to_api_key: str | None,
     only_domains: tuple[str, ...],
+    into_existing: bool,
     quiet: bool,
     **params: Any,
 ) -> None:
@@ -271,10 +253,16 @@ def push(
         target_changes["data_dir"] = to_local
     target_settings = settings_from(
         {k: v for k, v in params.items() if k not in ("url", "api_key", "data_dir")},
+        flags={
+            "collection": "--to-collection" if to_collection else "--collection",
+            "url": "--to-url",
+            "api_key": "--to-api-key",
+            "data_dir": "--to-local",
+        },
         **target_changes,
     )
     with open_store(settings) as source, open_store(target_settings, create=True) as target:
-        _copy(source, target, target_settings, only_domains, quiet, copy_collection)
+        _copy(source, target, target_settings, only_domains, quiet, copy_collection, into_existing)
 
 
 def _copy(
@@ -284,6 +272,7 @@ def _copy(
     only_domains: tuple[str, ...],
     quiet: bool,
     copy_collection: Any,
+    into_existing: bool = False,
 ) -> None:
     from dataclasses import replace
 
@@ -292,7 +281,9 @@ def _copy(
 
     assert source.meta is not None
     flt = PointFilter(domains=check_domains(source, only_domains))
-    storage = replace(source.meta.storage, **settings.storage_overrides())
+    # A target that exists (a copy to resume) keeps its own settings unless flags say others.
+    base = (target.meta or source.meta).storage
+    storage = replace(base, **settings.storage_overrides())
     total = source.count(flt)
     bar = tqdm(total=total, unit="pt", unit_scale=True, desc="copy", disable=quiet)
     try:
@@ -303,9 +294,10 @@ def _copy(
                 storage=storage,
                 filter=flt,
                 checkpoint_dir=settings.data_dir / ".transfers",
+                into_existing=into_existing,
                 on_batch=bar.update,
             )
-    except KnnlmError as exc:
+    except StoreUnavailable as exc:  # transient: a rerun resumes; anything else would recur
         raise type(exc)(f"{exc}; run the same command again to resume") from exc
     resumed = " (resumed)" if report.resumed_from else ""
     click.echo(

@@ -48,7 +48,11 @@ _QUERY_OPTIONS = (*[o for o in MODEL_OPTIONS if o not in ("window", "stride")], 
     type=click.FloatRange(0.0, 1.0),
     help="Nucleus sampling: the smallest set of tokens holding this much probability.",
 )
-@click.option("--seed", type=int, help="Random seed, for repeatable samples.")
+@click.option(
+    "--seed",
+    type=click.IntRange(-(2**63), 2**64 - 1),
+    help="Random seed, for repeatable samples (-2**63 to 2**64 - 1).",
+)
 @click.option("--no-knn", is_flag=True, help="Generate with the base LM alone, to compare.")
 @search_domain_option
 @options(*_QUERY_OPTIONS, *SEARCH_OPTIONS)

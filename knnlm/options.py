@@ -41,6 +41,8 @@ STORE_OPTIONS = (
     "api_key",
     "allow_insecure_api_key",
     "prefer_grpc",
+    "grpc_port",
+    "ca_cert",
     "timeout",
     "retries",
 )
@@ -54,6 +56,7 @@ STORAGE_OPTIONS = (
     "indexing_threshold_kb",
     "shard_number",
     "replication_factor",
+    "write_consistency_factor",
 )
 # How retrieval searches (what tune takes), then how it weighs what it found.
 RETRIEVAL_OPTIONS = (
@@ -121,8 +124,14 @@ def options(*fields: str) -> Callable[[F], F]:
     return decorate
 
 
-def settings_from(params: dict[str, Any], **changes: Any) -> KnnlmSettings:
-    """Settings from the environment, overridden by the flags given (and ``changes``)."""
+def settings_from(
+    params: dict[str, Any], *, flags: dict[str, str] | None = None, **changes: Any
+) -> KnnlmSettings:
+    """Settings from the environment, overridden by the flags given (and ``changes``).
+
+    ``flags`` names the flag a field came from where it is not the field's own (the target
+    of a copy is ``--to-collection``), for error messages.
+    """
     given = {k: v for k, v in params.items() if k in KnnlmSettings.model_fields and v is not None}
     given.update(changes)
     try:
@@ -132,7 +141,8 @@ def settings_from(params: dict[str, Any], **changes: Any) -> KnnlmSettings:
         for err in exc.errors():
             message = err["msg"].removeprefix("Value error, ")
             if err["loc"]:
-                message = f"{flag_name(str(err['loc'][0]))}: {message}"
+                field = str(err["loc"][0])
+                message = f"{(flags or {}).get(field) or flag_name(field)}: {message}"
             problems.append(message)
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
 
@@ -160,12 +170,34 @@ def corpus_options(fn: F) -> F:
     return fn
 
 
+class _CommaList(click.ParamType):
+    """Text; from an environment variable, a comma-separated list (spaces around ignored)."""
+
+    name = "text"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value
+
+    def split_envvar_value(self, rv: str) -> list[str]:
+        return [part.strip() for part in rv.split(",") if part.strip()]
+
+
 search_domain_option = click.option(
     "--search-domain",
     "search_domains",
     multiple=True,
-    help="Retrieve only from this domain (repeatable; default: every domain).",
+    type=_CommaList(),
+    envvar="KNNLM_SEARCH_DOMAIN",
+    help="Retrieve only from this domain (repeatable; default: every domain). "
+    "[env: KNNLM_SEARCH_DOMAIN, comma-separated]",
 )
+
+
+def print_skipped(report: Any) -> None:
+    """Name on stderr each file ``--skip-invalid`` left out (empty files go unmentioned)."""
+    for reason in report.reasons.values():
+        if reason != "empty":
+            click.echo(f"knnlm: skipped {reason}", err=True)
 
 
 def output_options(fn: F) -> F:

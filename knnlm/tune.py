@@ -19,6 +19,7 @@ from knnlm.options import (
     corpus_options,
     options,
     output_options,
+    print_skipped,
     search_domain_option,
     settings_from,
 )
@@ -100,23 +101,48 @@ def tune(
     report on --test text: never tune and report on the same text.
 
     \b
+    It refuses, and saves nothing:
+      - validation text too small for the policy: 32 tokens per bucket (--buckets 64:
+        2,048), 256 for learned, 64 for fixed (and with --save none);
+      - text the datastore already holds: over 50% of its tokens find their own key
+        (cosine to the nearest key >= 0.9999);
+      - a policy worse than the base LM on validation;
+      - a policy whose validation gain is within noise (under 2 standard errors) while
+        it moves the --test perplexity by more than 5% either way.
+
+    \b
     Examples:
       knnlm tune valid/ --test test/ --plots results/
       knnlm tune valid.jsonl --save learned --json
     """
-    from ingest.corpus import read_corpus
+    from ingest.corpus import CorpusReport, read_corpus
     from knn_store import open_session
     from knn_store.saved_policy import SavedPolicy
-    from knn_store.tuning import collect, fit_gate
+    from knn_store.tuning import (
+        check_not_held,
+        check_saveable,
+        check_tuning_size,
+        collect,
+        fit_gate,
+    )
     from knn_store.tuning import tune as fit_all
 
+    if not math.isfinite(gate_max_cost):
+        raise ConfigError(f"--gate-max-cost must be a finite percentage, got {gate_max_cost}")
     settings = settings_from(params)
 
     def read(where: tuple[str, ...]) -> list[str]:
+        report = CorpusReport()
         docs = read_corpus(
-            where, glob=glob_pattern, text_field=text_field, skip_invalid=skip_invalid
+            where,
+            glob=glob_pattern,
+            text_field=text_field,
+            skip_invalid=skip_invalid,
+            report=report,
         )
-        return [d.text for d in docs]
+        texts = [d.text for d in docs]
+        print_skipped(report)
+        return texts
 
     validation_texts = read(paths)
     test_texts = read(test_paths) if test_paths else []
@@ -131,7 +157,12 @@ def tune(
     with open_session(settings, search_domains=search_domains) as session:
         knn_lm = session.knn_lm
         started = time.perf_counter()
-        validation = collect(knn_lm, session.encode(validation_texts), progress=not quiet)
+        sequences = session.encode(validation_texts)
+        # every token after the first is scored once
+        tokens = sum(max(len(s) - 1, 0) for s in sequences)
+        check_tuning_size(tokens, save_kind, buckets=buckets)
+        validation = collect(knn_lm, sequences, progress=not quiet)
+        check_not_held(validation)
         test = (
             collect(knn_lm, session.encode(test_texts), progress=not quiet) if test_texts else None
         )
@@ -144,6 +175,9 @@ def tune(
             if gate_max_cost > 0:
                 gate = fit_gate(validation, chosen, max_cost=gate_max_cost / 100, test=test)
                 summary["gate"] = _gate_summary(gate, result, save_kind)
+            check_saveable(
+                validation, chosen, gate=None if gate is None else gate.gate, test=test
+            )
             meta = session.store.meta
             assert meta is not None
             saved = SavedPolicy(

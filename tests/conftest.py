@@ -132,3 +132,38 @@ def settings_factory(tmp_path: Path):
         return KnnlmSettings(**base)
 
     return make
+
+
+# --- real Qdrant servers ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def qdrant_server(tmp_path_factory: pytest.TempPathFactory):
+    """A Qdrant server for the whole session: ``QDRANT_URL`` when set, else a ``qdrant``
+    process started here (strict mode on, as on Qdrant Cloud), else the test is skipped."""
+    from tests.qdrant_server import EXTERNAL_URL, QdrantNode, Server, find_binary, skip_reason
+
+    reason = skip_reason()
+    if reason:
+        pytest.skip(reason)
+    if EXTERNAL_URL:
+        yield Server.external()
+        return
+    binary = find_binary()
+    assert binary is not None
+    node = QdrantNode(binary, tmp_path_factory.mktemp("qdrant"), strict_mode=True).start()
+    try:
+        yield Server.of(node)
+    finally:
+        node.stop()
+
+
+@pytest.fixture(scope="session")
+def qdrant_binary():
+    """The qdrant executable for tests that start their own servers (TLS, clusters)."""
+    from tests.qdrant_server import find_binary, skip_reason
+
+    binary = find_binary()
+    if binary is None:
+        pytest.skip(skip_reason() or "these tests start their own qdrant: put it on PATH")
+    return binary

@@ -28,6 +28,7 @@ from tests.test_cli import Knnlm, _json_ok, _one_line_error
 _FINDING = re.compile(r"^(.{22}) (ok  |FAIL)  (.*)$")
 SOUND = [
     "record",
+    "storage settings",
     "payload indexes",
     "point counts",
     "policy",

@@ -561,3 +561,81 @@ def test_drop_removes_the_whole_collection(kind: str, tmp_path: Path) -> None:
     store.close()
     with pytest.raises(CollectionMissing):
         _open(kind, tmp_path, create=False)
+
+
+@pytest.mark.parametrize("backend", ["edge", "local"])
+def test_a_copy_never_merges_into_an_unrelated_collection(
+    knnlm: Knnlm, corpus_dir: Path, tmp_path: Path, backend: str
+) -> None:
+    args = ["--backend", backend]
+    docs = sorted(corpus_dir.glob("doc*.txt"))
+    assert knnlm.ingest(*map(str, docs[:3]), "--domain", "a", "-q", *args).exit_code == 0
+    other = knnlm.ingest(*map(str, docs[3:]), "--domain", "b", "-q", *args, collection="other")
+    assert other.exit_code == 0
+    before = _json_ok(knnlm("info", *knnlm.store_args("other"), "--json", *args))
+    refused = knnlm("rebuild", *knnlm.store_args(), "--to-collection", "other", "-q", *args)
+    line = _one_line_error(refused, "'other'", "already exists", "--into-existing", "(a)")
+    assert "holds domains: b" in line
+    assert _json_ok(knnlm("info", *knnlm.store_args("other"), "--json", *args)) == before
+    merged = knnlm(
+        "rebuild", *knnlm.store_args(), "--to-collection", "other", "--into-existing", *args
+    )
+    assert merged.exit_code == 0, merged.output
+    info = _json_ok(knnlm("info", *knnlm.store_args("other"), "--json", *args))
+    assert set(info["domains"]) == {"a", "b"}
+    assert info["domains"]["b"] == before["domains"]["b"]
+
+
+def test_an_interrupted_copy_is_never_read_as_complete(
+    knnlm: Knnlm, corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed halfway, a rebuild's target is flagged: info, check and eval refuse it, it has
+    no policy yet, and the rerun finishes it."""
+    from knn_store.store.edge import EdgeStore as Edge
+
+    assert knnlm.ingest(str(corpus_dir), "-q").exit_code == 0
+    valid = tmp_path / "valid.txt"
+    valid.write_text("for i in range(10):\n    print(i, i * i)\n" * 2)
+    tuned = knnlm("tune", str(valid), *knnlm.model_args(), *knnlm.store_args(), "-q", "--json")
+    assert tuned.exit_code == 0, tuned.output
+    real = Edge.upsert
+    calls = {"n": 0}
+
+    def dies(self: Edge, points: PointBatch) -> None:
+        calls["n"] += 1
+        real(self, points[: len(points) // 2])  # half a batch written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Edge, "upsert", dies)
+    cut = knnlm("rebuild", *knnlm.store_args(), "--to-collection", "copy", "--quantization", "int8")
+    assert cut.exit_code == 130, cut.output
+    monkeypatch.setattr(Edge, "upsert", real)
+    assert (knnlm.data_dir / "copy").is_dir()
+    assert not (knnlm.data_dir / "copy" / "policy.json").exists()  # the policy comes last
+    _one_line_error(knnlm.info(collection="copy"), "unfinished copy", "'test'")
+    check = knnlm("check", *knnlm.store_args("copy"), "-q")
+    assert check.exit_code == 1 and "unfinished copy" in check.stdout
+    held = tmp_path / "held.txt"
+    held.write_text("def add(a, b):\n    return a + b\n")
+    _one_line_error(knnlm.eval(str(held), collection="copy"), "unfinished copy")
+    _one_line_error(knnlm.ingest(str(corpus_dir), "-q", collection="copy"), "unfinished copy")
+    done = knnlm("rebuild", *knnlm.store_args(), "--to-collection", "copy", "-q")
+    assert done.exit_code == 0, done.output
+    info = knnlm.info_json("copy")
+    assert info["points"] == knnlm.info_json()["points"] and info["policy"] is not None
+    assert knnlm("check", *knnlm.store_args("copy"), "-q").exit_code == 0
+    again = knnlm("rebuild", *knnlm.store_args(), "--to-collection", "copy", "-q")
+    assert again.exit_code == 0 and "copied 0 points" in again.stdout  # complete: nothing to do
+
+
+def test_a_copy_onto_its_own_source_is_refused(knnlm: Knnlm, corpus_dir: Path) -> None:
+    assert knnlm.ingest(str(corpus_dir), "-q", "--backend", "local").exit_code == 0
+    pushed = knnlm(
+        "push",
+        *knnlm.store_args(),
+        "--backend",
+        "local",
+        "--to-local",
+        str(knnlm.data_dir / "qdrant-local"),
+    )
+    _one_line_error(pushed, "target is its source")

@@ -1,11 +1,10 @@
-"""Both Qdrant engines (Edge, qdrant-client local mode) against a numpy brute force.
-
-Set QDRANT_URL (and QDRANT_API_KEY) to also run these against a real Qdrant server.
+"""Every Qdrant engine against a numpy brute force: Edge, qdrant-client's local mode, and a
+real server over REST and over gRPC (``QDRANT_URL``, or a ``qdrant`` on PATH; see
+``tests/qdrant_server.py``).
 """
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from knn_store.store.client import QdrantClientStore
 from knn_store.store.config import SearchOptions
 from knn_store.store.edge import EdgeStore
 from knn_store.store.point_ids import document_hash, document_key, make_point_ids, tokens_from_ids
+from tests.qdrant_server import Server
 from tests.reference import brute_force_knn
 
 DIM, N, VOCAB = 16, 600, 70
@@ -38,21 +38,39 @@ META = CollectionMeta(
     tokenizer="t:1",
 )
 
-BACKENDS = ["edge", "local"] + (["server"] if os.environ.get("QDRANT_URL") else [])
+SERVERS = [
+    pytest.param("server-rest", marks=pytest.mark.server),
+    pytest.param("server-grpc", marks=pytest.mark.server),
+]
+BACKENDS = ["edge", "local", *SERVERS]
 
 
-def _open(kind: str, tmp_path: Path, name: str = "c", create: bool = True) -> KnnStore:
+def _open(
+    kind: str,
+    tmp_path: Path,
+    name: str = "c",
+    create: bool = True,
+    server: Server | None = None,
+) -> KnnStore:
     if kind == "edge":
         return EdgeStore(tmp_path / name, create=create)
     if kind == "local":
         return QdrantClientStore.local(tmp_path / "local", collection=name, create=create)
+    assert server is not None, "server kinds need the qdrant_server fixture"
     return QdrantClientStore.server(
-        os.environ["QDRANT_URL"],
+        server.url,
         # unique per test (tmp_path is), the same when a test reopens it
         collection=f"knnlm-test-{abs(hash(str(tmp_path))):x}-{name}",
-        api_key=os.environ.get("QDRANT_API_KEY"),
+        api_key=server.api_key,
+        prefer_grpc=kind == "server-grpc",
+        grpc_port=server.grpc_port,
+        ca_cert=server.ca_cert,
         create=create,
     )
+
+
+def _server_for(kind: str, request: pytest.FixtureRequest) -> Server | None:
+    return request.getfixturevalue("qdrant_server") if kind.startswith("server") else None
 
 
 def _data(seed: int = 0) -> tuple[np.ndarray, np.ndarray, PointBatch]:
@@ -73,13 +91,13 @@ def filled(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[tuple[KnnStore, np.ndarray, np.ndarray]]:
     keys, tokens, batch = _data()
-    store = _open(request.param, tmp_path)
+    store = _open(request.param, tmp_path, server=_server_for(request.param, request))
     store.ensure_collection(META)
     store.upsert(batch)
     store.finalize()
     yield store, keys, tokens
-    if request.param == "server":  # leave the real server as we found it
-        store._client.delete_collection(store.name)
+    if request.param.startswith("server"):  # leave the real server as we found it
+        store.drop()
     store.close()
 
 
@@ -136,23 +154,28 @@ def test_meta_mismatch_names_both_sides(filled) -> None:
     store.ensure_collection(META)  # the same meta is accepted
 
 
-@pytest.mark.parametrize("kind", ["edge", "local"])
-def test_reopen_keeps_points_and_meta(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_reopen_keeps_points_and_meta(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    server = _server_for(kind, request)
     _, _, batch = _data()
-    store = _open(kind, tmp_path)
+    store = _open(kind, tmp_path, server=server)
     store.ensure_collection(META)
     store.upsert(batch)
     store.close()
-    again = _open(kind, tmp_path, create=False)
+    again = _open(kind, tmp_path, create=False, server=server)
     assert again.meta == META
     assert again.count() == N
+    if server is not None:
+        again.drop()
     again.close()
 
 
-@pytest.mark.parametrize("kind", ["edge", "local"])
-def test_missing_collection(kind: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_missing_collection(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     with pytest.raises(CollectionMissing, match="knnlm ingest"):
-        _open(kind, tmp_path, name="nope", create=False)
+        _open(kind, tmp_path, name="nope", create=False, server=_server_for(kind, request))
 
 
 def test_backends_agree(tmp_path: Path) -> None:
@@ -268,8 +291,11 @@ def test_points_read_back_by_id_with_keys_and_payloads(filled) -> None:
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_policy_is_kept_with_the_collection(kind: str, tmp_path: Path) -> None:
-    store = _open(kind, tmp_path)
+def test_policy_is_kept_with_the_collection(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    server = _server_for(kind, request)
+    store = _open(kind, tmp_path, server=server)
     store.ensure_collection(META)
     assert store.load_policy() is None
     policy = {"policy": {"kind": "fixed", "lambda": 0.3}, "temperature": 2.0}
@@ -277,11 +303,11 @@ def test_policy_is_kept_with_the_collection(kind: str, tmp_path: Path) -> None:
     store.save_policy({**policy, "temperature": 3.0})  # replaces, never appends
     assert store.load_policy() == {**policy, "temperature": 3.0}
     store.close()
-    again = _open(kind, tmp_path, create=False)
+    again = _open(kind, tmp_path, create=False, server=server)
     assert again.load_policy() == {**policy, "temperature": 3.0}
     assert again.meta == META  # the collection's own record is untouched
-    if kind == "server":
-        again._client.delete_collection(again.name)
+    if server is not None:
+        again.drop()
     again.close()
 
 

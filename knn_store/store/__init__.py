@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from knn_store.errors import ConfigError
 from knn_store.store.base import (
@@ -13,10 +13,12 @@ from knn_store.store.base import (
     PointFilter,
     StoredPoint,
 )
-from knn_store.store.config import SearchOptions, StorageConfig
+from knn_store.store.config import SearchOptions, StorageConfig, StoreLocation
 
-if TYPE_CHECKING:
-    from knn_store.settings import KnnlmSettings
+
+class SupportsStoreLocation(Protocol):
+    def store_location(self) -> StoreLocation: ...
+
 
 __all__ = [
     "CollectionMeta",
@@ -26,48 +28,51 @@ __all__ = [
     "PointFilter",
     "SearchOptions",
     "StorageConfig",
+    "StoreLocation",
     "StoredPoint",
     "open_store",
 ]
 
 
 def open_store(
-    settings: KnnlmSettings, *, create: bool = False, collection: str | None = None
+    location: StoreLocation | SupportsStoreLocation,
+    *,
+    create: bool = False,
+    collection: str | None = None,
 ) -> KnnStore:
-    """Open ``collection`` (default ``settings.collection``) on the configured backend.
+    """Open ``collection`` (default: the location's) where ``location`` says: a
+    ``StoreLocation``, or anything with a ``store_location()`` (``KnnlmSettings``).
 
     With ``create=False`` a missing collection raises ``CollectionMissing``; with
     ``create=True`` it is made on the first ``ensure_collection``.
     """
-    name = collection or settings.collection
-    if settings.backend in ("edge", "local"):
-        data_dir = settings.data_dir
-        if data_dir.exists() and not data_dir.is_dir():
-            raise ConfigError(f"--data-dir {data_dir} is a file, not a folder")
-    if settings.backend == "edge":
+    where = location if isinstance(location, StoreLocation) else location.store_location()
+    name = collection or where.collection
+    local = where.backend in ("edge", "local")
+    if local and where.data_dir.exists() and not where.data_dir.is_dir():
+        raise ConfigError(f"--data-dir {where.data_dir} is a file, not a folder")
+    if where.backend == "edge":
         from knn_store.store.edge import EdgeStore
 
-        return EdgeStore(
-            settings.data_dir / name, create=create, search_threads=settings.search_threads
-        )
+        return EdgeStore(where.data_dir / name, create=create, search_threads=where.search_threads)
     from knn_store.store.client import QdrantClientStore
 
-    if settings.backend == "local":
+    if where.backend == "local":
         return QdrantClientStore.local(
-            settings.data_dir / "qdrant-local",
-            collection=name,
-            create=create,
-            retries=settings.retries,
+            where.data_dir / "qdrant-local", collection=name, create=create, retries=where.retries
         )
-    assert settings.url is not None  # the settings validator guarantees it
+    if where.backend != "qdrant" or not where.url:
+        raise ConfigError(f"backend {where.backend!r} needs a server URL (--url)")
     return QdrantClientStore.server(
-        settings.url,
+        where.url,
         collection=name,
-        api_key=settings.api_key.get_secret_value() if settings.api_key else None,
-        prefer_grpc=settings.prefer_grpc,
-        timeout=settings.timeout,
+        api_key=where.api_key,
+        prefer_grpc=where.prefer_grpc,
+        grpc_port=where.grpc_port,
+        ca_cert=where.ca_cert,
+        timeout=where.timeout,
         create=create,
-        retries=settings.retries,
-        search_threads=settings.search_threads,
-        allow_insecure_api_key=settings.allow_insecure_api_key,
+        retries=where.retries,
+        search_threads=where.search_threads,
+        allow_insecure_api_key=where.allow_insecure_api_key,
     )

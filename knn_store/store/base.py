@@ -17,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from knn_store.errors import ConfigError, DimensionMismatch, StoreDamaged, StoreError
+from knn_store.errors import (
+    CollectionMissing,
+    ConfigError,
+    DimensionMismatch,
+    StoreDamaged,
+    StoreError,
+)
 from knn_store.store.config import SearchOptions, StorageConfig
 from knn_store.store.point_ids import tokens_from_ids
 
@@ -165,6 +171,10 @@ class CollectionMeta:
     tokenizer: str  # tokenizer class and a hash of its vocabulary
     format_version: int = FORMAT_VERSION
     storage: StorageConfig = field(default_factory=StorageConfig)
+    # Made by ``knnlm rebuild`` or ``push``: the source (name and location). ``copying``
+    # stays True until the copy's counts agree; readers refuse such a collection.
+    copy_of: str | None = None
+    copying: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "storage": self.storage.to_dict()}
@@ -279,6 +289,11 @@ class KnnStore(abc.ABC):
         return self._meta
 
     @property
+    def server_version(self) -> str | None:
+        """The Qdrant server's version; None for embedded engines."""
+        return None
+
+    @property
     def location(self) -> str:
         """Where the collection lives, for messages (never holds a secret)."""
         return self.name
@@ -286,10 +301,31 @@ class KnnStore(abc.ABC):
     def ensure_collection(self, meta: CollectionMeta) -> None:
         """Create the collection for ``meta``, or check that the existing one matches it."""
         if self._meta is not None:
+            self.require_complete()
             self._meta.check_compatible(meta, collection=self.name)
             return
         self._create(meta)
         self._meta = meta
+
+    def require_complete(self) -> None:
+        """Raise ``StoreDamaged`` if this collection is a copy still being made."""
+        if self._meta is not None and self._meta.copying:
+            raise StoreDamaged(
+                f"collection {self.name!r} is an unfinished copy of {self._meta.copy_of}: "
+                "run the same `knnlm rebuild` or `knnlm push` again to finish it, or drop it"
+            )
+
+    def replace_meta(self, meta: CollectionMeta) -> None:
+        """Rewrite the collection's record (a copy marks itself complete this way)."""
+        if self._meta is None:
+            raise CollectionMissing(f"collection {self.name!r} does not exist")
+        self._meta.check_compatible(meta, collection=self.name)
+        self._write_meta(meta)
+        self._meta = meta
+
+    @abc.abstractmethod
+    def _write_meta(self, meta: CollectionMeta) -> None:
+        """Replace the stored record, atomically."""
 
     @abc.abstractmethod
     def _create(self, meta: CollectionMeta) -> None:
@@ -471,6 +507,10 @@ class KnnStore(abc.ABC):
 
     def load_state(self) -> dict[str, Any] | None:
         """What the last completed write recorded (the point count), where kept."""
+        return None
+
+    def engine_storage(self) -> dict[str, Any] | None:
+        """The storage settings as the engine reports them, where it can (a server)."""
         return None
 
     def engine_points(self) -> int:

@@ -16,13 +16,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 
 from knn_store.errors import (
     CollectionMissing,
     ConfigError,
+    StoreAccessDenied,
     StoreDamaged,
     StoreError,
     StoreUnavailable,
@@ -96,6 +97,7 @@ class QdrantClientStore(KnnStore):
         self.search_threads = search_threads
         self._policy: dict[str, Any] | None = None
         self._pool: ThreadPoolExecutor | None = None
+        self._server_version: str | None = None
         if self._call("read the collection list", client.collection_exists, collection):
             self._read_collection()
         elif not create:
@@ -111,28 +113,44 @@ class QdrantClientStore(KnnStore):
         collection: str,
         api_key: str | None = None,
         prefer_grpc: bool = False,
+        grpc_port: int = 6334,
+        ca_cert: str | Path | None = None,
         timeout: int = 60,
         create: bool = True,
         retries: int = 5,
         search_threads: int | None = None,
         allow_insecure_api_key: bool = False,
     ) -> QdrantClientStore:
-        """A collection on the Qdrant server at ``url`` (``http(s)://host:port``)."""
+        """A collection on the Qdrant server at ``url`` (``http(s)://host:port``).
+
+        ``ca_cert`` is a PEM file of the authority to trust for https (REST and gRPC); the
+        default trusts the system's CAs.
+        """
         from qdrant_client import QdrantClient
 
         check_server_url(
             url, api_key=api_key is not None, allow_insecure_api_key=allow_insecure_api_key
         )
+        tls: dict[str, Any] = {}
+        if ca_cert is not None:
+            try:
+                roots = Path(ca_cert).read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read --ca-cert {ca_cert}: {exc.strerror}") from exc
+            tls = {"verify": str(ca_cert), "grpc_options": {"root_certificates": roots}}
         with warnings.catch_warnings():  # the insecure-key warning: check_server_url decided
             warnings.simplefilter("ignore")
-            # No version probe at connect: its failure would only add a warning, and the
-            # first real call reports an unreachable server properly.
+            # The client's own version check would warn on every command whenever client
+            # and server minor versions differ; the store reads the server's version once
+            # instead (``server_version``), for ``knnlm info`` and for its messages.
             client = QdrantClient(
                 url=url,
                 api_key=api_key,
                 prefer_grpc=prefer_grpc,
+                grpc_port=grpc_port,
                 timeout=timeout,
                 check_compatibility=False,
+                **tls,
             )
         return cls(
             client,
@@ -178,6 +196,19 @@ class QdrantClientStore(KnnStore):
     def location(self) -> str:
         return self._location
 
+    @property
+    def server_version(self) -> str | None:
+        """The server's version (None in local mode), asked once."""
+        if self.local:
+            return None
+        if self._server_version is None:
+            info = self._call("read the server version", self._client.info)
+            self._server_version = str(info.version)
+        return self._server_version
+
+    def _server_name(self) -> str:
+        return f"Qdrant {self.server_version} at {self._location}"
+
     def _read_collection(self) -> None:
         info = self._call("read collection info", self._client.get_collection, self.name)
         metadata = info.config.metadata or {}
@@ -198,6 +229,24 @@ class QdrantClientStore(KnnStore):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
+                denied = _access_denied(exc)
+                if denied == "unauthenticated":
+                    raise StoreAccessDenied(
+                        f"Qdrant at {self._location} refused the API key to {what} (wrong, "
+                        "expired or missing): set KNNLM_API_KEY to a key of this server"
+                    ) from exc
+                if denied == "forbidden":
+                    raise StoreAccessDenied(
+                        f"the API key may not {what} on Qdrant at {self._location}: it is "
+                        f"read-only, or not granted collection {self.name!r}; use a "
+                        "read-write key for ingest, tune, push and drops"
+                    ) from exc
+                if _untrusted_certificate(exc):
+                    raise StoreUnavailable(
+                        f"cannot verify the TLS certificate of Qdrant at {self._location}: "
+                        "pass the PEM file of its certificate authority with --ca-cert "
+                        "(KNNLM_CA_CERT), or check the URL's host name"
+                    ) from exc
                 if not _is_transient(exc):
                     raise StoreError(
                         f"Qdrant at {self._location} failed to {what}: {_describe(exc)}"
@@ -219,8 +268,10 @@ class QdrantClientStore(KnnStore):
         from qdrant_client import models
 
         s = meta.storage
-        if self.local and (s.shard_number or s.replication_factor):
-            raise StoreError("shard number and replication factor need a Qdrant server")
+        if self.local and s.clustered:
+            raise StoreError(
+                "shard number, replication and write consistency factors need a Qdrant server"
+            )
         try:
             self._call(
                 "create the collection",
@@ -247,18 +298,29 @@ class QdrantClientStore(KnnStore):
                 else None,
                 shard_number=s.shard_number,
                 replication_factor=s.replication_factor,
+                write_consistency_factor=s.write_consistency_factor,
                 metadata={_META_KEY: meta.to_dict()},
             )
-        except StoreError:
+        except StoreAccessDenied:
+            raise
+        except StoreError as exc:
             # Another worker may have created it first (sharded ingest): use theirs.
             if not self._call(
                 "read the collection list", self._client.collection_exists, self.name
             ):
-                raise
+                if self.local or isinstance(exc, StoreUnavailable):
+                    raise
+                raise ConfigError(
+                    f"{self._server_name()} refused the storage settings "
+                    f"({s.describe()}; quantization {s.quantization}): "
+                    f"{_describe(exc.__cause__ or exc)}"
+                ) from exc
             self._read_collection()
             assert self._meta is not None
             self._meta.check_compatible(meta, collection=self.name)
             return
+        # Before the first point: a server in strict mode (as on Qdrant Cloud) refuses
+        # filters, counts and facets over fields without an index.
         for field in INDEXED_FIELDS:
             schema = models.KeywordIndexParams(
                 type=models.KeywordIndexType.KEYWORD, is_tenant=field == DOMAIN_FIELD
@@ -266,8 +328,22 @@ class QdrantClientStore(KnnStore):
             with warnings.catch_warnings():  # local mode ignores payload indexes, and says so
                 warnings.simplefilter("ignore")
                 self._call(
-                    "index payload", self._client.create_payload_index, self.name, field, schema
+                    "index payload",
+                    self._client.create_payload_index,
+                    self.name,
+                    field,
+                    schema,
+                    wait=True,
                 )
+
+    def _write_meta(self, meta: CollectionMeta) -> None:
+        # Qdrant merges metadata keys: the tuned policy stays as it is.
+        self._call(
+            "save the collection record",
+            self._client.update_collection,
+            self.name,
+            metadata={_META_KEY: meta.to_dict()},
+        )
 
     def upsert(self, batch: PointBatch) -> None:
         from qdrant_client import models
@@ -429,11 +505,98 @@ class QdrantClientStore(KnnStore):
         info = self._call("read collection info", self._client.get_collection, self.name)
         return set(info.payload_schema or {})
 
+    def engine_storage(self) -> dict[str, Any] | None:
+        """The storage settings as the server itself reports them (``knnlm info`` shows
+        them beside the record, ``check`` compares the two); None in local mode."""
+        if self.local:
+            return None
+        info = self._call("read collection info", self._client.get_collection, self.name)
+        return _storage_from_config(info.config)
+
     def engine_points(self) -> int:
         info = self._call("read collection info", self._client.get_collection, self.name)
         if info.points_count is None:
             raise StoreDamaged(f"Qdrant reports no point count for {self.name!r}")
         return int(info.points_count)
+
+    # --- snapshots (knn_store.store.snapshot) ----------------------------------------------
+
+    def collection_exists(self, name: str) -> bool:
+        """Whether collection ``name`` exists where this one lives, whatever it holds."""
+        return bool(self._call("read the collection list", self._client.collection_exists, name))
+
+    def download_snapshot(
+        self, path: Path, *, on_bytes: Callable[[int], None] | None = None
+    ) -> str:
+        """Have the server snapshot this collection (points, config and metadata: the record
+        and the policy), stream the file into ``path`` and delete it on the server. Returns
+        its sha256, checked against the server's."""
+        import hashlib
+
+        from qdrant_client.http.exceptions import UnexpectedResponse
+
+        if self.local:
+            raise StoreError("qdrant-client's local mode has no server snapshots")
+        made = self._call("create a snapshot", self._client.create_snapshot, self.name, wait=True)
+        if made is None:
+            raise StoreError(f"Qdrant at {self._location} made no snapshot of {self.name!r}")
+        rest = self._client.http.client  # the REST client: base URL, API key header, TLS
+        url = f"{rest.host.rstrip('/')}/collections/{quote(self.name, safe='')}/snapshots/"
+        url += quote(made.name, safe="")
+
+        def fetch() -> str:
+            digest = hashlib.sha256()
+            # streamed through the REST client's own httpx client: a snapshot may not fit
+            # in memory, which the generated `get_snapshot` would need
+            with rest._client.stream("GET", url) as response, path.open("wb") as out:
+                if response.status_code != 200:
+                    response.read()
+                    raise UnexpectedResponse.for_response(response)
+                for chunk in response.iter_bytes(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+            return digest.hexdigest()
+
+        try:
+            sha256 = self._call("download the snapshot", fetch)
+        finally:
+            self._call(
+                "delete the snapshot on the server",
+                self._client.delete_snapshot,
+                self.name,
+                made.name,
+                wait=True,
+            )
+        if made.checksum and made.checksum != sha256:
+            raise StoreError(
+                f"the snapshot of {self.name!r} downloaded from {self._location} does not match "
+                "the server's checksum; run the command again"
+            )
+        return sha256
+
+    def upload_snapshot(self, path: Path, *, collection: str, checksum: str) -> None:
+        """Upload the Qdrant collection snapshot at ``path`` to become ``collection`` on this
+        server, replacing that collection where it exists (Qdrant's own recovery)."""
+        from qdrant_client import models
+
+        if self.local:
+            raise StoreError("qdrant-client's local mode cannot recover server snapshots")
+
+        def upload() -> None:
+            with path.open("rb") as snapshot:
+                self._client.http.snapshots_api.recover_from_uploaded_snapshot(
+                    collection_name=collection,
+                    wait=True,
+                    priority=models.SnapshotPriority.SNAPSHOT,
+                    checksum=checksum,
+                    snapshot=snapshot,
+                )
+
+        self._call(f"recover collection {collection!r} from a snapshot", upload)
+        if collection == self.name:
+            self._read_collection()
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -509,6 +672,39 @@ def _quantization_config(s: StorageConfig) -> Any:
     )
 
 
+def _storage_from_config(config: Any) -> dict[str, Any]:
+    """A server's collection config read back into ``StorageConfig``'s fields."""
+    from qdrant_client import models
+
+    vectors = config.params.vectors
+    assert isinstance(vectors, models.VectorParams), "knnlm collections have one vector"
+    hnsw, quant = config.hnsw_config, config.quantization_config
+    if isinstance(quant, models.ScalarQuantization):
+        quantization = "int8"
+    elif isinstance(quant, models.BinaryQuantization):
+        quantization = "binary"
+    elif isinstance(quant, models.TurboQuantization):
+        bits = getattr(quant.turbo.bits, "value", quant.turbo.bits) or "bits4"
+        quantization = "turbo" + str(bits).removeprefix("bits").replace("_", ".")
+    elif quant is None:
+        quantization = "none"
+    else:
+        quantization = type(quant).__name__
+    datatype = getattr(vectors.datatype, "value", vectors.datatype) or "float32"
+    return {
+        "datatype": str(datatype),
+        "quantization": quantization,
+        "vectors_on_disk": bool(vectors.on_disk),
+        "index_on_disk": bool(hnsw.on_disk),
+        "hnsw_m": hnsw.m,
+        "hnsw_ef_construct": hnsw.ef_construct,
+        "indexing_threshold_kb": config.optimizer_config.indexing_threshold,
+        "shard_number": config.params.shard_number,
+        "replication_factor": config.params.replication_factor,
+        "write_consistency_factor": config.params.write_consistency_factor,
+    }
+
+
 def _filter(flt: PointFilter) -> Any:
     from qdrant_client import models
 
@@ -520,6 +716,35 @@ def _filter(flt: PointFilter) -> Any:
             for key, values in flt.conditions()
         ]
     )
+
+
+def _untrusted_certificate(exc: BaseException) -> bool:
+    """True when a TLS handshake failed on the server's certificate (REST or gRPC)."""
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return True
+    import grpc
+
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "details", None)):
+        details = str(exc.details() or "")
+        return "certificate" in details.lower() or "handshake" in details.lower()
+    return False
+
+
+def _access_denied(exc: BaseException) -> str | None:
+    """'unauthenticated' when the server refused the key itself, 'forbidden' when the key
+    lacks the right (a read-only or per-collection key), over REST or gRPC; else None."""
+    import grpc
+    from qdrant_client.http.exceptions import UnexpectedResponse
+
+    if isinstance(exc, UnexpectedResponse):
+        return {401: "unauthenticated", 403: "forbidden"}.get(exc.status_code)
+    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
+        return {
+            grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+            grpc.StatusCode.PERMISSION_DENIED: "forbidden",
+        }.get(exc.code())
+    return None
 
 
 def _is_transient(exc: BaseException) -> bool:

@@ -7,7 +7,8 @@ again. ``SearchOptions`` may change from one query to the next.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from knn_store.errors import ConfigError
@@ -30,7 +31,9 @@ class StorageConfig:
     hnsw_m, hnsw_ef_construct: HNSW graph degree and build-time beam width.
     indexing_threshold_kb: segments larger than this get an HNSW index, and smaller ones
         are searched by a full scan. None: Qdrant's default (10 MB).
-    shard_number, replication_factor: Qdrant cluster layout (server collections only).
+    shard_number, replication_factor, write_consistency_factor: Qdrant cluster layout
+        (server collections only): shards, copies of each, and the copies that must
+        acknowledge a write.
     """
 
     datatype: str = "float32"
@@ -42,6 +45,7 @@ class StorageConfig:
     indexing_threshold_kb: int | None = None
     shard_number: int | None = None
     replication_factor: int | None = None
+    write_consistency_factor: int | None = None
 
     def __post_init__(self) -> None:
         if self.datatype not in DATATYPES:
@@ -53,10 +57,21 @@ class StorageConfig:
         for name in ("hnsw_m", "hnsw_ef_construct"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("indexing_threshold_kb", "shard_number", "replication_factor"):
+        cluster = ("shard_number", "replication_factor", "write_consistency_factor")
+        for name in ("indexing_threshold_kb", *cluster):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be positive, got {value}")
+        if (self.write_consistency_factor or 1) > (self.replication_factor or 1):
+            raise ConfigError(
+                f"write_consistency_factor ({self.write_consistency_factor}) must not exceed "
+                f"replication_factor ({self.replication_factor or 1})"
+            )
+
+    @property
+    def clustered(self) -> bool:
+        """True when a cluster layout is asked for (only a server can give it)."""
+        return bool(self.shard_number or self.replication_factor or self.write_consistency_factor)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +83,22 @@ class StorageConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in (data or {}).items() if k in known})
 
+    def differences(self, engine: dict[str, Any]) -> list[str]:
+        """Where the engine's own settings (``KnnStore.engine_storage``) differ from this
+        record, one phrase each; an unset layout or threshold takes the engine's default."""
+        defaults = {"shard_number": 1, "replication_factor": 1, "write_consistency_factor": 1}
+        out = []
+        for name, recorded in self.to_dict().items():
+            if name not in engine:
+                continue
+            if recorded is None:
+                if name not in defaults:
+                    continue
+                recorded = defaults[name]
+            if engine[name] != recorded:
+                out.append(f"{name} is {engine[name]!r} on the server, {recorded!r} in the record")
+        return out
+
     def describe(self) -> str:
         """One line for ``knnlm info``."""
         parts = [self.datatype, "vectors on disk" if self.vectors_on_disk else "vectors in RAM"]
@@ -77,10 +108,11 @@ class StorageConfig:
         parts.append(f"HNSW m={self.hnsw_m} ef_construct={self.hnsw_ef_construct} {index}")
         if self.indexing_threshold_kb is not None:
             parts.append(f"indexed past {self.indexing_threshold_kb} KB")
-        if self.shard_number or self.replication_factor:
-            parts.append(
-                f"{self.shard_number or 1} shards x {self.replication_factor or 1} replicas"
-            )
+        if self.clustered:
+            layout = f"{self.shard_number or 1} shards x {self.replication_factor or 1} replicas"
+            if self.write_consistency_factor:
+                layout += f", writes acknowledged by {self.write_consistency_factor}"
+            parts.append(layout)
         return ", ".join(parts)
 
 
@@ -121,3 +153,30 @@ class SearchOptions:
             rescored = self.rescores(storage)
             text += f", rescored x{self.oversampling or 1:g}" if rescored else ", not rescored"
         return text
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where a collection lives and how to reach it: what ``open_store`` needs, and no
+    more (``KnnlmSettings.store_location()`` makes one from the settings).
+
+    backend: ``edge`` (embedded), ``qdrant`` (a server at ``url``) or ``local``
+        (qdrant-client's local mode, for tests).
+    data_dir: the folder of embedded and local-mode collections.
+    The rest reach a server: its key, transport (REST, or gRPC on ``grpc_port``), the CA to
+    trust for https, the request timeout, retries of calls that got no answer, and
+    concurrent search requests.
+    """
+
+    collection: str
+    backend: str = "edge"
+    data_dir: Path = Path(".")
+    url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    prefer_grpc: bool = False
+    grpc_port: int = 6334
+    ca_cert: Path | None = None
+    timeout: int = 60
+    retries: int = 3
+    search_threads: int | None = None
+    allow_insecure_api_key: bool = False

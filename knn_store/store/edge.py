@@ -96,9 +96,10 @@ class EdgeStore(KnnStore):
     # --- lifecycle -------------------------------------------------------------------------
 
     def _create(self, meta: CollectionMeta) -> None:
-        if meta.storage.shard_number or meta.storage.replication_factor:
+        if meta.storage.clustered:
             raise StoreError(
-                "shard number and replication factor apply to Qdrant server collections; "
+                "shard number, replication and write consistency factors apply to Qdrant "
+                "server collections; "
                 "the embedded store is one shard"
             )
         self._require_space("create a collection")
@@ -119,6 +120,10 @@ class EdgeStore(KnnStore):
             )
         self._call("flush", self._shard.flush)
         # meta.json last, written atomically: its presence means "a valid collection".
+        _write_atomically(self.path / META_FILE, meta.to_json())
+
+    def _write_meta(self, meta: CollectionMeta) -> None:
+        self._require_shard()
         _write_atomically(self.path / META_FILE, meta.to_json())
 
     def _discard_unfinished_shard(self) -> None:

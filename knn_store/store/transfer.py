@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from knn_store.errors import StoreError
+from knn_store.errors import ConfigError, StoreError
 from knn_store.store.base import KnnStore, PointFilter
 from knn_store.store.config import StorageConfig
 
@@ -37,10 +37,17 @@ def copy_collection(
     filter: PointFilter | None = None,
     checkpoint_dir: Path | None = None,
     batch: int = 1024,
+    into_existing: bool = False,
     on_batch: Callable[[int], None] | None = None,
 ) -> CopyReport:
     """Copy ``source``'s points (those ``filter`` selects), record and tuned policy into
     ``target``, created with ``storage`` (default: the source's).
+
+    A new target is marked as a copy in progress (``CollectionMeta.copy_of``) until its
+    counts agree with the source's; only then does it get the tuned policy and lose the mark,
+    so no reader takes half a copy for a collection. A target that exists and is not an
+    interrupted copy of the same source is refused unless ``into_existing``: then the points
+    are added to it, and its own record and policy stay.
 
     Args:
         checkpoint_dir: where to keep the resume point (None: start from the beginning).
@@ -48,15 +55,37 @@ def copy_collection(
     """
     if source.meta is None:
         raise StoreError(f"collection {source.name!r} is empty: nothing to copy")
+    source.require_complete()
+    if source.location == target.location and source.name == target.name:
+        raise ConfigError(f"the copy's target is its source, {source.name!r} at {source.location}")
     flt = filter or PointFilter()
-    meta = replace(source.meta, storage=storage or source.meta.storage)
-    if target.meta is not None:
-        target.meta.check_storage(meta.storage.to_dict(), collection=target.name)
-    target.ensure_collection(meta)
-    policy = source.load_policy()
-    if policy is not None:
-        target.save_policy(policy)
-
+    origin = f"{source.name!r} at {source.location}"
+    meta = replace(
+        source.meta, storage=storage or source.meta.storage, copy_of=origin, copying=True
+    )
+    existing = target.meta
+    ours = existing is not None and existing.copy_of == origin  # an earlier run's target
+    if existing is not None and not ours:
+        if existing.copying or not into_existing:
+            held = ", ".join(sorted(target.domains())) or "no points"
+            what = (
+                f"an unfinished copy of {existing.copy_of}"
+                if existing.copying
+                else f"not a copy of {origin} (it holds domains: {held})"
+            )
+            adding = ", ".join(flt.domains or sorted(source.domains()))
+            raise StoreError(
+                f"collection {target.name!r} at {target.location} already exists and is "
+                f"{what}; choose another target name, or pass --into-existing to add "
+                f"{origin}'s domains ({adding}) to it"
+            )
+        existing.check_compatible(meta, collection=target.name)
+    elif existing is not None:
+        existing.check_storage(meta.storage.to_dict(), collection=target.name)
+        if not existing.copying and target.count(flt) == source.count(flt):
+            return CopyReport(target.count(flt), 0, None, False, 0.0)  # already complete
+    else:
+        target.ensure_collection(meta)
     started = time.perf_counter()
     state = _Checkpoint(checkpoint_dir, source, target, flt)
     offset = state.load()
@@ -71,12 +100,23 @@ def copy_collection(
             target.flush()  # lets the engine trim its write-ahead log as it goes
             state.save(next_offset)
     target.finalize()
-    expected, have = source.count(flt), target.count(flt)
-    if have != expected:
+    # Counted over the source's domains: a target it was added into holds others too, and
+    # may already have held points of these domains.
+    counted = flt if flt.domains else replace(flt, domains=tuple(source.domains()))
+    expected, have = source.count(counted), target.count(counted)
+    if have < expected or (have != expected and not into_existing):
         raise StoreError(
             f"copy ended with {have:,} points in {target.name!r} but {source.name!r} holds "
             f"{expected:,}; run it again"
         )
+    policy = None
+    assert target.meta is not None
+    if target.meta.copy_of == origin:  # a copy of its own: complete it
+        policy = source.load_policy()
+        if policy is not None:
+            target.save_policy(policy)
+        if target.meta.copying:
+            target.replace_meta(replace(target.meta, copying=False))
     state.clear()
     return CopyReport(expected, copied, offset, policy is not None, time.perf_counter() - started)
 

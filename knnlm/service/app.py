@@ -131,7 +131,7 @@ def create_app(
     @app.get("/v1/collection", responses=error_responses(401, 503))
     async def collection() -> dict[str, Any]:
         """The collection, as `knnlm info --json` shows it."""
-        from knnlm.collections import collection_summary
+        from knn_store.summary import collection_summary
 
         return await run_in_threadpool(
             collection_summary, session.store, backend=session.settings.backend

@@ -1,0 +1,802 @@
+"""A Qdrant server as the store, side by side with Qdrant Edge in the same run.
+
+SmolLM2-135M ``ffn_input`` keys of the Linux kernel docs (``kernel_docs.py``'s interleaved
+split, 300k datastore tokens), default storage settings (float16 keys on disk, turbo4 codes
+in RAM, no rescore), k = 1024. Every stage is resumable (results land in
+``<work>/bench/*.json`` and are reused); the server is one you started (this script never
+starts one):
+
+    python benchmarks/server.py ingest        # knnlm ingest into Edge, then knnlm tune
+    python benchmarks/server.py push          # knnlm push Edge -> the server
+    python benchmarks/server.py eval          # base LM, Edge, server REST, server gRPC
+    python benchmarks/server.py ingest-speed  # ingest into the server vs into Edge
+    python benchmarks/server.py report        # results.md, results.json and the plot
+
+Nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.kernel_docs import make_splits  # noqa: E402
+
+DOMAIN = "kernel-docs"
+K = 1024
+WINDOW, STRIDE = 512, 256
+EVAL_TOKENS = 12_000  # per held-out split, as scale.py
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("stage", choices=["ingest", "push", "eval", "ingest-speed", "report"])
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "kd-server")
+    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/server")
+    parser.add_argument("--tokens", type=int, default=300_000, help="datastore tokens")
+    parser.add_argument("--url", default="http://127.0.0.1:6333", help="the Qdrant server")
+    parser.add_argument("--grpc-port", type=int, default=6334, help="the server's gRPC port")
+    parser.add_argument("--collection", default="kd-server", help="the name on both stores")
+    args = parser.parse_args()
+    bench = Bench(args.work, args.results, args.tokens, args.url, args.grpc_port, args.collection)
+    stage: Callable[[], Any] = {
+        "ingest": bench.ingest,
+        "push": bench.push,
+        "eval": bench.evaluate,
+        "ingest-speed": bench.ingest_speed,
+        "report": bench.report,
+    }[args.stage]
+    stage()
+
+
+class Bench:
+    def __init__(
+        self, work: Path, results: Path, tokens: int, url: str, grpc_port: int, name: str
+    ) -> None:
+        self.work = work
+        # (a pure function of the file names; a new size empties ``work`` first)
+        self.splits = make_splits(work, "interleaved", tokens, EVAL_TOKENS)
+        self.out = work / "bench"
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results = results
+        self.tokens = tokens
+        self.url = url
+        self.grpc_port = grpc_port
+        self.name = name
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def settings(self, backend: str = "edge", **changes: Any):
+        from knn_store import KnnlmSettings
+
+        fields: dict[str, Any] = {
+            "data_dir": self.work / "data",
+            "collection": self.name,
+            "window": WINDOW,
+            "stride": STRIDE,
+            "key_type": "ffn_input",
+            "top_k": K,
+            "backend": backend,
+        }
+        if backend == "qdrant":
+            fields |= {"url": self.url, "grpc_port": self.grpc_port}
+        return KnnlmSettings(**{**fields, **changes})
+
+    def env(self) -> dict[str, str]:
+        return {
+            "KNNLM_BACKEND": "edge",  # the source; push names its target
+            "KNNLM_DATA_DIR": str(self.work / "data"),
+            "KNNLM_COLLECTION": self.name,
+            "KNNLM_WINDOW": str(WINDOW),
+            "KNNLM_STRIDE": str(STRIDE),
+            "KNNLM_KEY_TYPE": "ffn_input",
+            "KNNLM_TOP_K": str(K),
+        }
+
+    def saved(self, name: str) -> dict[str, Any] | None:
+        path = self.out / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save(self, name: str, data: Any) -> None:
+        (self.out / f"{name}.json").write_text(json.dumps(data, indent=1))
+
+    def texts(self, split: str) -> list[str]:
+        from ingest.corpus import read_corpus
+
+        return [d.text for d in read_corpus([self.splits[split]], glob="*.rst.gz")]
+
+    def knnlm(self, *args: str, json_report: bool = True) -> tuple[Any, float]:
+        """The command's --json report (its last line), or its printed output, and its
+        wall seconds."""
+        command = [str(ROOT / ".venv/bin/knnlm"), *args, *(["--json"] if json_report else [])]
+        print("$ knnlm", " ".join(args), file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        done = subprocess.run(
+            command,
+            env={**os.environ, **self.env()},
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+        )
+        seconds = time.perf_counter() - started
+        if not json_report:
+            return done.stdout, seconds
+        return json.loads(done.stdout.strip().splitlines()[-1]), seconds
+
+    # --- stages ----------------------------------------------------------------------------
+
+    def ingest(self) -> None:
+        """The Edge collection through the CLI (default storage), then `knnlm tune` on the
+        validation split: the policy and gate every eval below uses."""
+        if not self.saved("ingest"):
+            report, seconds = self.knnlm(
+                "ingest", self.splits["datastore"], "--glob", "*.rst.gz", "--domain", DOMAIN
+            )
+            self.save("ingest", {"report": report, "wall_seconds": seconds})
+        if not self.saved("tune"):
+            report, seconds = self.knnlm("tune", self.splits["validation"], "--glob", "*.rst.gz")
+            self.save("tune", {"report": report, "wall_seconds": seconds})
+
+    def wait_indexed(self, *, share: float = 0.0, timeout: float = 3600.0) -> dict[str, Any]:
+        """Wait until the server's collection is green (its optimizer builds HNSW in the
+        background), with at least ``share`` of its points in indexed segments; the seconds
+        waited and what it reports."""
+        from qdrant_client import QdrantClient
+
+        client = QdrantClient(url=self.url, check_compatibility=False, timeout=60)
+        started = time.perf_counter()
+        green_since = None
+        try:
+            while True:
+                info = client.get_collection(self.name)
+                points = info.points_count or 0
+                indexed = info.indexed_vectors_count or 0
+                green = str(getattr(info.status, "value", info.status)) == "green"
+                done = green and indexed >= share * points
+                if done and green_since is None:
+                    green_since = time.perf_counter()
+                elif not done:
+                    green_since = None
+                if green_since is not None and time.perf_counter() - green_since >= 2.0:
+                    break  # green twice in 2 s: the optimizer has nothing left to do
+                if time.perf_counter() - started > timeout:
+                    print(f"not indexed after {timeout:.0f} s: {info.status}", file=sys.stderr)
+                    break
+                time.sleep(0.5)
+        finally:
+            client.close()
+        assert green_since is not None or time.perf_counter() - started > timeout
+        return {
+            "seconds": (green_since or time.perf_counter()) - started,
+            "points": points,
+            "indexed_vectors": indexed,
+            "segments": info.segments_count,
+            "status": str(getattr(info.status, "value", info.status)),
+        }
+
+    def push(self) -> None:
+        """`knnlm push` of the Edge collection to the server, then the wait until the
+        server has built its index (the copy turns HNSW on at its end)."""
+        if self.saved("push"):
+            return
+        load = os.getloadavg()
+        done, seconds = self.knnlm("push", "--to-url", self.url, "--quiet", json_report=False)
+        summary = done.strip().splitlines()[-1]
+        found = re.search(
+            r"copied ([\d,]+) points.*: ([\d,]+) on both sides.*, ([\d.]+)s;", summary
+        )
+        assert found, summary
+        copied, points = (int(found[i].replace(",", "")) for i in (1, 2))
+        copy_seconds = float(found[3])
+        index = self.wait_indexed(share=0.99)
+        result = {
+            "points": points,
+            "copied": copied,
+            "copy_seconds": copy_seconds,
+            "points_per_s": copied / copy_seconds,
+            "command_wall_seconds": seconds,
+            "points_per_s_wall": copied / seconds,
+            "index": index,
+            "points_per_s_with_index": copied / (seconds + index["seconds"]),
+            "summary": summary.replace(self.url, "<url>"),
+            "load_average_before": load,
+        }
+        self.save("push", result)
+        print(json.dumps(result, indent=1), file=sys.stderr)
+
+    def backends(self) -> list[tuple[str, Any]]:
+        """The stores eval compares, by label: Edge (its default search pool: one thread per
+        CPU), and the server over REST and over gRPC with 1 and 2 concurrent requests."""
+        out: list[tuple[str, Any]] = [("edge", self.settings())]
+        for threads in (1, 2):
+            for grpc in (False, True):
+                label = f"server {'gRPC' if grpc else 'REST'}"
+                label += "" if threads == 1 else f", {threads} threads"
+                out.append(
+                    (label, self.settings("qdrant", prefer_grpc=grpc, search_threads=threads))
+                )
+        return out
+
+    def evaluate(self) -> None:
+        """Base LM and kNN-LM on each store, in turns over the same chunks in one process:
+        perplexity, search ms/query and tokens/s; then each store's search alone over the
+        test queries."""
+        import numpy as np
+
+        from knn_store import load_language_model, open_session
+
+        if self.saved("eval"):
+            return
+        texts = self.texts("test")
+        chunks = [texts[i::3] for i in range(3)]
+        lm = load_language_model(self.settings())
+        sessions = {label: open_session(s, lm=lm) for label, s in self.backends()}
+        gates = {label: s.knn_lm.gate for label, s in sessions.items()}
+        runs = [(label, False) for label in sessions]
+        if gates["edge"] is not None:  # the tuned policy has a gate: also with it
+            runs += [(label, True) for label in sessions if "threads" not in label]
+        edge = sessions["edge"]
+        for session in sessions.values():  # connections, caches, first pages
+            session.knn_lm.evaluate(session.encode([texts[0][:3000]]))
+        state = self.saved("eval_partial") or {"chunks_done": 0, "base": {}, "runs": {}}
+        keys: list[np.ndarray] = []
+        for c, chunk in enumerate(chunks):
+            seqs = edge.encode(chunk)
+            if c < state["chunks_done"]:
+                keys += [v.keys.numpy() for v in _lm_views(edge.knn_lm, seqs)]
+                continue
+            load = os.getloadavg()
+            # the base LM before and after the turn's kNN-LM runs, each store in turn
+            chunk_keys = self._base_pass(edge.knn_lm, seqs, state["base"])
+            keys += chunk_keys
+            for label, gate in runs[c % len(runs) :] + runs[: c % len(runs)]:
+                knn_lm = sessions[label].knn_lm
+                knn_lm.gate = gates[label] if gate else None
+                started = time.perf_counter()
+                result = knn_lm.evaluate(seqs)
+                seconds = time.perf_counter() - started
+                name = f"{label}, gate" if gate else label
+                _add(
+                    state["runs"].setdefault(name, {"backend": label, "gate": gate}),
+                    seconds=seconds,
+                    tokens=result.tokens,
+                    knn_nll=result.knn_nll,
+                    base_nll=result.base_nll,
+                    searches=result.queries,
+                    search_seconds=result.search_seconds,
+                    lm_seconds=result.lm_seconds,
+                )
+                print(
+                    f"turn {c}: {name}: {result.tokens / seconds:.0f} tok/s, "
+                    f"{result.search_ms_per_query:.2f} ms/query",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._base_pass(edge.knn_lm, seqs, state["base"])
+            state["load_averages"] = [*state.get("load_averages", []), [load, os.getloadavg()]]
+            state["chunks_done"] = c + 1
+            self.save("eval_partial", state)
+        queries = np.concatenate(keys).astype(np.float32)
+        search = self.search_alone(sessions, queries)
+        versions = _versions(sessions)
+        for session in sessions.values():
+            session.close()
+        self.save("eval", _eval_rows(state, search, versions))
+
+    @staticmethod
+    def _base_pass(knn_lm: Any, seqs: list[Any], acc: dict[str, Any]) -> list[Any]:
+        """The LM part of the pipeline alone (the base LM's cost), timed into ``acc``; the
+        keys of every scored position."""
+        started = time.perf_counter()
+        views = list(_lm_views(knn_lm, seqs))
+        _add(
+            acc,
+            seconds=time.perf_counter() - started,
+            tokens=sum(len(v.targets) for v in views),
+            passes=1,
+        )
+        return [v.keys.numpy() for v in views]
+
+    def search_alone(self, sessions: dict[str, Any], queries: Any) -> dict[str, Any]:
+        """Each store's search of the test queries without the LM running, in turns over
+        three parts (batches of 256 as eval sends them): the engine and transport call, and
+        turning the hits' point ids into token ids; over REST also the server's own time."""
+        import numpy as np
+
+        from knn_store.store.base import PointFilter, neighbours_from_hits
+
+        labels = list(sessions)
+        out = {label: {"queries": 0, "call_seconds": 0.0, "ids_seconds": 0.0} for label in labels}
+        first: dict[str, list[set[str]]] = {}
+        parts = np.array_split(np.arange(len(queries)), 3)
+        for p, rows in enumerate(parts):
+            for label in labels[p % len(labels) :] + labels[: p % len(labels)]:
+                knn_lm = sessions[label].knn_lm
+                store, acc = sessions[label].store, out[label]
+                for lo in range(0, len(rows), knn_lm.search_batch):
+                    batch = queries[rows[lo : lo + knn_lm.search_batch]]
+                    started = time.perf_counter()
+                    ids, scores = store._search(
+                        batch, k=K, options=knn_lm.search, filter=PointFilter()
+                    )
+                    middle = time.perf_counter()
+                    neighbours_from_hits(ids, scores, k=K)
+                    acc["ids_seconds"] += time.perf_counter() - middle
+                    acc["call_seconds"] += middle - started
+                    acc["queries"] += len(batch)
+                    if p == 0 and lo == 0:
+                        first[label] = [set(map(str, row)) for row in ids]
+        for label, acc in out.items():
+            acc["call_ms_per_query"] = 1000 * acc["call_seconds"] / acc["queries"]
+            acc["ids_ms_per_query"] = 1000 * acc["ids_seconds"] / acc["queries"]
+            acc["ms_per_query"] = acc["call_ms_per_query"] + acc["ids_ms_per_query"]
+            acc["same_neighbours_as_edge"] = float(
+                np.mean([len(a & b) / K for a, b in zip(first[label], first["edge"], strict=True)])
+            )
+        for label, session in sessions.items():
+            if label.startswith("server REST") and "threads" not in label:
+                out[label]["server"] = _rest_server_time(session, queries[: len(parts[0])])
+        return out
+
+    def extra_documents(self, lm: Any, tokens: int = 24_000) -> list[Any]:
+        """Documents outside every split (from the other end of the docs), about ``tokens``."""
+        import gzip
+
+        from benchmarks.kernel_docs import DOCS
+        from ingest.corpus import Document
+
+        used = set()
+        for files in json.loads((self.work / "splits.json").read_text())["files"].values():
+            used.update(files)
+        extra, total = [], 0
+        for path in sorted(DOCS.rglob("*.rst.gz"), reverse=True):
+            rel = str(path.relative_to(DOCS))
+            if rel in used:
+                continue
+            text = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+            n = len(lm.encode(text))
+            if 200 < n < 6000:
+                extra.append(Document(rel, text))
+                total += n
+            if total >= tokens:
+                return extra
+        return extra
+
+    def ingest_speed(self) -> None:
+        """Ingest into Edge and into the server (over REST and over gRPC), the same
+        documents in turns of chunks, each target under its own domain; then dropped again.
+        The server indexes new points in the background: the wait until it is green again
+        counts as its index time, as Edge's optimize does."""
+        from ingest.worker import IngestWorker
+        from knn_store import PointFilter, load_language_model, open_store
+
+        if self.saved("ingest_speed"):
+            return
+        settings = self.settings()
+        lm = load_language_model(settings)
+        docs = self.extra_documents(lm)
+        chunks = [docs[i::4] for i in range(4)]
+        targets = {
+            "edge": settings,
+            "server REST": self.settings("qdrant", prefer_grpc=False),
+            "server gRPC": self.settings("qdrant", prefer_grpc=True),
+        }
+        stores = {label: open_store(s) for label, s in targets.items()}
+        domains = {label: f"ingest-speed-{label.split()[-1].lower()}" for label in targets}
+        before = {label: store.count() for label, store in stores.items()}
+        results: dict[str, dict[str, Any]] = {label: {} for label in targets}
+        labels = list(targets)
+        loads = []
+        try:
+            for c, chunk in enumerate(chunks):
+                loads.append(os.getloadavg())
+                for label in labels[c % len(labels) :] + labels[: c % len(labels)]:
+                    store = stores[label]
+                    worker = IngestWorker(
+                        lm,
+                        store,
+                        domain=domains[label],
+                        window=WINDOW,
+                        stride=STRIDE,
+                        batch_size=settings.batch_size,  # the CLI's default, 4
+                        upsert_batch=settings.upsert_batch,
+                        storage=store.meta.storage,  # type: ignore[union-attr]
+                        progress=False,
+                    )
+                    report = worker.run(chunk)
+                    index_seconds = report.index_seconds
+                    if label != "edge":
+                        index_seconds += self.wait_indexed()["seconds"]
+                    _add(
+                        results[label],
+                        tokens=report.tokens,
+                        seconds=report.seconds,
+                        index_seconds=index_seconds,
+                    )
+                    print(
+                        f"chunk {c}: {label}: {report.tokens_per_second:.0f} tok/s", file=sys.stderr
+                    )
+        finally:
+            for label, store in stores.items():
+                dropped = store.delete(PointFilter(domains=(domains[label],)))
+                print(f"{label}: dropped {dropped:,} points", file=sys.stderr)
+            if "server REST" in stores:  # the server's count after its own delete
+                self.wait_indexed()
+            after = {label: store.count() for label, store in stores.items()}
+            for store in stores.values():
+                store.close()
+        assert after == before, (before, after)
+        edge = results["edge"]
+        for row in results.values():
+            row["tokens_per_s"] = row["tokens"] / row["seconds"]
+            row["with_index_tokens_per_s"] = row["tokens"] / (row["seconds"] + row["index_seconds"])
+            row["vs_edge"] = row["tokens_per_s"] / (edge["tokens"] / edge["seconds"])
+            row["with_index_vs_edge"] = row["with_index_tokens_per_s"] / (
+                edge["tokens"] / (edge["seconds"] + edge["index_seconds"])
+            )
+        self.save(
+            "ingest_speed",
+            {
+                "points_before": before["edge"],
+                "documents": len(docs),
+                "batch_size": settings.batch_size,
+                "targets": results,
+                "load_averages": loads,
+            },
+        )
+
+    def report(self) -> None:
+        """results.md, results.json (every figure) and server_vs_edge.png."""
+        stages = {
+            name: self.saved(name) for name in ("ingest", "tune", "push", "eval", "ingest_speed")
+        }
+        data = _relative(
+            {"datastore_tokens": self.tokens, "k": K, "window": WINDOW, "stride": STRIDE}
+            | {name: value for name, value in stages.items() if value is not None}
+        )
+        data["targets"] = _targets(data)
+        self.results.mkdir(parents=True, exist_ok=True)
+        (self.results / "results.json").write_text(json.dumps(data, indent=1) + "\n")
+        lines = _tables(data)
+        (self.results / "results.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        if "eval" in data:
+            _plot(data, self.results / "server_vs_edge.png")
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _add(acc: dict[str, Any], **values: float) -> dict[str, Any]:
+    """Add ``values`` into the sums of ``acc`` (missing sums start at 0); returns acc."""
+    for key, value in values.items():
+        acc[key] = acc.get(key, 0) + value
+    return acc
+
+
+def _lm_views(knn_lm: Any, sequences: list[Any]):
+    """The LM part of the pipeline alone, window batch by window batch (as scale.py)."""
+    from knn_store.windows import sliding_windows
+
+    jobs = [
+        (i, seq, w)
+        for i, seq in enumerate(sequences)
+        for w in sliding_windows(len(seq), window=knn_lm.window, stride=knn_lm.stride)
+    ]
+    for lo in range(0, len(jobs), knn_lm.batch_size):
+        yield knn_lm.lm_view(jobs[lo : lo + knn_lm.batch_size])
+
+
+def _versions(sessions: dict[str, Any]) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    server = next(s.store for label, s in sessions.items() if label != "edge")
+    return {
+        "cpus": os.cpu_count(),
+        "qdrant_server": server.server_version,
+        "qdrant_edge_py": version("qdrant-edge-py"),
+        "qdrant_client": version("qdrant-client"),
+        "torch": version("torch"),
+        "policy": sessions["edge"].describe(),
+        "search": sessions["edge"].knn_lm.search.describe(K, sessions["edge"].store.meta.storage),
+        "points": sessions["edge"].store.count(),
+    }
+
+
+def _eval_rows(state: dict[str, Any], search: dict[str, Any], versions: dict[str, Any]) -> dict:
+    """Per run: perplexity (and its difference from Edge's with the same gate setting),
+    search ms/query, tokens/s and the ratio to the base LM of the same turns."""
+    base = state["base"]
+    base_tps = base["tokens"] / base["seconds"]
+    rows = {}
+    for name, run in state["runs"].items():
+        rows[name] = {
+            "backend": run["backend"],
+            "gate": run["gate"],
+            "tokens": run["tokens"],
+            "test_perplexity": math.exp(run["knn_nll"] / run["tokens"]),
+            "base_perplexity": math.exp(run["base_nll"] / run["tokens"]),
+            "search_ms_per_query": 1000 * run["search_seconds"] / max(run["searches"], 1),
+            "skipped_share": 1 - run["searches"] / run["tokens"],
+            "knn_tokens_per_s": run["tokens"] / run["seconds"],
+            "base_tokens_per_s": base_tps,
+            "ratio": run["tokens"] / run["seconds"] / base_tps,
+            "seconds": run["seconds"],
+            "search_seconds": run["search_seconds"],
+            "lm_seconds": run["lm_seconds"],
+        }
+    for row in rows.values():
+        edge = rows["edge, gate" if row["gate"] else "edge"]
+        row["perplexity_vs_edge_percent"] = 100 * (
+            row["test_perplexity"] / edge["test_perplexity"] - 1
+        )
+        row["search_vs_edge"] = row["search_ms_per_query"] / edge["search_ms_per_query"]
+    return {
+        "runs": rows,
+        "base": base,
+        "search_alone": search,
+        "versions": versions,
+        "load_averages": state.get("load_averages"),
+    }
+
+
+def _rest_server_time(session: Any, queries: Any) -> dict[str, float]:
+    """The same searches as raw REST calls: the server's own time for each batch (its
+    response's ``time``) against the call's wall time seen here."""
+    from qdrant_client import models
+
+    store, knn_lm = session.store, session.knn_lm
+    params = models.SearchParams(
+        hnsw_ef=knn_lm.search.ef(K),
+        quantization=models.QuantizationSearchParams(
+            rescore=knn_lm.search.rescores(store.meta.storage)
+        ),
+    )
+    api = store._client.http.search_api
+    server = wall = 0.0
+    for lo in range(0, len(queries), knn_lm.search_batch):
+        batch = models.QueryRequestBatch(
+            searches=[
+                models.QueryRequest(query=row.tolist(), limit=K, params=params, with_payload=False)
+                for row in queries[lo : lo + knn_lm.search_batch]
+            ]
+        )
+        started = time.perf_counter()
+        response = api.query_batch_points(store.name, query_request_batch=batch)
+        wall += time.perf_counter() - started
+        server += response.time
+    return {
+        "queries": len(queries),
+        "server_ms_per_query": 1000 * server / len(queries),
+        "call_ms_per_query": 1000 * wall / len(queries),
+    }
+
+
+def _relative(value: Any) -> Any:
+    """``value`` with this checkout's absolute paths made relative to the repository."""
+    if isinstance(value, dict):
+        return {k: _relative(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v) for v in value]
+    if isinstance(value, str):
+        return value.replace(str(ROOT) + "/", "").replace(str(Path.home()), "~")
+    return value
+
+
+TARGETS = {
+    "grpc_search": 1.3,  # gRPC search ms/query at most this times Edge's, k = 1024
+    "server_ingest": 0.9,  # server ingest tok/s at least this times Edge's
+    "knn_vs_base": 0.45,  # kNN-LM tok/s at least this times the base LM's, server store
+    "perplexity_percent": 0.1,  # server test perplexity within this of Edge's
+}
+
+
+def _targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    runs = data.get("eval", {}).get("runs", {})
+    for name, row in runs.items():
+        if row["backend"] == "edge":
+            continue
+        if row["backend"].startswith("server gRPC"):
+            out.append(
+                {
+                    "target": f"gRPC search <= {TARGETS['grpc_search']}x Edge's ms/query",
+                    "run": name,
+                    "value": row["search_vs_edge"],
+                    "met": row["search_vs_edge"] <= TARGETS["grpc_search"],
+                }
+            )
+        out.append(
+            {
+                "target": f"kNN-LM >= {TARGETS['knn_vs_base']}x the base LM",
+                "run": name,
+                "value": row["ratio"],
+                "met": row["ratio"] >= TARGETS["knn_vs_base"],
+            }
+        )
+        out.append(
+            {
+                "target": f"test perplexity within {TARGETS['perplexity_percent']}% of Edge's",
+                "run": name,
+                "value": row["perplexity_vs_edge_percent"],
+                "met": abs(row["perplexity_vs_edge_percent"]) <= TARGETS["perplexity_percent"],
+            }
+        )
+    speed = data.get("ingest_speed", {}).get("targets", {})
+    for label, row in speed.items():
+        if label != "edge":
+            out.append(
+                {
+                    "target": f"server ingest >= {TARGETS['server_ingest']}x Edge's",
+                    "run": label,
+                    "value": row["vs_edge"],
+                    "met": row["vs_edge"] >= TARGETS["server_ingest"],
+                }
+            )
+    return out
+
+
+def _tables(data: dict[str, Any]) -> list[str]:
+    lines = ["# knnlm with a Qdrant server as the store, beside Qdrant Edge", ""]
+    ev = data.get("eval")
+    v = ev["versions"] if ev else {}
+    if ev:
+        lines += [
+            f"SmolLM2-135M-Instruct, `ffn_input` keys, windows of {data['window']} with stride "
+            f"{data['stride']}, the kernel-docs datastore of {v['points']:,} points "
+            f"({data['datastore_tokens']:,} datastore tokens asked for), default storage "
+            f"(float16 keys on disk, turbo4 codes in RAM, no rescore), k = {data['k']}, "
+            f"{v['search']}; policy: {v['policy']}. Qdrant server {v['qdrant_server']} on the "
+            f"same machine over loopback; Qdrant Edge {v['qdrant_edge_py']}, qdrant-client "
+            f"{v['qdrant_client']}, torch {v['torch']} on CPU, {v['cpus']} CPU cores, no GPU. "
+            "The server and the benchmark share the cores.",
+            "",
+        ]
+    push = data.get("push")
+    if push:
+        lines += [
+            "## `knnlm push`: the Edge collection to the server",
+            "",
+            "| points | copy s | points/s | command wall s (with start-up) | server index s "
+            "| points/s, wall + index |",
+            "|---|---|---|---|---|---|",
+            f"| {push['points']:,} | {push['copy_seconds']:.1f} | {push['points_per_s']:,.0f} | "
+            f"{push['command_wall_seconds']:.1f} | {push['index']['seconds']:.1f} | "
+            f"{push['points_per_s_with_index']:,.0f} |",
+            "",
+        ]
+    if ev:
+        base = ev["base"]
+        lines += [
+            "## Eval on the test split, every store in turns in one process",
+            "",
+            f"{next(iter(ev['runs'].values()))['tokens']:,} test tokens, 3 turns over the "
+            f"same chunks (the order of the stores rotated each turn); the base LM ran "
+            f"{base['passes']} times, before and after each turn's kNN-LM runs. Search "
+            "ms/query is `search_seconds / queries` of `KnnLM.evaluate` (the search of a "
+            "window batch overlaps the LM forward of the next).",
+            "",
+            "| store | gate (searches skipped) | test ppl | vs Edge | search ms/query "
+            "| vs Edge | base LM tok/s | kNN-LM tok/s | kNN-LM / base LM |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for _, row in sorted(ev["runs"].items(), key=lambda x: (x[1]["gate"], x[0] != "edge")):
+            gate = f"yes ({100 * row['skipped_share']:.0f}%)" if row["gate"] else "no"
+            lines.append(
+                f"| {row['backend']} | {gate} | {row['test_perplexity']:.4f} | "
+                f"{row['perplexity_vs_edge_percent']:+.3f}% | {row['search_ms_per_query']:.2f} | "
+                f"{row['search_vs_edge']:.2f}x | {row['base_tokens_per_s']:.0f} | "
+                f"{row['knn_tokens_per_s']:.0f} | **{row['ratio']:.2f}x** |"
+            )
+        lines += [
+            "",
+            "## Search alone (the test split's keys, no LM running, batches of 256)",
+            "",
+            "| store | ms/query | engine + transport | point ids to tokens | server's own time "
+            "(REST `time`) | top-k shared with Edge |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, row in ev["search_alone"].items():
+            server = row.get("server")
+            own = (
+                f"{server['server_ms_per_query']:.2f} of {server['call_ms_per_query']:.2f}"
+                if server
+                else ""
+            )
+            lines.append(
+                f"| {label} | {row['ms_per_query']:.2f} | {row['call_ms_per_query']:.2f} | "
+                f"{row['ids_ms_per_query']:.2f} | {own} | "
+                f"{100 * row['same_neighbours_as_edge']:.1f}% |"
+            )
+        lines.append("")
+    speed = data.get("ingest_speed")
+    if speed:
+        t = speed["targets"]
+        lines += [
+            f"## Ingest, the same {speed['documents']} documents (outside every split) into "
+            "each, in turns",
+            "",
+            f"{speed['batch_size']} windows per forward; written into the collection of "
+            f"{speed['points_before']:,} points under a domain per target, then dropped again. "
+            "Index time: Edge's optimize; the server's wait until it is green again (it "
+            "indexes in the background, on the same cores, while the ingest runs).",
+            "",
+            "| target | tokens | ingest tok/s | vs Edge | with index, tok/s | vs Edge |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, row in t.items():
+            lines.append(
+                f"| {label} | {row['tokens']:,} | {row['tokens_per_s']:.0f} | "
+                f"**{row['vs_edge']:.2f}x** | {row['with_index_tokens_per_s']:.0f} | "
+                f"{row['with_index_vs_edge']:.2f}x |"
+            )
+        lines.append("")
+    if data["targets"]:
+        lines += ["## Targets", "", "| target | run | measured | met |", "|---|---|---|---|"]
+        for row in data["targets"]:
+            value = row["value"]
+            shown = f"{value:+.3f}%" if "perplexity" in row["target"] else f"{value:.2f}x"
+            lines.append(
+                f"| {row['target']} | {row['run']} | {shown} | {'yes' if row['met'] else 'no'} |"
+            )
+        lines.append("")
+    return lines
+
+
+def _plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev = data["eval"]
+    labels = [name for name, row in ev["runs"].items() if not row["gate"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    xs = range(len(labels))
+    width = 0.38
+    left.bar(
+        [x - width / 2 for x in xs],
+        [ev["runs"][n]["search_ms_per_query"] for n in labels],
+        width,
+        label="in eval (beside the LM)",
+    )
+    left.bar(
+        [x + width / 2 for x in xs],
+        [ev["search_alone"][n]["ms_per_query"] for n in labels],
+        width,
+        label="search alone",
+    )
+    left.set_xticks(list(xs), [n.replace(", ", "\n") for n in labels], fontsize=8)
+    left.set_ylabel("ms per query (k = 1024)")
+    left.set_title("search time by store")
+    left.legend(fontsize=8)
+    right.bar(list(xs), [ev["runs"][n]["knn_tokens_per_s"] for n in labels], color="C2")
+    right.axhline(
+        ev["runs"][labels[0]]["base_tokens_per_s"], color="k", linestyle="--", label="base LM"
+    )
+    right.set_xticks(list(xs), [n.replace(", ", "\n") for n in labels], fontsize=8)
+    right.set_ylabel("eval tokens/s")
+    right.set_title("kNN-LM eval throughput, no gate")
+    right.legend(fontsize=8)
+    points = ev["versions"]["points"]
+    fig.suptitle(f"{points:,} points, SmolLM2-135M, {ev['versions']['cpus']} CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""What a collection holds and whether it is sound, for ``knnlm info``, ``knnlm check``
+and the service's ``/v1/collection``: the store layer's checks, with the tuned policy read
+by the code that knows what a policy means."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from knn_store.errors import StoreDamaged
+from knn_store.saved_policy import verify_policy
+from knn_store.store.base import KnnStore
+from knn_store.store.check import CheckReport, check_collection
+
+
+def check(
+    store: KnnStore, *, full: bool = True, on_points: Callable[[int], None] | None = None
+) -> CheckReport:
+    """``check_collection`` with the tuned policy verified too."""
+    return check_collection(store, full=full, on_points=on_points, verify_policy=verify_policy)
+
+
+def collection_summary(store: KnnStore, *, backend: str) -> dict[str, Any]:
+    """What `knnlm info --json` prints (and the service's /v1/collection answers), after the
+    quick health check: a damaged collection raises ``StoreDamaged`` rather than half a
+    summary."""
+    health = check(store, full=False)
+    if not health.ok:
+        problems = "; ".join(f"{f.what}: {f.detail}" for f in health.problems)
+        raise StoreDamaged(f"collection {store.name!r} is damaged ({problems}); run `knnlm check`")
+    meta = store.meta
+    assert meta is not None
+    return {
+        "collection": store.name,
+        "backend": backend,
+        "location": store.location,
+        "points": store.count(),
+        "domains": store.domains(),
+        "model": meta.model,
+        "key_type": meta.key_type,
+        "dim": meta.dim,
+        "vocab_size": meta.vocab_size,
+        "tokenizer": meta.tokenizer,
+        "storage": meta.storage.to_dict(),
+        "server_version": store.server_version,
+        "engine_storage": store.engine_storage(),
+        "policy": _policy_summary(store.load_policy()),
+    }
+
+
+def _policy_summary(raw: dict[str, Any] | None) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    return {
+        "kind": (raw.get("policy") or {}).get("kind"),
+        "temperature": raw.get("temperature"),
+        "k": raw.get("k"),
+        "gate_threshold": (raw.get("gate") or {}).get("threshold"),
+        "domains": raw.get("domains") or [],
+        "saved": raw.get("saved"),
+    }
