@@ -621,7 +621,6 @@ class Bench:
                     stride=STRIDE,
                     batch_size=batch_size,
                     storage=store.meta.storage,  # type: ignore[union-attr]
-                    progress=False,
                 )
                 lm_t = ingest_t = index_t = 0.0
                 lm_n = ingest_n = 0

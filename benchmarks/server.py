@@ -414,7 +414,6 @@ class Bench:
                         batch_size=settings.batch_size,  # the CLI's default, 4
                         upsert_batch=settings.upsert_batch,
                         storage=store.meta.storage,  # type: ignore[union-attr]
-                        progress=False,
                     )
                     report = worker.run(chunk)
                     index_seconds = report.index_seconds

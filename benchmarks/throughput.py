@@ -109,9 +109,7 @@ def main() -> None:
 
     # A/B in turns, chunk by chunk, so both figures see the same machine conditions.
     edge = EdgeStore(work / "edge")
-    worker = IngestWorker(
-        lm, edge, domain="bench", window=args.window, stride=args.stride, progress=False
-    )
+    worker = IngestWorker(lm, edge, domain="bench", window=args.window, stride=args.stride)
     lm_tokens = lm_seconds = ingest_tokens = ingest_seconds = index_seconds = 0.0
     chunks = [datastore[i :: args.chunks] for i in range(args.chunks)]
     for i, chunk in enumerate(chunks, start=1):

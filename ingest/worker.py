@@ -18,18 +18,17 @@ write exactly what one would.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from ingest.corpus import Document
 from knn_store import CorpusError, KnnStore, LanguageModel, PointBatch, sliding_windows
 from knn_store.errors import StoreError, StoreUnavailable
+from knn_store.progress import Progress, no_progress
 from knn_store.store.base import (
     CONTEXT_FIELD,
     DOC_FIELD,
@@ -92,7 +91,8 @@ class IngestWorker:
         upsert_batch: points per upsert request.
         storage: how a new collection stores its keys.
         shard: (i, n): this worker takes the documents whose hash is i modulo n.
-        progress: show progress bars on stderr.
+        on_progress: told the documents read (stage ``read``), the tokens stored
+            (``ingest``, out of the plan's total) and the final indexing (``index``).
     """
 
     def __init__(
@@ -108,7 +108,7 @@ class IngestWorker:
         storage: StorageConfig | None = None,
         shard: tuple[int, int] = (0, 1),
         flush_every: int = FLUSH_EVERY,
-        progress: bool = True,
+        on_progress: Progress = no_progress,
     ) -> None:
         if not domain:
             raise ValueError("`domain` must be a non-empty string")
@@ -128,7 +128,7 @@ class IngestWorker:
         self.storage = storage or StorageConfig()
         self.shard = shard
         self.flush_every = flush_every
-        self.progress = progress
+        self.on_progress = on_progress
 
     def run(self, documents: Iterable[Document]) -> IngestReport:
         """Ingest ``documents``, which are read twice: a ``Corpus`` or a list, not a
@@ -139,19 +139,21 @@ class IngestWorker:
             self.store.probe()  # never write into a store that cannot be read back
         stored = self.store.doc_counts()
         plan = self._plan(documents, stored)
-        self.store.ensure_collection(self.lm.collection_meta(self.storage))
+        existing = self.store.meta  # an older record keeps its own fingerprint scheme
+        scheme = {} if existing is None else {"scheme": existing.fingerprint_scheme}
+        self.store.ensure_collection(self.lm.collection_meta(self.storage, **scheme))
         points_before = self.store.count()
 
         started = time.perf_counter()
-        bar = tqdm(
-            total=plan.tokens, unit="tok", unit_scale=True, desc="ingest", disable=not self.progress
-        )
         writer = _BackgroundWriter(self.store, flush_every=self.flush_every)
+        done = 0
+        self.on_progress("ingest", done, plan.tokens)
         try:
-            with writer, bar:
+            with writer:
                 buffer: PointBatch | None = None  # points computed, not yet sent
                 for batch in self._point_batches(self._todo(documents, stored)):
-                    bar.update(len(batch))
+                    done += len(batch)
+                    self.on_progress("ingest", done, plan.tokens)
                     buffer = batch if buffer is None else PointBatch.concat([buffer, batch])
                     while len(buffer) >= self.upsert_batch:
                         writer.put(buffer[: self.upsert_batch])
@@ -172,8 +174,7 @@ class IngestWorker:
         seconds = time.perf_counter() - started
 
         started = time.perf_counter()
-        if self.progress:
-            print("ingest: flushing and building the search index ...", file=sys.stderr)
+        self.on_progress("index", 0, None)
         self.store.finalize()
         index_seconds = time.perf_counter() - started
         return IngestReport(
@@ -205,14 +206,8 @@ class IngestWorker:
 
     def _plan(self, documents: Iterable[Document], stored: dict[str, int]) -> _Plan:
         plan = _Plan()
-        reading = tqdm(
-            self._documents(documents),
-            desc="read",
-            unit="doc",
-            leave=False,
-            disable=not self.progress,
-        )
-        for doc in reading:
+        for read, doc in enumerate(self._documents(documents), start=1):
+            self.on_progress("read", read, None)
             if isinstance(doc, int):
                 plan.other_shards += 1
                 continue

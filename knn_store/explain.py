@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from knn_store.knn_lm import KnnLM, Scored
+from knn_store.progress import Progress, no_progress
 from knn_store.store.base import CONTEXT_FIELD, DOMAIN_FIELD, OFFSET_FIELD, SOURCE_FIELD
 
 
@@ -51,11 +52,11 @@ def explain_text(
     *,
     top: int = 3,
     show_neighbours: int = 3,
-    progress: bool = False,
+    on_progress: Progress = no_progress,
 ) -> Iterator[TokenExplanation]:
     """One ``TokenExplanation`` per predicted token of ``text``, in order, as computed."""
     ids = knn_lm.lm.encode(text)
-    for scored in knn_lm.score([ids], full=True, progress=progress, desc="explain"):
+    for scored in knn_lm.score([ids], full=True, on_progress=on_progress, stage="explain"):
         yield from explain_scored(knn_lm, scored, top=top, show_neighbours=show_neighbours)
 
 

@@ -30,7 +30,6 @@ from knn_store.errors import ConfigError
 from knn_store.knn_lm import KnnLM
 from knn_store.lm import KeyCapture
 
-
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 
 

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from knn_store.errors import CorpusError
 from knn_store.gate import RetrievalGate
 from knn_store.knn import interpolate, knn_log_probs, knn_target_log_probs
 from knn_store.lambdas import LambdaPolicy, QueryFeatures
 from knn_store.lm import LanguageModel
+from knn_store.progress import Progress, no_progress
 from knn_store.store.base import KnnStore, Neighbours, PointFilter
 from knn_store.store.config import SearchOptions
 from knn_store.windows import Window, sliding_windows
@@ -348,8 +348,8 @@ class KnnLM:
         full: bool = False,
         use_gate: bool = True,
         with_cosine: bool | None = None,
-        progress: bool = False,
-        desc: str = "score",
+        on_progress: Progress = no_progress,
+        stage: str = "score",
     ) -> Iterator[Scored]:
         """Every position of token ``sequences`` (int64 [n_i], BOS first: ``lm.encode``),
         scored batch by batch, in order. The search of a batch overlaps the LM's next one.
@@ -358,7 +358,7 @@ class KnnLM:
             full: also keep the full distributions ([m, V] each; ``explain``).
             use_gate: let the gate skip searches (tuning searches everywhere).
             with_cosine: compute the cosine feature (default: when the policy needs it).
-            progress: a progress bar on stderr, counting tokens.
+            on_progress: told the tokens scored so far, as ``stage``.
         """
         jobs = [
             (i, seq, w)
@@ -368,26 +368,31 @@ class KnnLM:
         total = sum(len(w.positions) for _, _, w in jobs)
         groups = [jobs[lo : lo + self.batch_size] for lo in range(0, len(jobs), self.batch_size)]
         options = {"full": full, "use_gate": use_gate, "with_cosine": with_cosine}
-        bar = tqdm(total=total, unit="tok", unit_scale=True, desc=desc, disable=not progress)
-        with bar, ThreadPoolExecutor(1, thread_name_prefix="knnlm-search") as pool:
+        scored = 0
+        on_progress(stage, scored, total)
+        with ThreadPoolExecutor(1, thread_name_prefix="knnlm-search") as pool:
             pending: Future[Scored] | None = None
             for group in groups:
                 view = self.lm_view(group, full=full)  # meanwhile, the last batch searches
                 if pending is not None:
                     done = pending.result()
-                    bar.update(len(done))
+                    scored += len(done)
+                    on_progress(stage, scored, total)
                     yield done
                 pending = pool.submit(self.finish, view, **options)
             if pending is not None:
                 done = pending.result()
-                bar.update(len(done))
+                scored += len(done)
+                on_progress(stage, scored, total)
                 yield done
 
-    def evaluate(self, sequences: Sequence[np.ndarray], *, progress: bool = False) -> EvalResult:
+    def evaluate(
+        self, sequences: Sequence[np.ndarray], *, on_progress: Progress = no_progress
+    ) -> EvalResult:
         """Perplexity of the LM alone and of the kNN-LM over token ``sequences``."""
         base_nll = knn_nll = lm_seconds = search_seconds = 0.0
         tokens = searches = zero = 0
-        for scored in self.score(sequences, progress=progress, desc="eval"):
+        for scored in self.score(sequences, on_progress=on_progress, stage="eval"):
             base_nll -= scored.lm.lm_target_log_prob.double().sum().item()
             knn_nll -= scored.log_prob.double().sum().item()
             zero += int(torch.isneginf(scored.log_prob).sum())

@@ -23,9 +23,11 @@ import contextvars
 import functools
 import hashlib
 import importlib.util
+import json
+import logging
+import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +41,9 @@ from knn_store.errors import ConfigError
 from knn_store.store.base import CollectionMeta
 from knn_store.store.config import StorageConfig
 from knn_store.windows import Window, by_padded_width, pack_windows
+
+FINGERPRINT_SCHEME = 2  # see CollectionMeta.fingerprint_scheme
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -116,6 +121,8 @@ class LanguageModel:
         self.tokenizer = tokenizer
         self.name = name
         self.key_type = key_type
+        self.fingerprint_cache: FingerprintCache | None = None  # set by load_language_model
+        self._fingerprints: dict[int, str] = {}
         self.device = next(model.parameters()).device
         self.key_module = _find_key_module(model, key_type)
         # The one hook of this model: it feeds whichever capture the calling thread opened.
@@ -226,16 +233,43 @@ class LanguageModel:
                 outputs[members[row]] = ForwardOutput(keys=out.keys[row, cols], logits=logits)
         return [outputs[i] for i in range(len(windows))], len(widths)
 
-    @functools.cached_property
-    def _fingerprints(self) -> tuple[str, str]:
-        return _model_fingerprint(self.model), _tokenizer_fingerprint(self.tokenizer)
+    def fingerprint(self, scheme: int = FINGERPRINT_SCHEME) -> str:
+        """A hash of the weights a key depends on (``CollectionMeta.fingerprint_scheme``):
+        scheme 2 covers every parameter but an untied LM head, so a model changed anywhere
+        on the way to its keys is another model; scheme 1 (older records) only the
+        embeddings and the last block. Cached per checkpoint (see ``load_language_model``)."""
+        if scheme not in self._fingerprints:
+            if scheme == FINGERPRINT_SCHEME and self.fingerprint_cache is not None:
+                cached = self.fingerprint_cache.get()
+                if cached is None:
+                    cached = _full_fingerprint(self.model)
+                    self.fingerprint_cache.put(cached)
+                self._fingerprints[scheme] = cached
+            elif scheme == FINGERPRINT_SCHEME:
+                self._fingerprints[scheme] = _full_fingerprint(self.model)
+            elif scheme == 1:
+                self._fingerprints[scheme] = _model_fingerprint(self.model)
+            else:
+                raise ConfigError(
+                    f"unknown model fingerprint scheme {scheme}; upgrade knnlm to read this "
+                    "collection"
+                )
+        return self._fingerprints[scheme]
 
-    def collection_meta(self, storage: StorageConfig | None = None) -> CollectionMeta:
-        """What a collection of this model's keys records (with ``storage``, if given)."""
-        model, tokenizer = self._fingerprints
+    @functools.cached_property
+    def _tokenizer_fingerprint(self) -> str:
+        return _tokenizer_fingerprint(self.tokenizer)
+
+    def collection_meta(
+        self, storage: StorageConfig | None = None, *, scheme: int = FINGERPRINT_SCHEME
+    ) -> CollectionMeta:
+        """What a collection of this model's keys records (with ``storage``, if given);
+        ``scheme`` picks how the weights are fingerprinted (an existing record's own)."""
+        model, tokenizer = self.fingerprint(scheme), self._tokenizer_fingerprint
         return CollectionMeta(
             model=self.name,
             model_fingerprint=model,
+            fingerprint_scheme=scheme,
             key_type=self.key_type,
             dim=self.dim,
             vocab_size=self.vocab_size,
@@ -305,6 +339,58 @@ def _model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _full_fingerprint(model: torch.nn.Module) -> str:
+    """Hash of every parameter (name, shape, values) but an LM head that is not tied to the
+    input embeddings: everything a stored key, ``ffn_input`` or ``final``, depends on."""
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    skip = set() if head is None or tied else {id(p) for p in head.parameters()}
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in sorted(model.named_parameters()):
+        if id(p) in skip:
+            continue
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return "v2:" + h.hexdigest()
+
+
+class FingerprintCache:
+    """The full fingerprint of one checkpoint folder, kept in a JSON file of the model cache
+    and keyed by the folder's weight files (name, size, modification time), so only the
+    first load of a checkpoint hashes its weights."""
+
+    def __init__(self, checkpoint: Path, cache_root: Path) -> None:
+        files = sorted(
+            p for p in checkpoint.iterdir() if p.suffix in (".safetensors", ".bin", ".pt")
+        )
+        stamp = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        self.key = hashlib.blake2b(
+            repr((str(checkpoint.resolve()), stamp)).encode(), digest_size=12
+        ).hexdigest()
+        self.path = cache_root / "fingerprints.json"
+
+    def _read(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self) -> str | None:
+        value = self._read().get(self.key)
+        return value if isinstance(value, str) else None
+
+    def put(self, fingerprint: str) -> None:
+        data = {**self._read(), self.key: fingerprint}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(data, indent=1))
+            tmp.replace(self.path)
+        except OSError:
+            pass  # a read-only cache only costs the next load a hash
+
+
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     h = hashlib.blake2b(repr(vocab).encode("utf-8", "surrogatepass"), digest_size=8)
@@ -332,8 +418,6 @@ def load_language_model(settings: KnnlmSettings) -> LanguageModel:
     """Load ``settings.model`` (hub id, directory or .gguf file) with its key hook."""
     import torch
 
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
     source = Path(settings.model) if settings.model else default_model_path()
     if source.suffix == ".gguf":
         if not source.is_file():
@@ -358,7 +442,10 @@ def load_language_model(settings: KnnlmSettings) -> LanguageModel:
         model.to(settings.device)
     except (RuntimeError, AssertionError) as exc:
         raise ConfigError(f"cannot use device {settings.device!r}: {exc}") from exc
-    return LanguageModel(model, tokenizer, name=name, key_type=settings.key_type)
+    lm = LanguageModel(model, tokenizer, name=name, key_type=settings.key_type)
+    if directory.is_dir():  # a local checkpoint: its fingerprint is computed once
+        lm.fingerprint_cache = FingerprintCache(directory, settings.model_cache)
+    return lm
 
 
 def _from_pretrained(
@@ -391,7 +478,7 @@ def _gguf_cache(gguf: Path, cache_root: Path) -> Path:
     target = cache_root / f"{gguf.stem}-{tag}"
     if (target / "config.json").is_file():
         return target
-    print(f"knnlm: converting {gguf.name} once (about 20 s) into {target}", file=sys.stderr)
+    log.warning("converting %s once (about 20 s) into %s", gguf.name, target)
     model, tokenizer = _from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     from transformers import AutoModelForCausalLM
 

@@ -50,18 +50,32 @@ class SavedPolicy:
 
     @classmethod
     def from_dict(cls, data: Any, *, collection: str) -> SavedPolicy:
+        """Read back what ``to_dict`` wrote, checking every field: a value of the wrong
+        type, a number that is not finite or out of its range is ``StoreDamaged``."""
         try:
             if not isinstance(data, dict):
                 raise TypeError("not a JSON object")
             gate = data.get("gate")
+            temperature, k = data["temperature"], data["k"]
+            # bool is an int to Python; "8" or 2.5 is no k, and T must be a number
+            if isinstance(k, bool) or not isinstance(k, int):
+                raise TypeError(f"k must be an integer, got {k!r}")
+            if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+                raise TypeError(f"the temperature must be a number, got {temperature!r}")
+            domains = data.get("domains", [])
+            if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
+                raise TypeError(f"domains must be a list of names, got {domains!r}")
+            for name in ("model_fingerprint", "key_type"):
+                if not isinstance(data[name], str):
+                    raise TypeError(f"{name} must be text, got {data[name]!r}")
             saved = cls(
                 policy=policy_from_dict(data["policy"]),
-                temperature=float(data["temperature"]),
-                k=int(data["k"]),
-                model_fingerprint=str(data["model_fingerprint"]),
-                key_type=str(data["key_type"]),
+                temperature=float(temperature),
+                k=k,
+                model_fingerprint=data["model_fingerprint"],
+                key_type=data["key_type"],
                 gate=None if gate is None else RetrievalGate.from_dict(gate),
-                domains=tuple(str(d) for d in data.get("domains", ())),
+                domains=tuple(domains),
                 report=dict(data.get("report", {})),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:

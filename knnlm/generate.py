@@ -17,6 +17,7 @@ from knnlm.options import (
     search_domain_option,
     settings_from,
 )
+from knnlm.progress import Bars
 
 _QUERY_OPTIONS = (*[o for o in MODEL_OPTIONS if o not in ("window", "stride")], *STORE_OPTIONS)
 
@@ -202,27 +203,33 @@ def explain(
     with open_session(settings, search_domains=search_domains) as session:
         if not as_json:
             click.echo(session.describe())
-        rows = explain_text(
-            session.knn_lm, text, top=top, show_neighbours=show_neighbours, progress=not as_json
-        )
-        for row in rows:  # printed as each batch of windows is scored
-            if as_json:
-                click.echo(json.dumps(row.to_dict()))
-                continue
-            skipped = "" if row.searched else ", search skipped by the gate"
-            click.echo(
-                f"\n{row.position:4d} {row.token!r:16} p={row.prob:.3f}  "
-                f"(LM {row.lm_prob:.3f}, kNN {row.knn_prob:.3f}, lambda {row.lmbda:.2f}{skipped})"
+        with Bars(quiet=as_json) as bars:
+            rows = explain_text(
+                session.knn_lm, text, top=top, show_neighbours=show_neighbours, on_progress=bars
             )
-            click.echo(f"     LM : {_tops(row.lm_top)}")
-            click.echo(f"     kNN: {_tops(row.knn_top)}")
-            for i, n in enumerate(row.neighbours, 1):
-                where = f"{n.source or '?'}:{n.offset if n.offset is not None else '?'}"
-                snippet = (n.context or "").replace("\n", "\u21b5")[-60:]
+            for row in rows:  # printed as each batch of windows is scored
+                if as_json:
+                    click.echo(json.dumps(row.to_dict()))
+                    continue
+                skipped = "" if row.searched else ", search skipped by the gate"
                 click.echo(
-                    f"     {i}. d2={n.sq_distance:<9.4g} -> {n.token!r:12} {where} [{n.domain}]"
-                    + (f"\n        \u2026{snippet}\u2016{n.token}" if n.context is not None else "")
+                    f"\n{row.position:4d} {row.token!r:16} p={row.prob:.3f}  "
+                    f"(LM {row.lm_prob:.3f}, kNN {row.knn_prob:.3f}, "
+                    f"lambda {row.lmbda:.2f}{skipped})"
                 )
+                click.echo(f"     LM : {_tops(row.lm_top)}")
+                click.echo(f"     kNN: {_tops(row.knn_top)}")
+                for i, n in enumerate(row.neighbours, 1):
+                    where = f"{n.source or '?'}:{n.offset if n.offset is not None else '?'}"
+                    snippet = (n.context or "").replace("\n", "\u21b5")[-60:]
+                    click.echo(
+                        f"     {i}. d2={n.sq_distance:<9.4g} -> {n.token!r:12} {where} [{n.domain}]"
+                        + (
+                            f"\n        \u2026{snippet}\u2016{n.token}"
+                            if n.context is not None
+                            else ""
+                        )
+                    )
 
 
 def _tops(pairs: list[tuple[str, float]]) -> str:

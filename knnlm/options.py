@@ -135,7 +135,7 @@ def settings_from(
     given = {k: v for k, v in params.items() if k in KnnlmSettings.model_fields and v is not None}
     given.update(changes)
     try:
-        return KnnlmSettings(**given)
+        settings = KnnlmSettings(**given)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
@@ -145,6 +145,11 @@ def settings_from(
                 message = f"{(flags or {}).get(field) or flag_name(field)}: {message}"
             problems.append(message)
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+    if settings.threads:  # process-wide, so the command decides it, never the library
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    return settings
 
 
 def corpus_options(fn: F) -> F:

@@ -23,6 +23,7 @@ from knnlm.options import (
     search_domain_option,
     settings_from,
 )
+from knnlm.progress import Bars
 
 POLICY_CHOICES = ("fixed", "buckets", "cosine-buckets", "learned")
 LABELS = {
@@ -161,11 +162,15 @@ def tune(
         # every token after the first is scored once
         tokens = sum(max(len(s) - 1, 0) for s in sequences)
         check_tuning_size(tokens, save_kind, buckets=buckets)
-        validation = collect(knn_lm, sequences, progress=not quiet)
+        with Bars(quiet=quiet) as bars:
+            validation = collect(knn_lm, sequences, on_progress=bars)
         check_not_held(validation)
-        test = (
-            collect(knn_lm, session.encode(test_texts), progress=not quiet) if test_texts else None
-        )
+        with Bars(quiet=quiet) as bars:
+            test = (
+                collect(knn_lm, session.encode(test_texts), on_progress=bars)
+                if test_texts
+                else None
+            )
         retrieve_seconds = time.perf_counter() - started
         result = fit_all(validation, test, buckets=buckets)
         summary = _summary(result, retrieve_seconds)
@@ -175,9 +180,7 @@ def tune(
             if gate_max_cost > 0:
                 gate = fit_gate(validation, chosen, max_cost=gate_max_cost / 100, test=test)
                 summary["gate"] = _gate_summary(gate, result, save_kind)
-            check_saveable(
-                validation, chosen, gate=None if gate is None else gate.gate, test=test
-            )
+            check_saveable(validation, chosen, gate=None if gate is None else gate.gate, test=test)
             meta = session.store.meta
             assert meta is not None
             saved = SavedPolicy(

@@ -286,8 +286,14 @@ def test_push_to_local_mode_then_eval_gives_the_same_perplexity(
 ) -> None:
     assert knnlm.ingest(str(corpus_dir), "-q").exit_code == 0
     valid = tmp_path / "valid.txt"
-    valid.write_text("for i in range(10):\n    print(i, i * i)\n" * 2)
-    tuned = knnlm("tune", str(valid), *knnlm.model_args(), *knnlm.store_args(), "-q", "--json")
+    # held-out text, enough for a fixed lambda: tune refuses memorized or too little text
+    valid.write_text(
+        "while queue:\n    node = queue.pop()\n    for child in node.children:\n"
+        "        queue.append(child)\n" * 2
+    )
+    tuned = knnlm(
+        "tune", str(valid), *knnlm.model_args(), *knnlm.store_args(), "--save", "fixed", "-q"
+    )
     assert tuned.exit_code == 0, tuned.output
     held = tmp_path / "held.txt"
     held.write_text("class Stack:\n    def push(self, x):\n        return x\n")
@@ -377,7 +383,7 @@ def test_ingest_resume_asks_the_store_once(
     settings = settings_factory(tiny_models["gpt2"])
     lm = load_language_model(settings)
     store = open_store(settings, create=True)
-    worker = IngestWorker(lm, store, domain="d", window=16, stride=8, progress=False)
+    worker = IngestWorker(lm, store, domain="d", window=16, stride=8)
     worker.run(Corpus([corpus_dir]))
     calls = {"count": 0, "facet": 0}
     count, facet = store._count, store._facet
@@ -439,7 +445,6 @@ def test_ingest_against_a_server_that_stays_down_names_what_was_written(
         window=16,
         stride=8,
         upsert_batch=16,
-        progress=False,
     )
     clean_report = clean.run(Corpus([corpus_dir]))
     clean.store.close()
@@ -455,9 +460,7 @@ def test_ingest_against_a_server_that_stays_down_names_what_was_written(
         return real(*args, **kwargs)
 
     store._client.upsert = down_after_three
-    worker = IngestWorker(
-        lm, store, domain="d", window=16, stride=8, upsert_batch=16, progress=False
-    )
+    worker = IngestWorker(lm, store, domain="d", window=16, stride=8, upsert_batch=16)
     with pytest.raises(StoreUnavailable, match=r"48 points were written.*run the same command"):
         worker.run(Corpus([corpus_dir]))
     store._client.upsert = real  # the server is back
@@ -526,9 +529,7 @@ def test_readme_library_example_runs(
     settings = KnnlmSettings(collection=collection.group(1))
     lm = load_language_model(settings)
     with open_store(settings, create=True) as store:
-        IngestWorker(lm, store, domain="d", window=32, stride=16, progress=False).run(
-            Corpus([corpus_dir])
-        )
+        IngestWorker(lm, store, domain="d", window=32, stride=16).run(Corpus([corpus_dir]))
     namespace: dict = {}
     exec(compile(example, "README.md", "exec"), namespace)
     assert any(isinstance(v, str) for v in namespace.values())  # it produced text
@@ -595,8 +596,14 @@ def test_an_interrupted_copy_is_never_read_as_complete(
 
     assert knnlm.ingest(str(corpus_dir), "-q").exit_code == 0
     valid = tmp_path / "valid.txt"
-    valid.write_text("for i in range(10):\n    print(i, i * i)\n" * 2)
-    tuned = knnlm("tune", str(valid), *knnlm.model_args(), *knnlm.store_args(), "-q", "--json")
+    # held-out text, enough for a fixed lambda: tune refuses memorized or too little text
+    valid.write_text(
+        "while queue:\n    node = queue.pop()\n    for child in node.children:\n"
+        "        queue.append(child)\n" * 2
+    )
+    tuned = knnlm(
+        "tune", str(valid), *knnlm.model_args(), *knnlm.store_args(), "--save", "fixed", "-q"
+    )
     assert tuned.exit_code == 0, tuned.output
     real = Edge.upsert
     calls = {"n": 0}

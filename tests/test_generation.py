@@ -35,7 +35,7 @@ def setup(tiny_model: Path, corpus_dir: Path, settings_factory):
     settings = settings_factory(tiny_model, window=64, stride=32)
     lm = load_language_model(settings)
     store = open_store(settings, create=True)
-    IngestWorker(lm, store, domain="code", window=64, stride=32, progress=False).run(
+    IngestWorker(lm, store, domain="code", window=64, stride=32).run(
         list(read_corpus([corpus_dir], glob="**/*.txt"))
     )
     yield lm, store

@@ -24,7 +24,7 @@ def _expected_points(lm, docs: list[Document]) -> int:
 
 
 def _worker(lm, store, **kw) -> IngestWorker:
-    args = dict(domain="code", window=16, stride=8, batch_size=2, upsert_batch=32, progress=False)
+    args = dict(domain="code", window=16, stride=8, batch_size=2, upsert_batch=32)
     args.update(kw)
     return IngestWorker(lm, store, **args)
 

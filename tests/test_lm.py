@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from knn_store import ConfigError, KnnlmSettings, load_language_model
+from knn_store import ConfigError, DimensionMismatch, KnnlmSettings, load_language_model
 
 TEXT = "def add(a, b):\n    return a + b\nclass Stack:\n    def push(self, x):\n"
 
@@ -90,6 +90,40 @@ def test_collection_meta_identifies_model_and_key(
     assert a == again
     assert a.model_fingerprint != other.model_fingerprint
     assert (a.dim, a.vocab_size, a.key_type) == (32, 320, "final")
+
+
+def test_a_model_changed_in_a_middle_layer_is_another_model(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fingerprint covers every parameter on the way to the keys (scheme 2), and is
+    hashed once per checkpoint; the old scheme (the embeddings and the last block only)
+    missed a change to the first block, and stays readable for older records."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    import knn_store.lm as lm_module
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_models["llama"], tuned)
+    model = AutoModelForCausalLM.from_pretrained(tuned)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(1.01)  # "fine-tuned" in layer 0 of 2
+    model.save_pretrained(tuned)
+    base = _load(tiny_models["llama"], "ffn_input", tmp_path)
+    changed = _load(tuned, "ffn_input", tmp_path)
+    assert base.fingerprint() != changed.fingerprint()
+    assert base.fingerprint(1) == changed.fingerprint(1)  # what the partial hash missed
+    old = base.collection_meta(scheme=1)
+    assert old.fingerprint_scheme == 1 and old.model_fingerprint == base.fingerprint(1)
+    with pytest.raises(DimensionMismatch):
+        base.collection_meta().check_compatible(changed.collection_meta(), collection="c")
+
+    def no_hashing(model: torch.nn.Module) -> str:
+        raise AssertionError("hashed again: the cache was not used")
+
+    monkeypatch.setattr(lm_module, "_full_fingerprint", no_hashing)
+    assert _load(tuned, "ffn_input", tmp_path).fingerprint() == changed.fingerprint()
 
 
 def test_bad_model_paths_are_config_errors(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def test_eval_matches_brute_force_reference(
     lm = load_language_model(settings)
     docs = list(read_corpus([corpus_dir], glob="**/*.txt"))
     store = open_store(settings, create=True)
-    IngestWorker(lm, store, domain="code", window=128, stride=64, progress=False).run(docs)
+    IngestWorker(lm, store, domain="code", window=128, stride=64).run(docs)
 
     knn_lm = KnnLM(
         lm,
@@ -122,7 +122,7 @@ def test_eval_with_bucketed_lambda_matches_reference(
     lm = load_language_model(settings)
     docs = list(read_corpus([corpus_dir], glob="**/*.txt"))
     store = open_store(settings, create=True)
-    IngestWorker(lm, store, domain="code", window=128, stride=64, progress=False).run(docs)
+    IngestWorker(lm, store, domain="code", window=128, stride=64).run(docs)
     held_out = lm.encode(HELD_OUT)
     probe = KnnLM(
         lm,
@@ -162,7 +162,7 @@ def test_sliding_windows_score_every_token_once(tiny_models, corpus_dir, setting
     settings = settings_factory(tiny_models["gpt2"], window=8, stride=3)
     lm = load_language_model(settings)
     store = open_store(settings, create=True)
-    IngestWorker(lm, store, domain="d", window=8, stride=3, batch_size=3, progress=False).run(
+    IngestWorker(lm, store, domain="d", window=8, stride=3, batch_size=3).run(
         list(read_corpus([corpus_dir]))
     )
     seqs = [lm.encode(HELD_OUT), lm.encode("x = 1")]
@@ -192,7 +192,7 @@ def test_a_text_scores_the_same_in_any_batch(model: str, tiny_models, settings_f
     lm = load_language_model(settings)
     store = open_store(settings, create=True)
     texts = [HELD_OUT * 6, HELD_OUT]  # one forward for both in ingest: padded differently
-    IngestWorker(lm, store, domain="d", window=128, stride=64, batch_size=4, progress=False).run(
+    IngestWorker(lm, store, domain="d", window=128, stride=64, batch_size=4).run(
         [Document(f"doc{i}", text) for i, text in enumerate(texts)]
     )
     long, short = (lm.encode(text) for text in texts)

@@ -15,6 +15,11 @@ VALIDATION = [
     "def add(x, y):\n    return x + y\n",
     "def mul(x, y):\n    return x * y\nfor j in range(5):\n    print(j, j * j)\n",
     "class Queue:\n    def push(self, item):\n        self.items.append(item)\n",
+    # tune refuses less than 32 tokens per bucket and 256 for the learned policy
+    "def parse(line):\n    key, value = line.split('=')\n    return key.strip(), value\n",
+    "while queue:\n    node = queue.pop()\n    for child in node.children:\n"
+    "        queue.append(child)\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
 ]
 TEST = [
     "def sub(a, b):\n    return a - b\n",
@@ -289,7 +294,9 @@ def test_the_gate_is_saved_and_eval_reproduces_its_numbers(
 
 def test_a_zero_gate_budget_saves_no_gate(knnlm: Knnlm, splits: tuple[Path, Path]) -> None:
     validation, test = splits
-    report = _json_ok(_run(knnlm, "tune", str(validation), "--gate-max-cost", "0", "-q", "--json"))
+    report = _json_ok(
+        _run(knnlm, "tune", str(validation), "--buckets", "4", "--gate-max-cost", "0", "-q", "--json")
+    )
     assert "gate" not in report
     evaluated = _json_ok(_run(knnlm, "eval", str(test), "-q", "--json"))
     assert evaluated["gate"] is None and evaluated["searches"] == evaluated["tokens"]

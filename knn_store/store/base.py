@@ -175,6 +175,9 @@ class CollectionMeta:
     # stays True until the copy's counts agree; readers refuse such a collection.
     copy_of: str | None = None
     copying: bool = False
+    # How ``model_fingerprint`` was computed: 1, the embeddings and the last block (records
+    # made before 2026-12); 2, every parameter but an untied LM head.
+    fingerprint_scheme: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "storage": self.storage.to_dict()}
@@ -202,7 +205,13 @@ class CollectionMeta:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def check_compatible(self, other: CollectionMeta, *, collection: str) -> None:
-        """Raise ``DimensionMismatch`` naming both sides if ``other`` cannot use this store."""
+        """Raise ``DimensionMismatch`` naming both sides if ``other`` cannot use this store.
+        Both must fingerprint the model the same way (``fingerprint_scheme``)."""
+        if self.fingerprint_scheme != other.fingerprint_scheme:
+            raise ConfigError(
+                f"cannot compare model fingerprints of schemes {self.fingerprint_scheme} and "
+                f"{other.fingerprint_scheme} (collection {collection!r})"
+            )
         if self.model_fingerprint != other.model_fingerprint or self.key_type != other.key_type:
             raise DimensionMismatch(
                 f"collection {collection!r} was built with model {self.model!r} "
@@ -229,11 +238,24 @@ class CollectionMeta:
             have = getattr(self.storage, name)
             if have != value:
                 flag = "--" + ("vector-datatype" if name == "datatype" else name.replace("_", "-"))
+                command = " ".join(["knnlm rebuild --to-collection NEW", _typed(flag, value)])
                 raise DimensionMismatch(
-                    f"collection {collection!r} was created with {flag} {have}, not {value}; "
-                    f"copy it into a new collection with `knnlm rebuild --to-collection NEW "
-                    f"{flag} {value}`, or drop the flag"
+                    f"collection {collection!r} was created with {_said(flag, have)}, not "
+                    f"{_said(flag, value)}; copy it into a new collection with "
+                    f"`{command.strip()}`, or drop the flag"
                 )
+
+
+def _typed(flag: str, value: Any) -> str:
+    """A setting as the command line takes it: ``--x``/``--no-x`` for a switch, ``--x V``
+    for a value, nothing for the default."""
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return "" if value is None else f"{flag} {value}"
+
+
+def _said(flag: str, value: Any) -> str:
+    return _typed(flag, value) or f"no {flag} (the default)"
 
 
 def neighbours_from_hits(

@@ -398,6 +398,13 @@ def _open_error(shard_path: Path, exc: Exception, *, create: bool) -> StoreError
         return StoreUnavailable(
             f"cannot create Qdrant Edge store {shard_path}: {text}; is the disk writable?"
         )
+    if any(s in text for s in ("os error 13", "os error 30", "Permission denied", "Read-only")):
+        folder = shard_path.parent
+        return StoreError(
+            f"the collection folder {folder} is not writable, and Qdrant Edge opens its files "
+            "for writing even to read them: make it writable (`chmod -R u+w` it), or copy the "
+            f"data folder {folder.parent} somewhere writable and pass that as --data-dir"
+        )
     if "WouldBlock" in text or "lock" in text.lower():
         return StoreLocked(
             f"Qdrant Edge store {shard_path} is in use by another process (another knnlm "

@@ -230,6 +230,7 @@ def create_snapshot(
         with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
             downloaded = Path(tmp) / SERVER_MEMBER
             store.download_snapshot(downloaded, on_bytes=progress("download", 0, "B"))
+            _require_every_shard(downloaded, store.name)
             if store.count() != base["points"] or store.domains() != base["domains"]:
                 raise StoreError(
                     f"points of {store.name!r} were written while the snapshot was taken; "
@@ -238,6 +239,26 @@ def create_snapshot(
             manifest = SnapshotManifest(kind="server", **base)
             _write_snapshot(dest, manifest, [(downloaded, SERVER_MEMBER)], progress)
     return read_snapshot(dest)
+
+
+def _require_every_shard(path: Path, collection: str) -> None:
+    """A server node snapshots the shards it holds, and only names the others: refuse a
+    snapshot that lacks the data of some shard."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            names = tar.getnames()
+    except (OSError, tarfile.TarError) as exc:
+        raise StoreError(
+            f"the server's snapshot of {collection!r} cannot be read: {_first_line(exc)}"
+        ) from exc
+    shards = {n.split("/")[0] for n in names if n.split("/")[0].isdigit()}
+    missing = [s for s in shards if not any(n.startswith(f"{s}/segments/") for n in names)]
+    if missing or not shards:
+        raise StoreError(
+            f"the node of the server that answered holds {len(shards) - len(missing)} of the "
+            f"{len(shards)} shards of {collection!r}; its snapshot would lack the others' "
+            "points: knnlm snapshots collections whose shards all live on one node"
+        )
 
 
 def _require_sound(store: KnnStore) -> None:
