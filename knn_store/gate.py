@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from knn_store.lambdas import finite_numbers
+
 GATE_FEATURES = ("lm_entropy", "lm_max_log_prob")
 
 
@@ -37,8 +39,6 @@ class RetrievalGate:
         *,
         threshold: float,
     ) -> None:
-        from knn_store.lambdas import finite_numbers
-
         n = len(GATE_FEATURES)
         if not len(mean) == len(std) == len(weights) == n:
             raise ValueError(f"a gate needs {n} means, stds and weights")

@@ -88,7 +88,7 @@ def open_session(
     try:
         meta = store.meta
         assert meta is not None  # open_store(create=False) refuses a missing collection
-        store.require_complete()
+        store.require_sound()
         missing = set(INDEXED_FIELDS) - store.indexed_fields()
         if missing:  # they go only with lost segments: what eval would read is incomplete
             raise StoreDamaged(

@@ -13,6 +13,9 @@ nearest key. Everything after that is tensor math on the cache:
 
 Policies are scored with the same callables that eval and generation use, so a perplexity
 computed here is the one ``knnlm eval`` reports on the same text.
+
+``check_tuning_size``, ``check_not_held`` and ``check_saveable`` are the rules by which
+``knnlm tune`` refuses validation text too small or already stored, and policies that hurt.
 """
 
 from __future__ import annotations
@@ -577,7 +580,7 @@ def check_saveable(
     standard errors) while it changes the test perplexity by more than ``LARGE_TEST_CHANGE``
     either way (validation then does not predict test)."""
     mean, error = gain(validation, tuned, gate)
-    change = 100 * math.expm1(-mean)  # validation perplexity, percent
+    change = 100 * math.expm1(min(-mean, 700.0))  # validation perplexity, percent
     if not mean >= -1e-12:
         raise ConfigError(
             f"the fitted {tuned.name} policy is worse than the base LM on the validation text "
@@ -586,7 +589,7 @@ def check_saveable(
         )
     if test is None or mean >= NOISE_ERRORS * error:
         return
-    test_change = math.expm1(-gain(test, tuned, gate)[0])
+    test_change = math.expm1(min(-gain(test, tuned, gate)[0], 700.0))
     if abs(test_change) > LARGE_TEST_CHANGE:
         raise ConfigError(
             f"the fitted {tuned.name} policy's validation gain is within noise (perplexity "

@@ -29,6 +29,7 @@ _FINDING = re.compile(r"^(.{22}) (ok  |FAIL)  (.*)$")
 SOUND = [
     "record",
     "storage settings",
+    "storage files",
     "payload indexes",
     "point counts",
     "policy",
@@ -193,9 +194,23 @@ DAMAGE: dict[str, tuple[Callable[[Path], object], str, tuple[str, ...]]] = {
     "record without a dimension": (
         lambda c: _set_meta(c, dim=None),
         "open",
-        ("invalid dimension",),
+        ("meta.json", "edited by hand"),
     ),
-    "record with another dimension": (lambda c: _set_meta(c, dim=16), "open", ("16",)),
+    "record with another dimension": (
+        lambda c: _set_meta(c, dim=16),
+        "open",
+        ("meta.json", "edited by hand"),
+    ),
+    "record with another key type": (
+        lambda c: _set_meta(c, key_type="final"),
+        "open",
+        ("meta.json", "edited by hand"),
+    ),
+    "record with its checksum blanked": (
+        lambda c: _set_meta(c, checksum=None, dim=None),
+        "open",
+        ("edited by hand",),
+    ),
     "state says more points": (
         lambda c: (c / "state.json").write_text('{"points": 1000000}'),
         "point counts",
@@ -330,4 +345,41 @@ def test_a_cut_quantized_copy_fails_at_open(tmp_path: Path, tiny_models: dict[st
     _json_ok(knnlm.ingest(str(_corpus(tmp_path / "corpus")), "-q", "--json"))
     assert knnlm.info_json()["storage"]["quantization"] == "turbo4"
     truncate_vector_files(knnlm.data_dir / "test")
-    _assert_damaged(knnlm, "open", "cannot open")
+    _assert_damaged(knnlm, "open", "key chunks hold 0 bytes", "needed")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0], ids=["cut to half", "cut to nothing"])
+def test_short_key_files_of_the_default_storage_are_never_answered_from(
+    tmp_path: Path, tiny_models: dict[str, Path], keep: float
+) -> None:
+    """The default storage with an HNSW-indexed segment (float16 keys in matrix.dat): a key
+    file cut short is refused by every command that reads the collection, before the engine
+    opens it (it would extend the file with zeros and answer from them)."""
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    _json_ok(
+        knnlm.ingest(
+            str(_corpus(tmp_path / "corpus")), "--indexing-threshold-kb", "1", "-q", "--json"
+        )
+    )
+    collection = knnlm.data_dir / "test"
+    (matrix,) = collection.glob("shard/segments/*/vector_storage/matrix.dat")
+    with matrix.open("r+b") as f:
+        f.truncate(int(matrix.stat().st_size * keep))
+    size = matrix.stat().st_size
+    held = _write(tmp_path / "held.txt", CORPUS_LINES[0])
+    valid = _write(tmp_path / "valid.txt", CORPUS_LINES[1] * 4)
+    for result in (
+        knnlm.eval(str(held)),
+        knnlm.info(),
+        knnlm.ingest(str(held), "-q"),
+        knnlm("tune", str(valid), *knnlm.model_args(), *knnlm.store_args(), "-q"),
+        knnlm("explain", "-t", CORPUS_LINES[0], *knnlm.model_args(), *knnlm.store_args()),
+        knnlm("rebuild", *knnlm.store_args(), "--to-collection", "copy", "-q"),
+        knnlm("push", *knnlm.store_args(), "--to-local", str(tmp_path / "local"), "-q"),
+    ):
+        _one_line_error(result, "damaged", "matrix.dat", "needed")
+    assert matrix.stat().st_size == size  # nothing opened it, nothing "healed" it
+    assert not (knnlm.data_dir / "copy").exists()
+    result, findings = _check(knnlm)
+    assert result.exit_code == 1 and not findings["open"][0]
+    assert "matrix.dat" in findings["open"][1]

@@ -319,7 +319,8 @@ def test_push_to_local_mode_then_eval_gives_the_same_perplexity(
             "--exact",
         )
     )
-    assert after["knn_perplexity"] == pytest.approx(before["knn_perplexity"], rel=1e-5)
+    # Edge and local mode round the float16 keys' distances differently: ~3e-5 at T ~ 10
+    assert after["knn_perplexity"] == pytest.approx(before["knn_perplexity"], rel=1e-4)
     assert after["policy"] == before["policy"]
     again = knnlm("push", *knnlm.store_args(), "--to-local", str(target), "-q")
     assert again.exit_code == 0 and "copied" in again.stdout  # idempotent

@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from knn_store.errors import ConfigError, CorpusError, StoreDamaged
-from tests.conftest import CORPUS_LINES
 from tests.files import write as _write
 from tests.test_cli import Knnlm, _json_ok, _one_line_error
 
@@ -359,9 +358,19 @@ def test_a_seed_past_64_bits_is_refused_by_name(seed: int) -> None:
 def test_generate_with_extreme_sampling_limits(knnlm: Knnlm) -> None:
     def generate(*args: str) -> Any:
         return knnlm(
-            "generate", "--model", str(knnlm.model), *knnlm.store_args(), "--top-k", "8",
-            "-p", "def add(a, b):\n", "--max-new-tokens", "5", "--json", *args,
-        )  # fmt: skip
+            "generate",
+            "--model",
+            str(knnlm.model),
+            *knnlm.store_args(),
+            "--top-k",
+            "8",
+            "-p",
+            "def add(a, b):\n",
+            "--max-new-tokens",
+            "5",
+            "--json",
+            *args,
+        )
 
     greedy = _json_ok(generate("--sample-temperature", "0"))
     for args in (
@@ -465,7 +474,7 @@ def test_a_bad_target_name_is_reported_under_the_flag_typed(knnlm: Knnlm, tmp_pa
             "--to-collection",
             "bad name",
             "-q",
-        ),  # fmt: skip
+        ),
         "--to-collection",
     )
     assert "--collection:" not in line

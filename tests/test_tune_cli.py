@@ -295,7 +295,9 @@ def test_the_gate_is_saved_and_eval_reproduces_its_numbers(
 def test_a_zero_gate_budget_saves_no_gate(knnlm: Knnlm, splits: tuple[Path, Path]) -> None:
     validation, test = splits
     report = _json_ok(
-        _run(knnlm, "tune", str(validation), "--buckets", "4", "--gate-max-cost", "0", "-q", "--json")
+        _run(
+            knnlm, "tune", str(validation), "--buckets", "4", "--gate-max-cost", "0", "-q", "--json"
+        )
     )
     assert "gate" not in report
     evaluated = _json_ok(_run(knnlm, "eval", str(test), "-q", "--json"))

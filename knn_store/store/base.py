@@ -449,6 +449,12 @@ class KnnStore(abc.ABC):
                 filter=filter or PointFilter(), limit=batch, offset=offset
             )
             if records:
+                missing = sum(1 for r in records if not isinstance(r.vector, (list, np.ndarray)))
+                if missing:  # the engine lost the key of a point it still lists
+                    raise StoreDamaged(
+                        f"collection {self.name!r} has {missing:,} points without a key in "
+                        "one page of its points: its key files are damaged"
+                    )
                 keys = np.asarray([r.vector for r in records], dtype=np.float32)
                 if keys.ndim != 2 or keys.shape[1] != self._meta.dim:
                     raise StoreDamaged(
@@ -522,6 +528,43 @@ class KnnStore(abc.ABC):
             raise StoreDamaged(
                 f"collection {self.name!r} cannot be read back ({exc}); run `knnlm check`"
             ) from exc
+
+    def file_problems(self) -> list[str]:
+        """Storage files too short for the points they hold (embedded engines); [] where
+        the engine's files are not ours to see (a server)."""
+        return []
+
+    def quick_problems(self) -> list[str]:
+        """What a cheap look finds wrong, one phrase each: an unfinished copy, short key or
+        id files, counts that disagree or fell since the last completed write. Reads no
+        key; ``knnlm check`` looks at everything."""
+        if self._meta is None:
+            return []
+        problems = []
+        if self._meta.copying:
+            problems.append(f"an unfinished copy of {self._meta.copy_of}")
+        try:
+            problems += self.file_problems()
+            exact, engine = self.count(), self.engine_points()
+            if exact != engine:
+                problems.append(f"{exact:,} points counted, the engine reports {engine:,}")
+            recorded = (self.load_state() or {}).get("points")
+            if isinstance(recorded, int) and exact < recorded:
+                problems.append(f"{recorded - exact:,} points lost since the last completed write")
+        except StoreError as exc:
+            problems.append(str(exc))
+        return problems
+
+    def require_sound(self) -> None:
+        """Raise ``StoreDamaged`` (naming ``knnlm check``) if ``quick_problems`` finds any:
+        no answer comes from a store that might be damaged."""
+        self.require_complete()
+        problems = self.quick_problems()
+        if problems:
+            raise StoreDamaged(
+                f"collection {self.name!r} is damaged ({'; '.join(problems)}); "
+                "run `knnlm check` for the whole story"
+            )
 
     @abc.abstractmethod
     def indexed_fields(self) -> set[str]:

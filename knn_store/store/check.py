@@ -81,6 +81,7 @@ def check_collection(
             "`knnlm push` again to finish it",
         )
     _guard(report, "storage settings", lambda: _storage(store))
+    _guard(report, "storage files", lambda: _files(store))
     _guard(report, "payload indexes", lambda: _indexes(store))
     _guard(report, "point counts", lambda: _counts(store))
     _guard(report, "policy", lambda: _policy(store, verify_policy))
@@ -111,6 +112,13 @@ def _storage(store: KnnStore) -> tuple[bool, str]:
     if differences:
         return False, "; ".join(differences)
     return True, f"{store.meta.storage.describe()} (as the server reports)"
+
+
+def _files(store: KnnStore) -> tuple[bool, str]:
+    problems = store.file_problems()
+    if problems:
+        return False, "; ".join(problems)
+    return True, "key and id files as long as their points need"
 
 
 def _indexes(store: KnnStore) -> tuple[bool, str]:

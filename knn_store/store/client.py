@@ -38,6 +38,7 @@ from knn_store.store.base import (
     PointFilter,
 )
 from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
+from knn_store.store.records import seal, unseal
 
 _META_KEY = "knnlm"
 _POLICY_KEY = "knnlm_policy"
@@ -218,8 +219,9 @@ class QdrantClientStore(KnnStore):
                 f"collection {self.name!r} exists but was not made by knnlm; "
                 "use another --collection"
             )
-        self._meta = CollectionMeta.from_dict(raw)
-        self._policy = metadata.get(_POLICY_KEY)
+        self._meta = CollectionMeta.from_dict(unseal(raw, what="collection record"))
+        policy = metadata.get(_POLICY_KEY)
+        self._policy = None if policy is None else unseal(policy, what="tuned policy")
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a client call. No answer (or a busy server) is retried with backoff, then
@@ -299,7 +301,7 @@ class QdrantClientStore(KnnStore):
                 shard_number=s.shard_number,
                 replication_factor=s.replication_factor,
                 write_consistency_factor=s.write_consistency_factor,
-                metadata={_META_KEY: meta.to_dict()},
+                metadata={_META_KEY: seal(meta.to_dict())},
             )
         except StoreAccessDenied:
             raise
@@ -342,7 +344,7 @@ class QdrantClientStore(KnnStore):
             "save the collection record",
             self._client.update_collection,
             self.name,
-            metadata={_META_KEY: meta.to_dict()},
+            metadata={_META_KEY: seal(meta.to_dict())},
         )
 
     def upsert(self, batch: PointBatch) -> None:
@@ -394,7 +396,7 @@ class QdrantClientStore(KnnStore):
             "save the policy",
             self._client.update_collection,
             self.name,
-            metadata={_POLICY_KEY: policy},
+            metadata={_POLICY_KEY: seal(policy)},
         )
         self._policy = policy
 

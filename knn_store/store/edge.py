@@ -39,6 +39,7 @@ from knn_store.store.base import (
     PointFilter,
 )
 from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
+from knn_store.store.records import seal, unseal
 
 T = TypeVar("T")
 
@@ -83,6 +84,15 @@ class EdgeStore(KnnStore):
         meta_file = self.path / META_FILE
         if meta_file.is_file():
             self._meta = _read_meta(meta_file)
+            # Before the engine opens them: it would extend short key files with zeros and
+            # answer from those, and the evidence would be gone.
+            problems = self.file_problems()
+            if problems:
+                raise StoreDamaged(
+                    f"collection {self.name!r} is damaged ({'; '.join(problems)}); it was "
+                    f"not opened: restore a snapshot (`knnlm snapshot restore`), or remove "
+                    f"{self.path} and ingest again"
+                )
             self._shard = self._open_shard(self._meta)
         elif not create:
             raise CollectionMissing(
@@ -120,11 +130,11 @@ class EdgeStore(KnnStore):
             )
         self._call("flush", self._shard.flush)
         # meta.json last, written atomically: its presence means "a valid collection".
-        _write_atomically(self.path / META_FILE, meta.to_json())
+        _write_atomically(self.path / META_FILE, json.dumps(seal(meta.to_dict()), indent=2))
 
     def _write_meta(self, meta: CollectionMeta) -> None:
         self._require_shard()
-        _write_atomically(self.path / META_FILE, meta.to_json())
+        _write_atomically(self.path / META_FILE, json.dumps(seal(meta.to_dict()), indent=2))
 
     def _discard_unfinished_shard(self) -> None:
         """A shard without meta.json is a creation cut short; if it holds no points, redo it."""
@@ -202,11 +212,12 @@ class EdgeStore(KnnStore):
                 self._shard = None
 
     def load_policy(self) -> dict[str, Any] | None:
-        return _read_json(self.path / POLICY_FILE)
+        raw = _read_json(self.path / POLICY_FILE)
+        return None if raw is None else unseal(raw, what=f"tuned policy ({POLICY_FILE})")
 
     def save_policy(self, policy: dict[str, Any]) -> None:
         self._require_shard()
-        _write_atomically(self.path / POLICY_FILE, json.dumps(policy, indent=1))
+        _write_atomically(self.path / POLICY_FILE, json.dumps(seal(policy), indent=1))
 
     def _require_space(self, what: str, needed: int = 0, *, spare: int = SPARE_BYTES) -> None:
         """Refuse to ``what`` unless ``needed`` bytes and ``spare`` more are free.
@@ -323,6 +334,9 @@ class EdgeStore(KnnStore):
         self.flush()
         self.save_state()
 
+    def file_problems(self) -> list[str]:
+        return segment_file_problems(self.path / SHARD_DIR / "segments")
+
     def indexed_fields(self) -> set[str]:
         return set(self._call("read shard info", self._require_shard().info).payload_schema)
 
@@ -427,7 +441,60 @@ def _read_meta(path: Path) -> CollectionMeta:
     data = _read_json(path)
     if data is None:
         raise CollectionMissing(f"{path} vanished while opening")
-    return CollectionMeta.from_dict(data)
+    return CollectionMeta.from_dict(unseal(data, what=f"collection record ({path.name})"))
+
+
+_ITEM_BYTES = {"float32": 4, "float16": 2, "uint8": 1}
+
+
+def segment_file_problems(segments: Path) -> list[str]:
+    """Key and id files too short for the points their segment holds, one phrase each: the
+    damage a truncated or emptied file does without the engine noticing (it answers from
+    what is left). Reads sizes and two small headers, never the keys themselves."""
+    problems: list[str] = []
+    if not segments.is_dir():
+        return problems
+    for segment in sorted(p for p in segments.iterdir() if p.is_dir()):
+        config = _read_json(segment / "segment.json")
+        if not isinstance(config, dict):
+            problems.append(f"segment {segment.name} has no readable segment.json")
+            continue
+        try:
+            vectors = config["config"]["vector_data"][""]
+            dim, kind = int(vectors["size"]), str(vectors["storage_type"])
+            item = _ITEM_BYTES[str(vectors.get("datatype") or "float32").lower()]
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"segment {segment.name} has an unreadable segment.json")
+            continue
+        versions = [
+            segment / name
+            for name in ("id_tracker.versions", "mutable_id_tracker.versions")
+            if (segment / name).is_file()
+        ]
+        ids = versions[0].stat().st_size // 8 if versions else 0  # one u64 per point
+        storage = segment / "vector_storage"
+        if kind == "Mmap":
+            matrix = storage / "matrix.dat"
+            need, have = ids * dim * item, matrix.stat().st_size if matrix.is_file() else 0
+            if have < need:
+                problems.append(
+                    f"segment {segment.name}: matrix.dat holds {have:,} bytes, "
+                    f"{need:,} needed for {ids:,} points"
+                )
+        elif kind == "ChunkedMmap" and (storage / "vectors").is_dir():
+            status = storage / "vectors" / "status.dat"
+            count = int.from_bytes(status.read_bytes()[:8], "little") if status.is_file() else 0
+            chunks = sum(p.stat().st_size for p in (storage / "vectors").glob("chunk_*.mmap"))
+            if chunks < count * dim * item:
+                problems.append(
+                    f"segment {segment.name}: key chunks hold {chunks:,} bytes, "
+                    f"{count * dim * item:,} needed for {count:,} points"
+                )
+            if count < ids:
+                problems.append(
+                    f"segment {segment.name}: {count:,} keys stored for {ids:,} point ids"
+                )
+    return problems
 
 
 def _read_json(path: Path) -> Any:
