@@ -89,15 +89,26 @@ def read_corpus(
             if not files:
                 raise CorpusError(f"folder {path} has no files matching {glob!r}")
             for file in files:
-                try:  # a whole file or nothing: a skipped file yields no records
-                    _check_file(file, text_field=text_field)
+                # A whole file or nothing: a skipped file yields no records. A text file is
+                # read whole before its one document is yielded, so a single read decides;
+                # only .jsonl records, which stream, are checked through first, and only
+                # where a bad file is to be skipped rather than stop the reading.
+                if skip_invalid and _is_jsonl(file):
+                    try:
+                        _check_file(file, text_field=text_field)
+                    except CorpusError as exc:
+                        report.skipped.append(str(file))
+                        report.reasons[str(file)] = str(exc)
+                        continue
+                try:
+                    yield from _read_file(
+                        file, text_field=text_field, allow_empty=True, report=report
+                    )
                 except CorpusError as exc:
-                    if not skip_invalid:
+                    if not skip_invalid or _is_jsonl(file):
                         raise
                     report.skipped.append(str(file))
                     report.reasons[str(file)] = str(exc)
-                    continue
-                yield from _read_file(file, text_field=text_field, allow_empty=True, report=report)
         elif path.is_file():
             yield from _read_file(path, text_field=text_field, allow_empty=False, report=report)
         elif path.exists():

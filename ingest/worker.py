@@ -27,7 +27,7 @@ import numpy as np
 
 from ingest.corpus import Document
 from knn_store import CorpusError, KnnStore, LanguageModel, PointBatch, sliding_windows
-from knn_store.errors import StoreError, StoreUnavailable
+from knn_store.errors import KnnlmError, StoreError, StoreUnavailable
 from knn_store.progress import Progress, no_progress
 from knn_store.store.base import (
     CONTEXT_FIELD,
@@ -131,51 +131,61 @@ class IngestWorker:
         self.on_progress = on_progress
 
     def run(self, documents: Iterable[Document]) -> IngestReport:
-        """Ingest ``documents``, which are read twice: a ``Corpus`` or a list, not a
-        generator."""
-        if iter(documents) is documents:
-            raise TypeError("documents are read twice: pass a Corpus or a list, not an iterator")
-        if self.store.meta is not None:
-            self.store.probe()  # never write into a store that cannot be read back
-        stored = self.store.doc_counts()
-        plan = self._plan(documents, stored)
-        existing = self.store.meta  # an older record keeps its own fingerprint scheme
-        scheme = {} if existing is None else {"scheme": existing.fingerprint_scheme}
-        self.store.ensure_collection(self.lm.collection_meta(self.storage, **scheme))
-        points_before = self.store.count()
+        """Ingest ``documents`` in one pass: each is read and tokenized once, skipped when
+        the store already holds all its points, else run through the LM and written.
 
+        A failure after some points were written says how many, and a rerun resumes.
+        """
+        existing = self.store.meta
+        if existing is not None:
+            self.store.probe()  # never write into a store that cannot be read back
+            # the model must be the one that built it (an older record keeps its scheme)
+            self.store.ensure_collection(
+                self.lm.collection_meta(self.storage, scheme=existing.fingerprint_scheme)
+            )
+        stored = self.store.doc_counts()
+        points_before = self.store.count() if existing is not None else 0
+        plan = _Plan()
         started = time.perf_counter()
         writer = _BackgroundWriter(self.store, flush_every=self.flush_every)
         done = 0
-        self.on_progress("ingest", done, plan.tokens)
         try:
             with writer:
                 buffer: PointBatch | None = None  # points computed, not yet sent
-                for batch in self._point_batches(self._todo(documents, stored)):
+                for batch in self._point_batches(self._todo(documents, stored, plan)):
+                    if self.store.meta is None:  # a new collection, made by the first write
+                        self.store.ensure_collection(self.lm.collection_meta(self.storage))
                     done += len(batch)
-                    self.on_progress("ingest", done, plan.tokens)
+                    self.on_progress("ingest", done, None)
                     buffer = batch if buffer is None else PointBatch.concat([buffer, batch])
                     while len(buffer) >= self.upsert_batch:
                         writer.put(buffer[: self.upsert_batch])
                         buffer = buffer[self.upsert_batch :]
                 if buffer is not None and len(buffer):
                     writer.put(buffer)
-        except StoreError as exc:
+        except KnnlmError as exc:
+            if not writer.written:
+                raise
             # A server out of reach, or a write the engine failed, may succeed on a rerun;
             # damage, a refused key or a mismatch (the subclasses) would fail the same way.
             hint = (
                 "; run the same command again to resume (stored documents are skipped)"
                 if type(exc) is StoreError or isinstance(exc, StoreUnavailable)
-                else ""
+                else "; once that is fixed, a rerun resumes (stored documents are skipped)"
             )
             raise type(exc)(
                 f"{exc}. {writer.written:,} points were written before it failed{hint}"
             ) from exc
+        if plan.documents + plan.other_shards == 0:
+            raise CorpusError("the corpus holds no documents")
+        if plan.points == 0 and plan.other_shards == 0:
+            raise CorpusError("the corpus yields no tokens to store")
         seconds = time.perf_counter() - started
 
         started = time.perf_counter()
-        self.on_progress("index", 0, None)
-        self.store.finalize()
+        if self.store.meta is not None:
+            self.on_progress("index", 0, None)
+            self.store.finalize()
         index_seconds = time.perf_counter() - started
         return IngestReport(
             documents=plan.documents,
@@ -183,12 +193,12 @@ class IngestWorker:
             other_shards=plan.other_shards,
             tokens=plan.tokens,
             points_before=points_before,
-            points_after=self.store.count(),
+            points_after=self.store.count() if self.store.meta is not None else 0,
             seconds=seconds,
             index_seconds=index_seconds,
         )
 
-    # --- pass 1 ----------------------------------------------------------------------------
+    # --- the one pass ----------------------------------------------------------------------
 
     def _documents(self, documents: Iterable[Document]) -> Iterator[_Tokenized | int]:
         """This shard's distinct documents, tokenized; an int (a hash) for one of another
@@ -204,10 +214,11 @@ class IngestWorker:
                 continue
             yield _Tokenized(doc, self.lm.encode(doc.text), h)
 
-    def _plan(self, documents: Iterable[Document], stored: dict[str, int]) -> _Plan:
-        plan = _Plan()
-        for read, doc in enumerate(self._documents(documents), start=1):
-            self.on_progress("read", read, None)
+    def _todo(
+        self, documents: Iterable[Document], stored: dict[str, int], plan: _Plan
+    ) -> Iterator[_Tokenized]:
+        """The documents still to write, counting every one read into ``plan``."""
+        for doc in self._documents(documents):
             if isinstance(doc, int):
                 plan.other_shards += 1
                 continue
@@ -215,19 +226,8 @@ class IngestWorker:
             plan.points += doc.n_points
             if stored.get(doc.key) == doc.n_points:
                 plan.resumed += 1
-            else:
+            elif doc.n_points:
                 plan.tokens += doc.n_points
-        if plan.documents + plan.other_shards == 0:
-            raise CorpusError("the corpus holds no documents")
-        if plan.points == 0 and plan.other_shards == 0:
-            raise CorpusError("the corpus yields no tokens to store")
-        return plan
-
-    # --- pass 2 ----------------------------------------------------------------------------
-
-    def _todo(self, documents: Iterable[Document], stored: dict[str, int]) -> Iterator[_Tokenized]:
-        for doc in self._documents(documents):
-            if isinstance(doc, _Tokenized) and doc.n_points and stored.get(doc.key) != doc.n_points:
                 yield doc
 
     def _point_batches(self, docs: Iterable[_Tokenized]) -> Iterator[PointBatch]:

@@ -52,6 +52,34 @@ class Session:
         """Perplexity of the LM alone and of the kNN-LM over ``texts``."""
         return self.knn_lm.evaluate(self.encode(texts), on_progress=on_progress)
 
+    def with_overrides(
+        self,
+        *,
+        lmbda: float | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+    ) -> KnnLM:
+        """This session's kNN-LM with some flags given again (a request's own), applied as
+        ``open_session`` applies them: an explicit lambda is a fixed lambda without the
+        gate; T alone keeps the tuned policy and its gate. No override: the session's own."""
+        if lmbda is None and temperature is None and top_k is None:
+            return self.knn_lm
+        meta = self.store.meta
+        assert meta is not None  # an open session has its collection's record
+        resolved = resolve_policy(
+            self.saved,
+            meta,
+            lmbda=self.settings.lmbda if lmbda is None else lmbda,
+            temperature=self.settings.temperature if temperature is None else temperature,
+            use_gate=self.settings.gate,
+        )
+        return self.knn_lm.with_options(
+            k=self.knn_lm.k if top_k is None else top_k,
+            temperature=resolved.temperature,
+            policy=resolved.policy,
+            gate=resolved.gate,
+        )
+
     def describe(self) -> str:
         """One line: which policy, T, gate, and where they came from."""
         r = self.resolved

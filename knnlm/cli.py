@@ -142,33 +142,18 @@ def ingest(
       knnlm ingest data.jsonl.gz --text-field body --collection news
       knnlm ingest big/ --shard 0/4 --backend qdrant --url http://localhost:6333
     """
-    from ingest.corpus import Corpus, count_documents
-    from ingest.worker import IngestWorker
-    from knn_store import load_language_model, open_store
-    from knn_store.session import windows_for
+    from ingest.corpus import Corpus
+    from ingest.session import open_ingest
 
     settings = settings_from(params)
     shard_of = _parse_shard(shard)
+    # Read once, as it is written: a file found bad on the way stops the ingest, which then
+    # says how many points it wrote (a rerun resumes).
     corpus = Corpus(paths, glob=glob_pattern, text_field=text_field, skip_invalid=skip_invalid)
-    count_documents(corpus)  # bad input fails here, before the model loads
-    lm = load_language_model(settings)
-    window, stride = windows_for(settings, lm)
-    with open_store(settings, create=True) as store, Bars(quiet=quiet) as bars:
-        if store.meta is not None:
-            store.require_complete()
-            store.meta.check_storage(settings.storage_overrides(), collection=store.name)
-        worker = IngestWorker(
-            lm,
-            store,
-            domain=settings.domain,
-            window=window,
-            stride=stride,
-            batch_size=settings.batch_size,
-            upsert_batch=settings.upsert_batch,
-            storage=settings.storage(),
-            shard=shard_of,
-            on_progress=bars,
-        )
+    with (
+        Bars(quiet=quiet) as bars,
+        open_ingest(settings, shard=shard_of, on_progress=bars) as worker,
+    ):
         result = worker.run(corpus)
     print_skipped(corpus.report)
     summary = {

@@ -33,7 +33,6 @@ import numpy as np
 
 from knn_store.errors import ConfigError, CorpusError, KnnlmError
 from knn_store.knn_lm import perplexity
-from knn_store.saved_policy import resolve_policy
 from knn_store.windows import sliding_windows
 
 if TYPE_CHECKING:
@@ -185,29 +184,9 @@ class Batcher:
         return self._submit("complete", ("complete",), 1, ids, sampling, on_token)
 
     def knn_lm_for(self, options: KnnOptions) -> KnnLM:
-        """The session's kNN-LM with ``options`` applied as the CLI applies its flags: an
-        explicit lambda is a fixed lambda without the gate; T alone keeps the tuned policy
-        and gate."""
-        session = self.session
-        knn_lm = session.knn_lm
-        if options == KnnOptions():
-            return knn_lm
-        settings = session.settings
-        meta = session.store.meta
-        assert meta is not None  # an open session has its collection's record
-        temperature = settings.temperature if options.temperature is None else options.temperature
-        resolved = resolve_policy(
-            session.saved,
-            meta,
-            lmbda=settings.lmbda if options.lmbda is None else options.lmbda,
-            temperature=temperature,
-            use_gate=settings.gate,
-        )
-        return knn_lm.with_options(
-            k=knn_lm.k if options.top_k is None else options.top_k,
-            temperature=resolved.temperature,
-            policy=resolved.policy,
-            gate=resolved.gate,
+        """The session's kNN-LM with a request's ``options`` (``Session.with_overrides``)."""
+        return self.session.with_overrides(
+            lmbda=options.lmbda, temperature=options.temperature, top_k=options.top_k
         )
 
     def _windows(self, ids: np.ndarray) -> int:
