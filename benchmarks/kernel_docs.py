@@ -44,6 +44,12 @@ MAX_FILE_TOKENS = 6000  # longer files would let a handful of documents make up 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--split", choices=["interleaved", "random"], default="interleaved")
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=DOCS,
+        help="the Documentation folder of .rst.gz files (default: linux-doc-6.1's)",
+    )
     parser.add_argument("--work", type=Path, help="default: build/kernel-docs-<split>")
     parser.add_argument("--results", type=Path, help="default: results/kernel_docs/<split>")
     parser.add_argument("--datastore-tokens", type=int, default=100_000)
@@ -59,7 +65,9 @@ def main() -> None:
     args.work = args.work or ROOT / "build" / f"kernel-docs-{args.split}"
     args.results = args.results or ROOT / "benchmarks/results/kernel_docs" / args.split
 
-    split_files = make_splits(args.work, args.split, args.datastore_tokens, args.eval_tokens)
+    split_files = make_splits(
+        args.work, args.split, args.datastore_tokens, args.eval_tokens, docs=args.corpus
+    )
     args.results.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
@@ -99,22 +107,24 @@ def main() -> None:
         write_table(args.results, args.key_types)
 
 
-def make_splits(work: Path, how: str, datastore_tokens: int, eval_tokens: int) -> dict[str, str]:
+def make_splits(
+    work: Path, how: str, datastore_tokens: int, eval_tokens: int, *, docs: Path = DOCS
+) -> dict[str, str]:
     """Copy the docs into work/<split>/: a pure function of the file names."""
     manifest = work / "splits.json"
     wanted = {"split": how, "datastore_tokens": datastore_tokens, "eval_tokens": eval_tokens}
     if manifest.is_file() and json.loads(manifest.read_text())["wanted"] == wanted:
         return {s: str(work / s) for s in SPLITS}
-    if not DOCS.is_dir():
-        sys.exit(f"{DOCS} is missing: run `apt-get install linux-doc-6.1` first")
+    if not docs.is_dir():
+        sys.exit(f"{docs} is missing: run `apt-get install linux-doc-6.1` first")
     from knn_store.lm import load_language_model
     from knn_store.settings import KnnlmSettings
 
     tokenizer = load_language_model(KnnlmSettings()).tokenizer  # the default model's
 
-    files = sorted(DOCS.rglob("*.rst.gz"))
+    files = sorted(docs.rglob("*.rst.gz"))
     if how == "random":
-        files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(DOCS)).encode()).hexdigest())
+        files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(docs)).encode()).hexdigest())
     targets = {"test": eval_tokens, "validation": eval_tokens, "datastore": datastore_tokens}
     counts = dict.fromkeys(SPLITS, 0)
     chosen: dict[str, list[Path]] = {s: [] for s in SPLITS}
@@ -134,13 +144,13 @@ def make_splits(work: Path, how: str, datastore_tokens: int, eval_tokens: int) -
             continue
         counts[split] += n
         chosen[split].append(path)
-        dest = work / split / str(path.relative_to(DOCS)).replace("/", "__")
+        dest = work / split / str(path.relative_to(docs)).replace("/", "__")
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, dest)
     report = {
         "wanted": wanted,
         "tokens": counts,
-        "files": {s: [str(p.relative_to(DOCS)) for p in chosen[s]] for s in SPLITS},
+        "files": {s: [str(p.relative_to(docs)) for p in chosen[s]] for s in SPLITS},
     }
     manifest.write_text(json.dumps(report, indent=1))
     print(f"splits (tokens): {counts}", file=sys.stderr)
@@ -151,8 +161,18 @@ def knnlm(env: dict[str, str], report: Path, *args: str) -> dict:
     command = [str(ROOT / ".venv/bin/knnlm"), *args, "--glob", "*.rst.gz", "--json"]
     print("$", " ".join(command[1:]), file=sys.stderr, flush=True)
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
-    report.write_text(done.stdout)
-    return json.loads(done.stdout)
+    data = json.loads(done.stdout)
+    if "plots" in data:  # committed results name files relative to the repository
+        data["plots"] = [_relative(p) for p in data["plots"]]
+    report.write_text(json.dumps(data) + "\n")
+    return data
+
+
+def _relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return Path(path).name
 
 
 def write_table(results: Path, key_types: list[str]) -> None:

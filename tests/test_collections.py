@@ -232,7 +232,7 @@ def test_rebuild_copies_every_point_into_new_settings(
     same = knnlm("rebuild", *knnlm.store_args(), "--to-collection", "test", *args)
     assert same.exit_code == 2
     refused = knnlm.ingest(str(corpus_dir), "--vector-datatype", "float32", *args)
-    _one_line_error(refused, "float16, not float32", "knnlm rebuild")
+    _one_line_error(refused, "float16, not --vector-datatype float32", "knnlm rebuild")
 
 
 def _settings(knnlm: Knnlm, backend: str):

@@ -143,9 +143,12 @@ def test_a_full_disk_stops_ingest_in_one_line_and_a_rerun_with_room_completes(
 
         # With the disk still nearly full, the store refuses to open in one line (opening
         # may fill the holes of its memory-mapped files) rather than dying.
-        info = knnlm("info", "--data-dir", str(data_dir), "--collection", "test")
+        info = knnlm("info", "--data-dir", str(data_dir), "--collection", "test", "--json")
         if info.exit_code != 0:
             _one_line_error(info, "too little to open it")
+        else:  # it opened after all: then it must tell the points that were written
+            assert written is not None, stderr
+            assert json.loads(info.stdout)["points"] == int(written[1].replace(",", ""))
 
         if not _remount(disk, kind, 400):  # else: the collection moves to a roomy disk
             roomy = tmp_path / "roomy"

@@ -503,9 +503,24 @@ def test_any_keyword_value_is_accepted_or_a_validation_error(values: dict[str, A
     with _environment({}):
         try:
             made = KnnlmSettings(**values)
-        except ValidationError:
+        except ValidationError as exc:
+            _assert_blames_what_was_given(exc, set(values))
             return
     _assert_sane(made)
+
+
+def _assert_blames_what_was_given(exc: ValidationError, given: set[str]) -> None:
+    """Every error names a field that was given: by its location, or (a rule between
+    fields) by its flag in the message."""
+    aliases = {"knnlm_lambda": "lmbda"}
+    for error in exc.errors():
+        if error["loc"]:
+            field = str(error["loc"][0]).lower().removeprefix("knnlm_")
+            field = aliases.get(f"knnlm_{field}", field)
+            assert field in given or aliases.get(str(error["loc"][0])) in given, error
+        else:
+            flags = {"--" + name.replace("_", "-") for name in given} | given
+            assert any(flag in error["msg"] for flag in flags), error
 
 
 env_names = st.sampled_from(["KNNLM_" + ("LAMBDA" if f == "lmbda" else f.upper()) for f in FIELDS])
@@ -518,7 +533,9 @@ def test_any_environment_value_is_accepted_or_a_validation_error(values: dict[st
     with _environment(values):
         try:
             made = KnnlmSettings()
-        except ValidationError:
+        except ValidationError as exc:
+            given = {n.removeprefix("KNNLM_").lower() for n in values}
+            _assert_blames_what_was_given(exc, {"lmbda" if g == "lambda" else g for g in given})
             return
     _assert_sane(made)
 

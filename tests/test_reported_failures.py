@@ -483,4 +483,7 @@ def test_eval_json_is_strict_json(knnlm: Knnlm, populated: dict[str, Any], tmp_p
     def refuse(constant: str) -> None:
         raise ValueError(f"not JSON: {constant}")
 
-    json.loads(result.stdout, parse_constant=refuse)
+    out = json.loads(result.stdout, parse_constant=refuse)
+    assert result.exit_code == 0 and isinstance(out, dict)
+    assert out["knn_perplexity"] is None and out["base_perplexity"] > 0
+    assert "Infinity" not in result.stdout and "NaN" not in result.stdout

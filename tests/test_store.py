@@ -320,3 +320,43 @@ def test_hits_out_of_order_come_back_ascending() -> None:
     np.testing.assert_array_equal(got.sq_distances[0], [1.0, 4.0, 9.0, np.inf])
     np.testing.assert_array_equal(got.token_ids[0], [6, 7, 5, -1])
     assert got.point_ids is not None and got.point_ids[0, 0] == ids[1]
+
+
+def test_two_processes_creating_one_edge_collection_race_cleanly(tmp_path: Path) -> None:
+    """The engine lets two processes create one shard at once (both would write to it);
+    the collection's lock lets one in and tells the other why not, in one line."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from knn_store.store.edge import EdgeStore\n"
+        "from tests.test_store import META\n"
+        "start = float(sys.argv[2])\n"
+        "while time.time() < start: pass\n"
+        "try:\n"
+        "    store = EdgeStore(sys.argv[1]); store.ensure_collection(META)\n"
+        "    print('created', flush=True); time.sleep(2); store.close()\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc, flush=True)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    start = str(time.time() + 4)  # both past their imports, then off at once
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(tmp_path / "c"), start],
+            cwd=root,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    lines = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert lines[0] == "StoreLocked " + (
+        f"collection 'c' in {tmp_path} is in use by another process (another knnlm "
+        "command?); wait for it to finish"
+    ), lines
+    assert lines[1] == "created", lines
+    with EdgeStore(tmp_path / "c", create=False) as store:
+        assert store.meta == META

@@ -12,6 +12,7 @@ Layout of one collection, ``<data_dir>/<collection>/``:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -76,6 +77,42 @@ class EdgeStore(KnnStore):
         super().__init__(self.path.name)
         self.search_threads = search_threads
         self._shard: qe.EdgeShard | None = None
+        self._lock: int | None = None
+        self._take_lock(create)
+        try:
+            self._open(create)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _take_lock(self, create: bool) -> None:
+        """One holder per collection, across processes: Qdrant Edge lets two processes
+        create the same shard at once, and both would write to it. The lock is a file
+        beside the collection's folder, so it exists before the folder does."""
+        lock = self.path.parent / f".{self.path.name}.lock"
+        if not create and not self.path.is_dir():
+            return  # nothing to hold: opening it will say it is missing
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:
+            return  # a read-only folder: nothing can be written there anyway
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreLocked(
+                f"collection {self.name!r} in {self.path.parent} is in use by another process "
+                "(another knnlm command?); wait for it to finish"
+            ) from None
+        self._lock = fd
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the descriptor releases the lock
+            self._lock = None
+
+    def _open(self, create: bool) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise StoreDamaged(
                 f"{self.path} is a file, not a collection folder; move it away or use "
@@ -200,11 +237,17 @@ class EdgeStore(KnnStore):
         return _read_json(self.path / STATE_FILE)
 
     def drop(self) -> None:
-        self.close()
+        self._close_shard()  # the lock stays held: the folder goes, the name stays ours
         shutil.rmtree(self.path, ignore_errors=True)
         self._meta = None
 
     def close(self) -> None:
+        try:
+            self._close_shard()
+        finally:
+            self._release_lock()
+
+    def _close_shard(self) -> None:
         if self._shard is not None:
             try:
                 self._shard.close()
