@@ -164,8 +164,8 @@ class IngestWorker:
                 if buffer is not None and len(buffer):
                     writer.put(buffer)
         except KnnlmError as exc:
-            if not writer.written:
-                raise
+            if not writer.written and not isinstance(exc, StoreError):
+                raise  # bad input before any write: nothing to tell about the store
             # A server out of reach, or a write the engine failed, may succeed on a rerun;
             # damage, a refused key or a mismatch (the subclasses) would fail the same way.
             hint = (
@@ -185,7 +185,14 @@ class IngestWorker:
         started = time.perf_counter()
         if self.store.meta is not None:
             self.on_progress("index", 0, None)
-            self.store.finalize()
+            try:
+                self.store.finalize()
+            except KnnlmError as exc:
+                raise type(exc)(
+                    f"{exc}. {writer.written:,} points were written, but the search index "
+                    "and the record of the write were not finished; once that is fixed, "
+                    "a rerun finishes them"
+                ) from exc
         index_seconds = time.perf_counter() - started
         return IngestReport(
             documents=plan.documents,

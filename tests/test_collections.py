@@ -500,7 +500,7 @@ def test_storage_flags_on_an_existing_collection_must_match(tmp_path: Path) -> N
     store.ensure_collection(_meta(StorageConfig()))
     assert store.meta is not None
     store.meta.check_storage({"datatype": "float32"}, collection="c")
-    with pytest.raises(DimensionMismatch, match="--quantization none, not int8"):
+    with pytest.raises(DimensionMismatch, match="--quantization none, not --quantization int8"):
         store.meta.check_storage({"quantization": "int8"}, collection="c")
     store.close()
 
@@ -644,6 +644,69 @@ def test_a_copy_onto_its_own_source_is_refused(knnlm: Knnlm, corpus_dir: Path) -
         "--backend",
         "local",
         "--to-local",
-        str(knnlm.data_dir / "qdrant-local"),
+        str(knnlm.data_dir / ".." / knnlm.data_dir.name),  # the same folder, spelled otherwise
+        "-q",
     )
     _one_line_error(pushed, "target is its source")
+
+
+def test_a_server_that_never_answers_is_reported_as_it_goes(knnlm: Knnlm, corpus_dir: Path) -> None:
+    """A server that accepts connections and then says nothing: each wait that runs out is
+    told as it happens (one line each), then the command gives up in one line."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept_and_ignore() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept_and_ignore, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        assert knnlm.ingest(str(corpus_dir), "-q").exit_code == 0
+        result = knnlm(
+            "push", *knnlm.store_args(), "--backend", "edge", "--to-url", url,
+            "--timeout", "1", "--retries", "1", "-q",
+        )  # fmt: skip
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        listener.close()
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1, result.output
+    assert len(lines) == 2, lines
+    assert lines[0].startswith(f"knnlm: Qdrant at {url} did not answer")
+    assert "retrying in 0.5 s (attempt 2 of 2)" in lines[0]
+    assert lines[1].startswith(f"knnlm: error: cannot reach Qdrant at {url}")
+
+
+def test_an_ingest_that_fails_after_writing_says_so(knnlm: Knnlm, corpus_dir: Path) -> None:
+    """The record of the write cannot be saved (state.json is a folder, which even root
+    cannot replace): the error says how many points went in, and a rerun completes."""
+    docs = sorted(corpus_dir.glob("doc*.txt"))
+    assert knnlm.ingest(str(docs[0]), "-q").exit_code == 0
+    state = knnlm.data_dir / "test" / "state.json"
+    state.unlink()
+    state.mkdir()
+    failed = knnlm.ingest(*map(str, docs[1:]), "-q")
+    line = _one_line_error(failed, "state.json", "points were written", "a rerun finishes")
+    written = int(re.search(r"([\d,]+) points were written", line)[1].replace(",", ""))
+    assert written > 0
+    state.rmdir()
+    again = _json_ok(knnlm.ingest(*map(str, docs[1:]), "-q", "--json"))
+    whole = _json_ok(knnlm.ingest(*map(str, docs), "-q", "--json", collection="whole"))
+    assert again["points_total"] == whole["points_total"]
+    assert knnlm("check", *knnlm.store_args(), "-q").exit_code == 0

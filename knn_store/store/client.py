@@ -9,6 +9,7 @@ a call that got no answer is retried with bounded backoff before giving up.
 from __future__ import annotations
 
 import atexit
+import logging
 import threading
 import time
 import warnings
@@ -40,6 +41,7 @@ from knn_store.store.base import (
 from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
 from knn_store.store.records import seal, unseal
 
+log = logging.getLogger(__name__)
 _META_KEY = "knnlm"
 _POLICY_KEY = "knnlm_policy"
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
@@ -260,6 +262,16 @@ class QdrantClientStore(KnnStore):
                         f"{_describe(exc)}; is the server running (`docker compose up -d`), "
                         "and are the URL and API key right?"
                     ) from exc
+                log.warning(
+                    "Qdrant at %s did not answer (%s) to %s; retrying in %.1f s "
+                    "(attempt %d of %d)",
+                    self._location,
+                    _describe(exc),
+                    what,
+                    delay,
+                    attempt + 2,
+                    self.retries + 1,
+                )
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")

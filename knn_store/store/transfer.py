@@ -56,7 +56,7 @@ def copy_collection(
     if source.meta is None:
         raise StoreError(f"collection {source.name!r} is empty: nothing to copy")
     source.require_complete()
-    if source.location == target.location and source.name == target.name:
+    if source.name == target.name and _same_place(source.location, target.location):
         raise ConfigError(f"the copy's target is its source, {source.name!r} at {source.location}")
     flt = filter or PointFilter()
     origin = f"{source.name!r} at {source.location}"
@@ -152,3 +152,13 @@ class _Checkpoint:
     def clear(self) -> None:
         if self.path is not None:
             self.path.unlink(missing_ok=True)
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Two locations name the same place: the same URL, or the same folder however it is
+    spelled."""
+    if a == b:
+        return True
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return Path(a).resolve() == Path(b).resolve()
