@@ -710,3 +710,16 @@ def test_an_ingest_that_fails_after_writing_says_so(knnlm: Knnlm, corpus_dir: Pa
     whole = _json_ok(knnlm.ingest(*map(str, docs), "-q", "--json", collection="whole"))
     assert again["points_total"] == whole["points_total"]
     assert knnlm("check", *knnlm.store_args(), "-q").exit_code == 0
+
+
+def test_a_server_url_without_the_server_backend_is_refused(knnlm: Knnlm, corpus_dir: Path) -> None:
+    """`--url` with the default embedded backend once wrote a local store silently."""
+    result = knnlm.ingest(str(corpus_dir), "--url", "http://localhost:6333", "-q")
+    _one_line_error(result, "--url is for a Qdrant server", "--backend qdrant")
+    assert not knnlm.data_dir.exists()
+    env_only = knnlm.ingest(str(corpus_dir), "-q", env={"KNNLM_PREFER_GRPC": "true"})
+    _one_line_error(env_only, "--prefer-grpc is for a Qdrant server")
+    explicit = knnlm.ingest(
+        str(corpus_dir), "--backend", "edge", "-q", env={"KNNLM_URL": "http://localhost:6333"}
+    )
+    assert explicit.exit_code == 0, explicit.output  # an exported URL, an explicit backend
