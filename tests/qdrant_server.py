@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -189,7 +190,9 @@ class QdrantNode:
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        verify: str | bool = str(self.tls.ca_cert) if self.tls else True
+        verify: ssl.SSLContext | bool = True
+        if self.tls:
+            verify = ssl.create_default_context(cafile=str(self.tls.ca_cert))
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
                 raise RuntimeError(
@@ -272,7 +275,7 @@ class Server:
 
         kwargs: dict[str, object] = {}
         if self.ca_cert:
-            kwargs["verify"] = str(self.ca_cert)
+            kwargs["verify"] = ssl.create_default_context(cafile=str(self.ca_cert))
         return QdrantClient(
             url=self.url,
             api_key=self.api_key,

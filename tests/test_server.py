@@ -356,10 +356,12 @@ def test_serve_on_a_server_collection_answers_what_eval_says(
     server = [*qdrant_server.cli_args(grpc=True), "--collection", name]
     held = tmp_path / "held.txt"
     held.write_text(HELD)
-    model = [*knnlm.model_args(), "--top-k", "8"]
+    model = knnlm.model_args()
     try:
         assert knnlm("ingest", str(corpus_dir), *model, *server, "-q", env=env).exit_code == 0
-        expected = _json_ok(knnlm("eval", str(held), *model, *server, "--json", "-q", env=env))
+        expected = _json_ok(
+            knnlm("eval", str(held), *model, "--top-k", "8", *server, "--json", "-q", env=env)
+        )
         settings = KnnlmSettings(
             model=str(tiny_models["gpt2"]),
             window=16,

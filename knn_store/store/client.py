@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import ssl
 import threading
 import time
 import warnings
@@ -140,7 +141,8 @@ class QdrantClientStore(KnnStore):
                 roots = Path(ca_cert).read_bytes()
             except OSError as exc:
                 raise ConfigError(f"cannot read --ca-cert {ca_cert}: {exc.strerror}") from exc
-            tls = {"verify": str(ca_cert), "grpc_options": {"root_certificates": roots}}
+            trusted = ssl.create_default_context(cafile=str(ca_cert))
+            tls = {"verify": trusted, "grpc_options": {"root_certificates": roots}}
         with warnings.catch_warnings():  # the insecure-key warning: check_server_url decided
             warnings.simplefilter("ignore")
             # The client's own version check would warn on every command whenever client
@@ -500,7 +502,8 @@ class QdrantClientStore(KnnStore):
             limit=FACET_LIMIT,
             exact=True,
         )
-        return {str(hit.value): hit.count for hit in facets.hits}
+        # a server keeps a dropped domain's value in its index, counted 0
+        return {str(hit.value): hit.count for hit in facets.hits if hit.count > 0}
 
     def _delete(self, filter: PointFilter) -> None:
         from qdrant_client import models
