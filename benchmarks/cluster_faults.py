@@ -36,7 +36,7 @@ from tests.test_cluster import write_corpus  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--qdrant", type=Path, default=shutil.which("qdrant"), help="binary")
-    parser.add_argument("--documents", type=int, default=120, help="corpus documents")
+    parser.add_argument("--documents", type=int, default=60, help="corpus documents (< k = 64)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/cluster")
     args = parser.parse_args()
     if args.qdrant is None:
@@ -46,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="knnlm-cluster-") as tmp:
         root = Path(tmp)
         model = build_tiny_model(root / "model", "llama")
-        corpus = write_corpus(root / "corpus", documents=args.documents, lines=40)
+        corpus = write_corpus(root / "corpus", documents=args.documents, lines=80)
         held = write_corpus(root / "held", documents=1, lines=300, seed=1) / "doc000.py"
         model_args = ["--model", str(model), "--window", "32", "--stride", "16"]
         for fault in ("kill", "restart"):

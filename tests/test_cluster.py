@@ -18,15 +18,18 @@ WORDS = ("alloc", "free", "page", "lock", "mutex", "queue", "task", "irq", "time
 
 
 def write_corpus(root: Path, documents: int, lines: int, seed: int = 0) -> Path:
-    """Text with enough distinct documents that three workers run for several seconds."""
+    """Text with enough distinct documents that three workers run for several seconds, and
+    no stretch of a window's length twice (names and numbers drawn from thousands), so two
+    keys are equal only where documents begin alike."""
     import random
 
     rng = random.Random(seed)
     root.mkdir(parents=True, exist_ok=True)
     for d in range(documents):
         body = [
-            f"def {rng.choice(WORDS)}_{i}(x):\n    return {rng.choice(WORDS)}(x, {i % 7})\n"
-            for i in range(lines)
+            f"def {rng.choice(WORDS)}_{rng.randrange(1000)}(x):\n"
+            f"    return {rng.choice(WORDS)}(x, {rng.randrange(100)})\n"
+            for _ in range(lines)
         ]
         (root / f"doc{d:03d}.py").write_text("".join(body))
     return root
@@ -36,7 +39,7 @@ def write_corpus(root: Path, documents: int, lines: int, seed: int = 0) -> Path:
 def test_a_node_fails_during_ingest_and_eval(
     fault: str, qdrant_binary: Path, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    corpus = write_corpus(tmp_path / "corpus", documents=60, lines=40)
+    corpus = write_corpus(tmp_path / "corpus", documents=60, lines=40)  # < k = 64: see cluster.py
     held = write_corpus(tmp_path / "held", documents=1, lines=150, seed=1) / "doc000.py"
     model = ["--model", str(tiny_models["llama"]), "--window", "32", "--stride", "16"]
     cluster = Cluster.start(qdrant_binary, tmp_path / "cluster")

@@ -257,41 +257,53 @@ def test_readme_server_commands_and_data_across_restarts(
 
     server = {**env, "KNNLM_BACKEND": "qdrant", "KNNLM_URL": URL}
 
-    def state() -> dict[str, tuple[int, float]]:
-        result = {}
+    def state() -> tuple[dict[str, Any], float]:
+        """`info` (points, server version) of both server collections; eval's perplexity."""
+        info = {}
         for name in ("knnlm", "docs"):
-            info = _json(f"knnlm info --collection {name} --json", workdir, server)
-            ppl = _json(f"knnlm eval held-out/ --collection {name} --json -q", workdir, server)
-            result[name] = (info["points"], ppl["knn_perplexity"])
-        return result
+            shown = _json(f"knnlm info --collection {name} --json", workdir, server)
+            info[name] = (shown["points"], shown["server_version"])
+        scored = _json("knnlm eval held-out/ --json -q", workdir, server)
+        return info, scored["knn_perplexity"]
 
-    before = state()
-    assert before["knnlm"][0] == edge["points"] > 0  # the same corpus and model
-    assert before["docs"][0] == edge["points"]  # pushed
-    assert before["knnlm"][1] == pytest.approx(readme_ppl, abs=1e-3)  # eval prints 3 decimals
-    info = _json("knnlm info --json", workdir, server)
-    assert info["server_version"] == _image().rsplit(":v", 1)[1]
+    info, ppl = state()
+    version = _image().rsplit(":v", 1)[1]
+    assert info["knnlm"] == (edge["points"], version)  # the same corpus and model
+    assert info["docs"] == (edge["points"], version)  # pushed
+    assert edge["points"] > 0
+    assert ppl == pytest.approx(readme_ppl, abs=1e-3)  # eval prints 3 decimals
+    grpc = _json("knnlm info --prefer-grpc --json", workdir, server)  # the published 6334
+    assert grpc["points"] == edge["points"]
 
     compose("down")
     assert compose.volume_exists()
-    compose.up()
-    assert state() == before
+    healthy_s = compose.up()
+    print(f"compose up -d after down: healthy in {healthy_s:.1f}s")
+    info_after, ppl_after = state()
+    assert info_after == info
+    assert ppl_after == pytest.approx(ppl, rel=1e-9)
 
 
 def test_api_key_from_the_environment_of_up(
     compose: Compose, workdir: Path, tiny_models: dict[str, Path]
 ) -> None:
     key = secrets.token_urlsafe(24)
-    compose.up(env={"QDRANT_API_KEY": key})
-    server = _knnlm_env(workdir, tiny_models["llama"], KNNLM_BACKEND="qdrant", KNNLM_URL=URL)
-    with_key = {**server, "KNNLM_API_KEY": key}
+    env = _knnlm_env(workdir, tiny_models["llama"])
+    _ok(_bash("knnlm ingest corpus/ --backend edge --collection docs -q", workdir, env))
+    edge = _json("knnlm info --backend edge --collection docs --json", workdir, env)
+    compose.up(env={"QDRANT_API_KEY": key})  # healthy: /readyz needs no key
+    server = {**env, "KNNLM_BACKEND": "qdrant", "KNNLM_URL": URL}
+    with_key = {**server, "KNNLM_API_KEY": key, "KNNLM_TO_API_KEY": key}
 
-    _ok(_bash("knnlm ingest corpus/ -q", workdir, with_key))
-    assert _json("knnlm info --json", workdir, with_key)["points"] > 0
+    push = "knnlm push --backend edge --collection docs --to-url http://localhost:6333 -q"
+    _ok(_bash(push, workdir, with_key))
+    info = "knnlm info --collection docs"
+    assert _json(f"{info} --json", workdir, with_key)["points"] == edge["points"]
 
-    for env in (server, {**server, "KNNLM_API_KEY": "not-" + key}):
-        denied = _bash("knnlm info", workdir, env)
+    for denied_env in (server, {**server, "KNNLM_API_KEY": "not-" + key}):
+        denied = _bash(info, workdir, denied_env)
         assert denied.returncode == 1, denied.stdout + denied.stderr
         lines = denied.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("knnlm: error:"), denied.stderr
+        assert "refused the API key" in lines[0], lines[0]
         assert key not in denied.stdout + denied.stderr

@@ -8,10 +8,12 @@ collection.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 import uuid
 from collections.abc import Callable
@@ -32,7 +34,7 @@ from knn_store import (
 from knn_store.store.base import KnnStore
 from knn_store.store.check import check_collection
 from knn_store.store.client import QdrantClientStore
-from knn_store.store.config import SearchOptions
+from knn_store.store.config import SearchOptions, StorageConfig
 from knn_store.store.edge import EdgeStore
 from knn_store.store.point_ids import document_hash, make_point_ids
 from knn_store.store.snapshot import (
@@ -103,8 +105,11 @@ def _results(store: KnnStore, queries: np.ndarray, exact: bool = True) -> tuple[
 
 
 def _visible(data_dir: Path) -> list[str]:
-    """What a listing of the data folder shows, hidden folders included."""
-    return sorted(p.name for p in data_dir.iterdir()) if data_dir.exists() else []
+    """What a listing of the data folder shows, hidden folders included (but not the lock
+    files of embedded collections)."""
+    if not data_dir.exists():
+        return []
+    return sorted(p.name for p in data_dir.iterdir() if not p.name.endswith(".lock"))
 
 
 @pytest.fixture
@@ -280,7 +285,7 @@ def test_list_and_find_snapshots(edge) -> None:
 
 def test_create_refuses_a_damaged_collection(edge) -> None:
     data_dir = edge[0]
-    (data_dir / "c" / "policy.json").write_text("{}")
+    shutil.rmtree(data_dir / "c" / "shard" / "segments")  # its payload indexes with them
     with (
         EdgeStore(data_dir / "c", create=False) as store,
         pytest.raises(StoreDamaged, match="damaged"),
@@ -330,7 +335,7 @@ def test_edge_snapshot_onto_local_mode(edge) -> None:
     with open_local("c") as store:
         assert _contents(store) == contents
         assert _results(store, queries) == exact
-    assert sorted(p.name for p in data_dir.iterdir()) == [".snapshots", "c", "qdrant-local"]
+    assert _visible(data_dir) == [".snapshots", "c", "qdrant-local"]
 
 
 # --- the CLI -----------------------------------------------------------------------------------
@@ -442,7 +447,9 @@ def test_server_round_trip(qdrant_server: Server, server_names: str, tmp_path: P
             config_file = inner.extractfile("config.json")
             assert config_file is not None
             metadata = json.loads(config_file.read())["metadata"]
-    assert metadata["knnlm"] == META.to_dict() and metadata["knnlm_policy"] == POLICY
+    sealed = {k: v for k, v in metadata["knnlm"].items() if k != "checksum"}
+    policy = {k: v for k, v in metadata["knnlm_policy"].items() if k != "checksum"}
+    assert sealed == META.to_dict() == m.record and policy == POLICY == m.policy
     client = qdrant_server.client()
     try:
         assert client.list_snapshots(name) == []  # downloaded, then deleted on the server
@@ -506,3 +513,72 @@ def test_server_snapshot_onto_edge(
         assert _contents(store) == contents
         assert _results(store, queries) == exact
     assert _visible(data_dir) == [".snapshots", "c"]
+
+
+@pytest.mark.server
+def test_a_server_snapshot_of_two_shards_is_refused_on_edge(
+    qdrant_server: Server, server_names: str, tmp_path: Path
+) -> None:
+    data_dir, name = tmp_path / "data", f"{server_names}-sharded"
+    two_shards = dataclasses.replace(META, storage=StorageConfig(shard_number=2))
+    with _server_store(qdrant_server, name) as store:
+        store.ensure_collection(two_shards)
+        _fill(store)
+        snap = create_snapshot(store, folder=snapshot_folder(data_dir, name))
+    with pytest.raises(StoreError, match="2 shards, and Qdrant Edge holds one") as refused:
+        restore_snapshot(snap, "c", backend="edge", data_dir=data_dir)
+    assert "restore it onto a server" in str(refused.value)
+    assert "\n" not in str(refused.value)
+    assert _visible(data_dir) == [".snapshots"]
+
+
+@pytest.mark.server
+def test_cli_server_round_trip_gives_the_same_eval(
+    knnlm: Knnlm, corpus_dir: Path, qdrant_server: Server, server_names: str
+) -> None:
+    server, env = qdrant_server.cli_args(), qdrant_server.env()
+    name = f"{server_names}-cli"
+    args = [*server, "--data-dir", str(knnlm.data_dir), "--collection", name]
+    ingested = knnlm("ingest", *knnlm.model_args(), *args, str(corpus_dir), "-q", "--json", env=env)
+    _json_ok(ingested)
+    before = _json_ok(
+        knnlm(
+            "eval", *knnlm.model_args(), *args, str(corpus_dir), "--exact", "-q", "--json", env=env
+        )
+    )
+    made = _json_ok(knnlm("snapshot", "create", *args, "-q", "--json", env=env))
+    assert (made["kind"], made["source"]) == ("server", "qdrant")
+    client = qdrant_server.client()
+    try:
+        client.delete_collection(name)
+    finally:
+        client.close()
+    restored = knnlm("snapshot", "restore", made["name"], *args, "-q", env=env)
+    assert restored.exit_code == 0, restored.output
+    assert f"restored {name!r} at {qdrant_server.url}" in restored.stdout
+    after = _json_ok(
+        knnlm(
+            "eval", *knnlm.model_args(), *args, str(corpus_dir), "--exact", "-q", "--json", env=env
+        )
+    )
+    same = ("base_perplexity", "knn_perplexity", "tokens", "policy", "temperature", "k")
+    assert {k: after[k] for k in same} == {k: before[k] for k in same}
+    _one_line_error(knnlm("snapshot", "restore", made["name"], *args, "-q", env=env), "--replace")
+
+
+def test_help_teaches_without_loading_torch() -> None:
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from knnlm.cli import cli\n"
+        "for cmd in ('create', 'list', 'restore'):\n"
+        "    out = CliRunner().invoke(cli, ['snapshot', cmd, '--help'])\n"
+        "    assert out.exit_code == 0 and 'knnlm snapshot ' + cmd in out.stdout, out.output\n"
+        "out = CliRunner().invoke(cli, ['snapshot', '--help']).stdout\n"
+        "assert all(c in out for c in ('create', 'list', 'restore', '--replace')), out\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.split() == ["False"]

@@ -182,8 +182,10 @@ class CollectionMeta:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "storage": self.storage.to_dict()}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CollectionMeta:
+    @staticmethod
+    def check_version(data: Any) -> None:
+        """Refuse a record that is no object, or that a newer knnlm wrote (its fields, and
+        even its checksum, may mean something else)."""
         if not isinstance(data, dict):
             raise StoreDamaged(f"collection record is not a JSON object: {str(data)[:80]}")
         version = data.get("format_version", FORMAT_VERSION)
@@ -192,6 +194,10 @@ class CollectionMeta:
                 f"this collection has format {version}, newer than this knnlm reads "
                 f"({FORMAT_VERSION}); upgrade knnlm"
             )
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CollectionMeta:
+        cls.check_version(data)
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "storage"}
         try:
             meta = cls(**known, storage=StorageConfig.from_dict(data.get("storage")))
@@ -283,11 +289,16 @@ def neighbours_from_hits(
             token_ids[bad], sq_distances[bad], point_ids[bad] = -1, np.inf, None
         # Rows must ascend (the nearest first): a row where a damaged vector was dropped does
         # not, nor do quantized scores that are not distances (unrescored binary codes).
-        if bad.any() or (sq_distances[:, 1:] < sq_distances[:, :-1]).any():
-            order = np.argsort(sq_distances, axis=1, kind="stable")
-            token_ids = np.take_along_axis(token_ids, order, 1)
-            sq_distances = np.take_along_axis(sq_distances, order, 1)
-            point_ids = np.take_along_axis(point_ids, order, 1)
+        # Equal distances come in the order the engine met them, which differs between the
+        # replicas of a cluster: ordered by token too, p_kNN sums them in one order always.
+        later = sq_distances[:, 1:]  # [b, k-1]
+        unsorted = (later <= sq_distances[:, :-1]) & np.isfinite(later)  # ties or disorder
+        rows = np.flatnonzero(bad.any(axis=1) | unsorted.any(axis=1))  # [r] to reorder
+        if len(rows):
+            order = np.lexsort((token_ids[rows], sq_distances[rows]), axis=-1)  # [r, k]
+            token_ids[rows] = np.take_along_axis(token_ids[rows], order, 1)
+            sq_distances[rows] = np.take_along_axis(sq_distances[rows], order, 1)
+            point_ids[rows] = np.take_along_axis(point_ids[rows], order, 1)
     return Neighbours(token_ids=token_ids, sq_distances=sq_distances, point_ids=point_ids)
 
 

@@ -223,6 +223,7 @@ class QdrantClientStore(KnnStore):
                 f"collection {self.name!r} exists but was not made by knnlm; "
                 "use another --collection"
             )
+        CollectionMeta.check_version(raw)
         self._meta = CollectionMeta.from_dict(unseal(raw, what="collection record"))
         policy = metadata.get(_POLICY_KEY)
         self._policy = None if policy is None else unseal(policy, what="tuned policy")

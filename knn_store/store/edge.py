@@ -484,6 +484,7 @@ def _read_meta(path: Path) -> CollectionMeta:
     data = _read_json(path)
     if data is None:
         raise CollectionMissing(f"{path} vanished while opening")
+    CollectionMeta.check_version(data)
     return CollectionMeta.from_dict(unseal(data, what=f"collection record ({path.name})"))
 
 

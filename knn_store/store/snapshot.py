@@ -416,17 +416,24 @@ def _restore_edge(
     snapshot: Snapshot, target: str, data_dir: Path, replace: bool, progress: Progress
 ) -> tuple[str, str, bool]:
     path = data_dir / target
-    if path.exists() and not path.is_dir():
-        raise StoreDamaged(f"{path} is a file, not a collection folder; move it away")
-    exists = path.exists()
-    if exists and not replace:
-        raise StoreError(
-            f"collection {target!r} exists in {data_dir}; pass --replace to replace it (it is "
-            "removed only once the snapshot is in place), or restore with --to-collection NEW"
-        )
-    if exists:
-        _require_unused(path)
     _mkdir(data_dir)
+    with _collection_lock(path):  # no knnlm command opens it until it is in place
+        if path.exists() and not path.is_dir():
+            raise StoreDamaged(f"{path} is a file, not a collection folder; move it away")
+        exists = path.exists()
+        if exists and not replace:
+            raise StoreError(
+                f"collection {target!r} exists in {data_dir}; pass --replace to replace it (it "
+                "is removed only once the snapshot is in place), or restore with "
+                "--to-collection NEW"
+            )
+        return _swap_in(snapshot, path, exists, progress)
+
+
+def _swap_in(
+    snapshot: Snapshot, path: Path, exists: bool, progress: Progress
+) -> tuple[str, str, bool]:
+    data_dir, target = path.parent, path.name
     for stale in data_dir.glob(f".{target}.restoring-*"):  # left by a restore that was killed
         shutil.rmtree(stale, ignore_errors=True)
     token = uuid.uuid4().hex[:8]
@@ -459,7 +466,6 @@ def _restore_local(
     replace: bool,
     progress: Progress,
 ) -> tuple[str, str, bool]:
-
     _mkdir(data_dir)
     with open_collection(target) as dest:
         exists = dest.meta is not None
@@ -563,6 +569,10 @@ def _unpacked_edge(snapshot: Snapshot, root: Path, target: str, progress: Progre
         raise StoreDamaged(f"{snapshot.path} holds no collection record (meta.json)")
     store = EdgeStore(folder, create=False)
     try:
+        if m.kind == "server":  # the record and policy as the store itself writes them
+            store.replace_meta(CollectionMeta.from_dict(m.record))
+            if m.policy is not None:
+                store.save_policy(m.policy)
         _verify(store, snapshot)
         if m.kind == "server":
             store.save_state()
@@ -577,7 +587,7 @@ def _server_to_edge(snapshot: Snapshot, root: Path, target: str, progress: Progr
     server snapshot's one shard is a shard snapshot, which Qdrant Edge unpacks."""
     import qdrant_edge as qe
 
-    from knn_store.store.edge import META_FILE, POLICY_FILE, SHARD_DIR
+    from knn_store.store.edge import META_FILE, SHARD_DIR
 
     m = snapshot.manifest
 
@@ -602,10 +612,10 @@ def _server_to_edge(snapshot: Snapshot, root: Path, target: str, progress: Progr
                 for member in tar:
                     if not member.name.startswith("0/"):
                         continue
-                    info = tarfile.TarInfo(member.name[2:])
-                    info.type, info.size = member.type, member.size
-                    info.mode, info.mtime = member.mode, member.mtime
-                    out.addfile(info, tar.extractfile(member) if member.isfile() else None)
+                    if not member.isfile():
+                        continue  # folders come with their files
+                    info = _tarinfo(member.name[2:], member.size)  # plain, even if sparse
+                    out.addfile(info, tar.extractfile(member))
     except (OSError, tarfile.TarError, KeyError, ValueError, TypeError) as exc:
         raise refuse(f"its Qdrant snapshot cannot be read ({_first_line(exc)})") from exc
     server_file.unlink()
@@ -618,8 +628,6 @@ def _server_to_edge(snapshot: Snapshot, root: Path, target: str, progress: Progr
     finally:
         shard_file.unlink(missing_ok=True)
     (folder / META_FILE).write_text(CollectionMeta.from_dict(m.record).to_json())
-    if m.policy is not None:
-        (folder / POLICY_FILE).write_text(json.dumps(m.policy, indent=1))
 
 
 def _verify(store: KnnStore, snapshot: Snapshot) -> None:
@@ -652,19 +660,28 @@ def _how(snapshot: Snapshot, verb: str) -> str:
     return f"{verb} from {source} collection's snapshot"
 
 
-def _require_unused(path: Path) -> None:
-    """Refuse to replace an embedded collection that another process holds."""
-    from knn_store.store.edge import EdgeStore
+@contextlib.contextmanager
+def _collection_lock(path: Path) -> Iterator[None]:
+    """Hold the lock file that ``EdgeStore`` holds while it has the collection at ``path``
+    open (``.<name>.lock`` beside its folder): ``StoreLocked`` if another holder has it."""
+    import fcntl
 
+    lock = path.parent / f".{path.name}.lock"
     try:
-        EdgeStore(path, create=False).close()
-    except StoreLocked as exc:
-        raise StoreLocked(
-            f"collection {path.name!r} is in use by another process; stop it before replacing "
-            "the collection"
-        ) from exc
-    except KnnlmError:
-        pass  # damaged or incomplete: it is what --replace replaces
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create {lock}: {exc.strerror or exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise StoreLocked(
+                f"collection {path.name!r} in {path.parent} is in use (another knnlm "
+                "command?); stop it before replacing the collection"
+            ) from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def _drop_quietly(store: KnnStore) -> None:
