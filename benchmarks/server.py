@@ -9,6 +9,7 @@ starts one):
     python benchmarks/server.py ingest        # knnlm ingest into Edge, then knnlm tune
     python benchmarks/server.py push          # knnlm push Edge -> the server
     python benchmarks/server.py eval          # base LM, Edge, server REST, server gRPC
+    python benchmarks/server.py search        # each store's search alone, and raw clients
     python benchmarks/server.py ingest-speed  # ingest into the server vs into Edge
     python benchmarks/server.py report        # results.md, results.json and the plot
 
@@ -43,7 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("stage", choices=["ingest", "push", "eval", "ingest-speed", "report"])
+    parser.add_argument(
+        "stage", choices=["ingest", "push", "eval", "search", "ingest-speed", "report"]
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "kd-server")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks/results/server")
     parser.add_argument("--tokens", type=int, default=300_000, help="datastore tokens")
@@ -56,6 +59,7 @@ def main() -> None:
         "ingest": bench.ingest,
         "push": bench.push,
         "eval": bench.evaluate,
+        "search": bench.search,
         "ingest-speed": bench.ingest_speed,
         "report": bench.report,
     }[args.stage]
@@ -232,8 +236,8 @@ class Bench:
 
     def evaluate(self) -> None:
         """Base LM and kNN-LM on each store, in turns over the same chunks in one process:
-        perplexity, search ms/query and tokens/s; then each store's search alone over the
-        test queries."""
+        perplexity, search ms/query and tokens/s. Keeps the test split's keys (the queries of
+        the ``search`` stage)."""
         import numpy as np
 
         from knn_store import load_language_model, open_session
@@ -289,12 +293,11 @@ class Bench:
             state["load_averages"] = [*state.get("load_averages", []), [load, os.getloadavg()]]
             state["chunks_done"] = c + 1
             self.save("eval_partial", state)
-        queries = np.concatenate(keys).astype(np.float32)
-        search = self.search_alone(sessions, queries)
+        np.save(self.out / "test_keys.npy", np.concatenate(keys).astype(np.float32))
         versions = _versions(sessions)
         for session in sessions.values():
             session.close()
-        self.save("eval", _eval_rows(state, search, versions))
+        self.save("eval", _eval_rows(state, versions))
 
     @staticmethod
     def _base_pass(knn_lm: Any, seqs: list[Any], acc: dict[str, Any]) -> list[Any]:
@@ -310,46 +313,78 @@ class Bench:
         )
         return [v.keys.numpy() for v in views]
 
-    def search_alone(self, sessions: dict[str, Any], queries: Any) -> dict[str, Any]:
-        """Each store's search of the test queries without the LM running, in turns over
-        three parts (batches of 256 as eval sends them): the engine and transport call, and
-        turning the hits' point ids into token ids; over REST also the server's own time."""
+    def search(self) -> None:
+        """Each store's search of the test split's keys without the LM running, in turns
+        over three parts, in batches of 256 as eval sends them: the engine and transport
+        call, and turning the hits' point ids into token ids. Beside the stores, the same
+        server searches through raw gRPC (protobuf read directly) and raw REST (the JSON read
+        directly) instead of qdrant-client's models, with the server's own time."""
         import numpy as np
 
+        from knn_store import load_language_model, open_session
         from knn_store.store.base import PointFilter, neighbours_from_hits
 
-        labels = list(sessions)
-        out = {label: {"queries": 0, "call_seconds": 0.0, "ids_seconds": 0.0} for label in labels}
+        if self.saved("search"):
+            return
+        lm = load_language_model(self.settings())
+        sessions = {label: open_session(s, lm=lm) for label, s in self.backends()}
+        keys_path = self.out / "test_keys.npy"
+        if not keys_path.is_file():
+            seqs = sessions["edge"].encode(self.texts("test"))
+            views = _lm_views(sessions["edge"].knn_lm, seqs)
+            np.save(keys_path, np.concatenate([v.keys.numpy() for v in views]))
+        queries = np.load(keys_path)
+        ef = sessions["edge"].knn_lm.search.ef(K)
+        searchers: dict[str, Callable[[Any], tuple[list[Any], list[Any], float | None]]] = {}
+        for label, session in sessions.items():
+
+            def through_store(batch: Any, store: Any = session.store) -> Any:
+                options = sessions["edge"].knn_lm.search
+                return (*store._search(batch, k=K, options=options, filter=PointFilter()), None)
+
+            searchers[label] = through_store
+        grpc_store, rest_store = sessions["server gRPC"].store, sessions["server REST"].store
+        searchers["server gRPC, protobuf read directly"] = lambda b: _grpc_direct(
+            grpc_store, b, ef=ef
+        )
+        searchers["server REST, JSON read directly"] = lambda b: _rest_direct(rest_store, b, ef=ef)
+        labels = list(searchers)
+        out: dict[str, dict[str, Any]] = {label: {} for label in labels}
         first: dict[str, list[set[str]]] = {}
-        parts = np.array_split(np.arange(len(queries)), 3)
-        for p, rows in enumerate(parts):
+        batch_size = sessions["edge"].knn_lm.search_batch
+        for run in searchers.values():  # connections, caches, first pages
+            run(queries[:batch_size])
+        for p, rows in enumerate(np.array_split(np.arange(len(queries)), 3)):
             for label in labels[p % len(labels) :] + labels[: p % len(labels)]:
-                knn_lm = sessions[label].knn_lm
-                store, acc = sessions[label].store, out[label]
-                for lo in range(0, len(rows), knn_lm.search_batch):
-                    batch = queries[rows[lo : lo + knn_lm.search_batch]]
+                for lo in range(0, len(rows), batch_size):
+                    batch = queries[rows[lo : lo + batch_size]]
                     started = time.perf_counter()
-                    ids, scores = store._search(
-                        batch, k=K, options=knn_lm.search, filter=PointFilter()
-                    )
+                    ids, scores, server = searchers[label](batch)
                     middle = time.perf_counter()
                     neighbours_from_hits(ids, scores, k=K)
-                    acc["ids_seconds"] += time.perf_counter() - middle
-                    acc["call_seconds"] += middle - started
-                    acc["queries"] += len(batch)
+                    _add(
+                        out[label],
+                        queries=len(batch),
+                        call_seconds=middle - started,
+                        ids_seconds=time.perf_counter() - middle,
+                    )
+                    if server is not None:
+                        _add(out[label], server_seconds=server)
                     if p == 0 and lo == 0:
                         first[label] = [set(map(str, row)) for row in ids]
+        for session in sessions.values():
+            session.close()
         for label, acc in out.items():
             acc["call_ms_per_query"] = 1000 * acc["call_seconds"] / acc["queries"]
             acc["ids_ms_per_query"] = 1000 * acc["ids_seconds"] / acc["queries"]
             acc["ms_per_query"] = acc["call_ms_per_query"] + acc["ids_ms_per_query"]
+            if "server_seconds" in acc:
+                acc["server_ms_per_query"] = 1000 * acc["server_seconds"] / acc["queries"]
             acc["same_neighbours_as_edge"] = float(
                 np.mean([len(a & b) / K for a, b in zip(first[label], first["edge"], strict=True)])
             )
-        for label, session in sessions.items():
-            if label.startswith("server REST") and "threads" not in label:
-                out[label]["server"] = _rest_server_time(session, queries[: len(parts[0])])
-        return out
+        self.save("search", out)
+        print(json.dumps(out, indent=1), file=sys.stderr)
 
     def extra_documents(self, lm: Any, tokens: int = 24_000) -> list[Any]:
         """Documents outside every split (from the other end of the docs), about ``tokens``."""
@@ -460,7 +495,8 @@ class Bench:
     def report(self) -> None:
         """results.md, results.json (every figure) and server_vs_edge.png."""
         stages = {
-            name: self.saved(name) for name in ("ingest", "tune", "push", "eval", "ingest_speed")
+            name: self.saved(name)
+            for name in ("ingest", "tune", "push", "eval", "search", "ingest_speed")
         }
         data = _relative(
             {"datastore_tokens": self.tokens, "k": K, "window": WINDOW, "stride": STRIDE}
@@ -515,7 +551,7 @@ def _versions(sessions: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _eval_rows(state: dict[str, Any], search: dict[str, Any], versions: dict[str, Any]) -> dict:
+def _eval_rows(state: dict[str, Any], versions: dict[str, Any]) -> dict:
     """Per run: perplexity (and its difference from Edge's with the same gate setting),
     search ms/query, tokens/s and the ratio to the base LM of the same turns."""
     base = state["base"]
@@ -546,42 +582,58 @@ def _eval_rows(state: dict[str, Any], search: dict[str, Any], versions: dict[str
     return {
         "runs": rows,
         "base": base,
-        "search_alone": search,
         "versions": versions,
         "load_averages": state.get("load_averages"),
     }
 
 
-def _rest_server_time(session: Any, queries: Any) -> dict[str, float]:
-    """The same searches as raw REST calls: the server's own time for each batch (its
-    response's ``time``) against the call's wall time seen here."""
-    from qdrant_client import models
+def _grpc_direct(store: Any, queries: Any, *, ef: int) -> tuple[list, list, float]:
+    """The store's search as one raw gRPC QueryBatch, its protobuf read directly."""
+    from qdrant_client import grpc as qg
 
-    store, knn_lm = session.store, session.knn_lm
-    params = models.SearchParams(
-        hnsw_ef=knn_lm.search.ef(K),
-        quantization=models.QuantizationSearchParams(
-            rescore=knn_lm.search.rescores(store.meta.storage)
-        ),
+    params = qg.SearchParams(hnsw_ef=ef, quantization=qg.QuantizationSearchParams(rescore=False))
+    no_payload = qg.WithPayloadSelector(enable=False)
+    request = qg.QueryBatchPoints(
+        collection_name=store.name,
+        query_points=[
+            qg.QueryPoints(
+                collection_name=store.name,
+                query=qg.Query(nearest=qg.VectorInput(dense=qg.DenseVector(data=row))),
+                limit=K,
+                params=params,
+                with_payload=no_payload,
+            )
+            for row in queries.tolist()
+        ],
     )
-    api = store._client.http.search_api
-    server = wall = 0.0
-    for lo in range(0, len(queries), knn_lm.search_batch):
-        batch = models.QueryRequestBatch(
-            searches=[
-                models.QueryRequest(query=row.tolist(), limit=K, params=params, with_payload=False)
-                for row in queries[lo : lo + knn_lm.search_batch]
-            ]
-        )
-        started = time.perf_counter()
-        response = api.query_batch_points(store.name, query_request_batch=batch)
-        wall += time.perf_counter() - started
-        server += response.time
-    return {
-        "queries": len(queries),
-        "server_ms_per_query": 1000 * server / len(queries),
-        "call_ms_per_query": 1000 * wall / len(queries),
+    response = store._client.grpc_points.QueryBatch(request, timeout=60)
+    ids = [[p.id.uuid for p in r.result] for r in response.result]
+    scores = [[p.score for p in r.result] for r in response.result]
+    return ids, scores, response.time
+
+
+def _rest_direct(store: Any, queries: Any, *, ef: int) -> tuple[list, list, float]:
+    """The store's search as one raw REST call, its JSON read directly."""
+    from urllib.parse import quote
+
+    rest = store._client.http.client  # the REST client: base URL and its httpx client
+    url = f"{rest.host.rstrip('/')}/collections/{quote(store.name, safe='')}/points/query/batch"
+    params = {"hnsw_ef": ef, "quantization": {"rescore": False}}
+    body = {
+        "searches": [
+            {"query": row, "limit": K, "params": params, "with_payload": False}
+            for row in queries.tolist()
+        ]
     }
+    response = rest._client.post(url, content=json.dumps(body), headers=_JSON)
+    response.raise_for_status()
+    data = response.json()
+    ids = [[p["id"] for p in r["points"]] for r in data["result"]]
+    scores = [[p["score"] for p in r["points"]] for r in data["result"]]
+    return ids, scores, data["time"]
+
+
+_JSON = {"content-type": "application/json"}
 
 
 def _relative(value: Any) -> Any:
@@ -700,21 +752,23 @@ def _tables(data: dict[str, Any]) -> list[str]:
                 f"{row['search_vs_edge']:.2f}x | {row['base_tokens_per_s']:.0f} | "
                 f"{row['knn_tokens_per_s']:.0f} | **{row['ratio']:.2f}x** |"
             )
+        lines.append("")
+    search = data.get("search")
+    if search:
         lines += [
-            "",
             "## Search alone (the test split's keys, no LM running, batches of 256)",
             "",
-            "| store | ms/query | engine + transport | point ids to tokens | server's own time "
-            "(REST `time`) | top-k shared with Edge |",
+            "Each store in turns over three parts of the queries. The two rows read directly "
+            "send the server the same batch without qdrant-client's models (a raw gRPC "
+            "`QueryBatch`, its protobuf read as it comes; a raw REST call, its JSON read by "
+            "`json`), and give the server's own time (its response's `time`).",
+            "",
+            "| store | ms/query | engine + transport + client | point ids to tokens "
+            "| server's own time | top-k shared with Edge |",
             "|---|---|---|---|---|---|",
         ]
-        for label, row in ev["search_alone"].items():
-            server = row.get("server")
-            own = (
-                f"{server['server_ms_per_query']:.2f} of {server['call_ms_per_query']:.2f}"
-                if server
-                else ""
-            )
+        for label, row in search.items():
+            own = f"{row['server_ms_per_query']:.2f}" if "server_ms_per_query" in row else ""
             lines.append(
                 f"| {label} | {row['ms_per_query']:.2f} | {row['call_ms_per_query']:.2f} | "
                 f"{row['ids_ms_per_query']:.2f} | {own} | "
@@ -774,7 +828,7 @@ def _plot(data: dict[str, Any], path: Path) -> None:
     )
     left.bar(
         [x + width / 2 for x in xs],
-        [ev["search_alone"][n]["ms_per_query"] for n in labels],
+        [data["search"][n]["ms_per_query"] if "search" in data else 0 for n in labels],
         width,
         label="search alone",
     )

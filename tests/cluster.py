@@ -76,6 +76,16 @@ class Cluster:
             time.sleep(0.5)
         raise TimeoutError(f"replicas not all Active after {timeout:.0f}s: {states}")
 
+    def replica_counts(self, collection: str) -> dict[int, list[int]]:
+        """Points per replica of each shard, as each running node counts its own copies."""
+        counts: dict[int, list[int]] = {}
+        for node in self.nodes:
+            if not node.running:
+                continue
+            for shard in _get(node, f"/collections/{collection}/cluster")["local_shards"]:
+                counts.setdefault(int(shard["shard_id"]), []).append(int(shard["points_count"]))
+        return dict(sorted(counts.items()))
+
     def count(self, collection: str) -> int:
         node = next(n for n in self.nodes if n.running)
         response = httpx.post(
@@ -106,6 +116,7 @@ class FaultReport:
     eval_failed: bool = False
     points_after_eval_fault: int = 0
     recovery_seconds: list[float] = field(default_factory=list)
+    replica_counts: list[dict[int, list[int]]] = field(default_factory=list)
     check_ok: bool = False
     notes: list[str] = field(default_factory=list)
 
@@ -203,7 +214,7 @@ def node_failure(
     victim = cluster.nodes[2]
     started = time.monotonic()
     workers = [worker(i, cluster.nodes[i]) for i in range(3)]
-    _wait_for_points(cluster, collection, report.expected_points // 4, workers)
+    _wait_for_points(cluster, collection, report.expected_points // 6, workers)
     _fail(victim, fault)
     results = [(w, *w.communicate(timeout=600)) for w in workers]
     failed = [i for i, (w, _, _) in enumerate(results) if w.returncode != 0]
@@ -221,6 +232,7 @@ def node_failure(
         victim.start()
     report.recovery_seconds.append(cluster.wait_active(collection, replicas=6))
     report.points_after_ingest = cluster.count(collection)
+    report.replica_counts.append(cluster.replica_counts(collection))
 
     # Eval through node 0 while node 1 fails: the replicas answer.
     store = ["--backend", "qdrant", "--url", cluster.nodes[0].url, "--collection", collection]
@@ -245,6 +257,7 @@ def node_failure(
         cluster.nodes[1].start()
     report.recovery_seconds.append(cluster.wait_active(collection, replicas=6))
     report.points_after_eval_fault = cluster.count(collection)
+    report.replica_counts.append(cluster.replica_counts(collection))
     check = subprocess.run(
         [sys.executable, "-m", "knnlm", "check", *store, "-q"], env=env, capture_output=True
     )

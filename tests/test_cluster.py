@@ -39,7 +39,7 @@ def write_corpus(root: Path, documents: int, lines: int, seed: int = 0) -> Path:
 def test_a_node_fails_during_ingest_and_eval(
     fault: str, qdrant_binary: Path, tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    corpus = write_corpus(tmp_path / "corpus", documents=60, lines=40)  # < k = 64: see cluster.py
+    corpus = write_corpus(tmp_path / "corpus", documents=60, lines=100)  # < k = 64: see cluster.py
     held = write_corpus(tmp_path / "held", documents=1, lines=150, seed=1) / "doc000.py"
     model = ["--model", str(tiny_models["llama"]), "--window", "32", "--stride", "16"]
     cluster = Cluster.start(qdrant_binary, tmp_path / "cluster")
@@ -58,6 +58,8 @@ def test_a_node_fails_during_ingest_and_eval(
     # 0 lost, 0 duplicated, after the ingest fault and after the eval fault
     assert report.points_after_ingest == report.expected_points, report
     assert report.points_after_eval_fault == report.expected_points, report
+    for counts in report.replica_counts:  # every replica of a shard holds the same points
+        assert all(len(set(c)) == 1 and len(c) == 2 for c in counts.values()), report
     assert not report.eval_failed, report.notes
     assert report.ppl_during_fault == pytest.approx(report.ppl_before, rel=1e-6)
     assert report.check_ok, report.notes
