@@ -131,7 +131,10 @@ def _indexes(store: KnnStore) -> tuple[bool, str]:
 def _counts(store: KnnStore) -> tuple[bool, str]:
     exact, engine = store.count(), store.engine_points()
     numbers = f"{exact:,} points; engine {engine:,}"
-    problems = [] if exact == engine else ["the exact and the engine's counts disagree"]
+    agree = exact == engine or not store.engine_count_is_exact
+    problems = [] if agree else ["the exact and the engine's counts disagree"]
+    if not store.engine_count_is_exact:
+        numbers += " (approximate)"
     # Points lost since the last write are told even when the per-field counts fail (a
     # lost segment takes its payload indexes with it).
     recorded = store.load_state()

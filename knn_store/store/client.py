@@ -102,6 +102,7 @@ class QdrantClientStore(KnnStore):
         self._policy: dict[str, Any] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._server_version: str | None = None
+        self.engine_count_is_exact = local  # a server's collection info is approximate
         if self._call("read the collection list", client.collection_exists, collection):
             self._read_collection()
         elif not create:
@@ -775,7 +776,9 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (ResponseHandlingException, httpx.TransportError, ConnectionError)):
         return True
     if isinstance(exc, UnexpectedResponse):
-        return exc.status_code in _TRANSIENT_STATUS
+        # a cluster whose replicas are away answers 500 "... currently unavailable"
+        unavailable = exc.status_code == 500 and "unavailable" in str(exc).lower()
+        return exc.status_code in _TRANSIENT_STATUS or unavailable
     if isinstance(exc, grpc.RpcError):
         code = exc.code() if callable(getattr(exc, "code", None)) else None
         return code in (
