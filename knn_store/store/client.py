@@ -267,8 +267,7 @@ class QdrantClientStore(KnnStore):
                         "and are the URL and API key right?"
                     ) from exc
                 log.warning(
-                    "Qdrant at %s did not answer (%s) to %s; retrying in %.1f s "
-                    "(attempt %d of %d)",
+                    "Qdrant at %s did not answer (%s) to %s; retrying in %.1f s (attempt %d of %d)",
                     self._location,
                     _describe(exc),
                     what,
