@@ -677,7 +677,7 @@ def test_a_server_that_never_answers_is_reported_as_it_goes(knnlm: Knnlm, corpus
         assert knnlm.ingest(str(corpus_dir), "-q").exit_code == 0
         result = knnlm(
             "push", *knnlm.store_args(), "--backend", "edge", "--to-url", url,
-            "--timeout", "1", "--retries", "1", "-q",
+            "--timeout", "2", "--retries", "1", "-q",
         )  # fmt: skip
     finally:
         stop.set()

@@ -47,6 +47,7 @@ _META_KEY = "knnlm"
 _POLICY_KEY = "knnlm_policy"
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 _TRANSIENT_STATUS = (429, 502, 503, 504)
+_SLOW_CALL_S = 1.0  # a failed call that waited this long is told before it is retried
 
 
 def check_server_url(url: str, *, api_key: bool, allow_insecure_api_key: bool) -> None:
@@ -234,6 +235,7 @@ class QdrantClientStore(KnnStore):
         ``StoreUnavailable``; an error answer is ``StoreError`` at once."""
         delay = 0.5
         for attempt in range(self.retries + 1):
+            started = time.monotonic()
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
@@ -266,15 +268,17 @@ class QdrantClientStore(KnnStore):
                         f"{_describe(exc)}; is the server running (`docker compose up -d`), "
                         "and are the URL and API key right?"
                     ) from exc
-                log.warning(
-                    "Qdrant at %s did not answer (%s) to %s; retrying in %.1f s (attempt %d of %d)",
-                    self._location,
-                    _describe(exc),
-                    what,
-                    delay,
-                    attempt + 2,
-                    self.retries + 1,
-                )
+                if time.monotonic() - started >= _SLOW_CALL_S:  # a wait worth telling
+                    log.warning(
+                        "Qdrant at %s did not answer (%s) to %s; retrying in %.1f s "
+                        "(attempt %d of %d)",
+                        self._location,
+                        _describe(exc),
+                        what,
+                        delay,
+                        attempt + 2,
+                        self.retries + 1,
+                    )
                 time.sleep(delay)
                 delay = min(delay * 2, 8.0)
         raise AssertionError("unreachable")
