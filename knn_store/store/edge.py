@@ -109,6 +109,8 @@ class EdgeStore(KnnStore):
 
     def _release_lock(self) -> None:
         if self._lock is not None:
+            if not self.path.exists():  # nothing was made (or it was dropped): no trace
+                (self.path.parent / f".{self.path.name}.lock").unlink(missing_ok=True)
             os.close(self._lock)  # closing the descriptor releases the lock
             self._lock = None
 
