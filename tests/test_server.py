@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from knn_store import CollectionMeta, ConfigError, PointBatch
+from knn_store import CollectionMeta, ConfigError, KnnlmSettings, PointBatch
 from knn_store.store.client import QdrantClientStore
 from knn_store.store.config import SearchOptions, StorageConfig
 from knn_store.store.point_ids import document_hash, make_point_ids
@@ -347,8 +347,6 @@ def test_domains_rebuild_check_and_push_on_a_server(
 def test_serve_on_a_server_collection_answers_what_eval_says(
     qdrant_server: Server, tmp_path: Path, tiny_models: dict[str, Path], corpus_dir: Path
 ) -> None:
-    from knn_store import KnnlmSettings, open_session
-    from knnlm.service.app import create_app
 
     knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
     env = qdrant_server.env()
@@ -362,36 +360,14 @@ def test_serve_on_a_server_collection_answers_what_eval_says(
         expected = _json_ok(
             knnlm("eval", str(held), *model, "--top-k", "8", *server, "--json", "-q", env=env)
         )
-        settings = KnnlmSettings(
-            model=str(tiny_models["gpt2"]),
-            window=16,
-            stride=8,
-            top_k=8,
-            backend="qdrant",
-            url=qdrant_server.url,
-            grpc_port=qdrant_server.grpc_port,
-            prefer_grpc=True,
-            ca_cert=qdrant_server.ca_cert,
-            api_key=qdrant_server.api_key,
-            collection=name,
-            model_cache=tmp_path / "cache",
+        score, ready, collection = _ask_the_service(
+            _service_settings(qdrant_server, tiny_models["gpt2"], name, tmp_path, grpc=True),
+            [
+                ("POST", "/v1/score", {"text": HELD}),
+                ("GET", "/readyz", None),
+                ("GET", "/v1/collection", None),
+            ],
         )
-        with open_session(settings) as session:
-            app = create_app(session)
-            try:
-
-                async def ask() -> list[httpx.Response]:
-                    transport = httpx.ASGITransport(app)
-                    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-                        return [
-                            await c.post("/v1/score", json={"text": HELD}),
-                            await c.get("/readyz"),
-                            await c.get("/v1/collection"),
-                        ]
-
-                score, ready, collection = asyncio.run(ask())
-            finally:
-                app.state.batcher.close()
         assert score.status_code == 200, score.text
         assert score.json()["knn_perplexity"] == pytest.approx(expected["knn_perplexity"])
         assert ready.status_code == 200
@@ -496,8 +472,6 @@ def test_a_read_only_key_reads_but_never_writes(
 def test_the_service_runs_on_a_read_only_key(
     secured: QdrantNode, tmp_path: Path, tiny_models: dict[str, Path], corpus_dir: Path
 ) -> None:
-    from knn_store import KnnlmSettings, open_session
-    from knnlm.service.app import create_app
 
     knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
     server = Server.of(secured)
@@ -513,32 +487,54 @@ def test_the_service_runs_on_a_read_only_key(
             env={"KNNLM_API_KEY": SECRET},
         )
         assert made.exit_code == 0, made.output
-        settings = KnnlmSettings(
-            model=str(tiny_models["gpt2"]),
-            window=16,
-            stride=8,
-            top_k=8,
-            backend="qdrant",
-            url=server.url,
-            grpc_port=server.grpc_port,
-            ca_cert=server.ca_cert,
-            api_key=jwt_token(SECRET, {"access": "r"}),
-            collection=name,
-            model_cache=tmp_path / "cache",
+        read_only = Server.of(secured, api_key=jwt_token(SECRET, {"access": "r"}))
+        (response,) = _ask_the_service(
+            _service_settings(read_only, tiny_models["gpt2"], name, tmp_path),
+            [("POST", "/v1/score", {"text": HELD})],
         )
-        with open_session(settings) as session:
-            app = create_app(session)
-            try:
-
-                async def ask() -> httpx.Response:
-                    transport = httpx.ASGITransport(app)
-                    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-                        return await c.post("/v1/score", json={"text": HELD})
-
-                response = asyncio.run(ask())
-            finally:
-                app.state.batcher.close()
         assert response.status_code == 200, response.text
         assert json.loads(response.text)["knn_perplexity"] > 0
     finally:
         server.drop_collections(name)
+
+
+def _service_settings(
+    server: Server, model: Path, collection: str, tmp_path: Path, *, grpc: bool = False
+) -> KnnlmSettings:
+    return KnnlmSettings(
+        model=str(model),
+        window=16,
+        stride=8,
+        top_k=8,
+        backend="qdrant",
+        url=server.url,
+        grpc_port=server.grpc_port,
+        prefer_grpc=grpc,
+        ca_cert=server.ca_cert,
+        api_key=server.api_key,
+        collection=collection,
+        model_cache=tmp_path / "cache",
+    )
+
+
+def _ask_the_service(
+    settings: KnnlmSettings, requests: list[tuple[str, str, Any]]
+) -> list[httpx.Response]:
+    """Open a session on ``settings``, serve it in-process, and send ``requests``."""
+    from knn_store import open_session
+    from knnlm.service.app import create_app
+
+    with open_session(settings) as session:
+        app = create_app(session)
+
+        async def ask() -> list[httpx.Response]:
+            transport = httpx.ASGITransport(app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                return [
+                    await client.request(method, path, json=body) for method, path, body in requests
+                ]
+
+        try:
+            return asyncio.run(ask())
+        finally:
+            app.state.batcher.close()
