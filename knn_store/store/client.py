@@ -384,6 +384,9 @@ class QdrantClientStore(KnnStore):
 
         if self._meta is None or self.local:
             return
+        info = self._call("read collection info", self._client.get_collection, self.name)
+        if info.config.hnsw_config.m == self._meta.storage.hnsw_m:
+            return  # already on: an update would restart the server's optimizers for nothing
         self._call(
             "enable HNSW",
             self._client.update_collection,
