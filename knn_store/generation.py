@@ -98,20 +98,47 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclass(frozen=True)
+class Step:
+    """One decoded token of one row, as ``decode`` reports it.
+
+    token: the token sampled.
+    log_prob: its ln p under the distribution sampled from, before temperature and top_p
+        reshape it (the interpolated one, or the LM's where ``Sampling.knn`` is False).
+    top: the ``top_logprobs`` likeliest tokens there, (token, ln p), likeliest first.
+    """
+
+    token: int
+    log_prob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+# on_token(row, step) -> False ends that row now (a stop string, a client gone, a deadline)
+OnToken = Callable[[int, Step], "bool | None"]
+# on_error(row, error): sampling row failed; the row ends, the others go on
+OnError = Callable[[int, Exception], None]
+
+
 def decode(
     knn_lm: KnnLM,
     prompts: Sequence[np.ndarray],
     sampling: Sequence[Sampling],
     *,
-    on_token: Callable[[int, int], None] | None = None,
+    on_token: OnToken | None = None,
+    on_error: OnError | None = None,
+    top_logprobs: int = 0,
 ) -> list[list[int]]:
     """Continue token ``prompts`` (int64 [n_i], BOS first) together, one step per token.
 
     Prompts are left-padded into one batch and share each step's LM forward (with a KV cache)
-    and one batched search. Each row samples with its own ``Sampling`` and seed, so a row's
-    tokens do not depend on what else is in the batch. ``on_token(row, token)`` is called as
-    tokens come, for streaming. Returns the new tokens per prompt (an end-of-text token
-    included, which ends its row).
+    and one batched search. Each row samples with its own ``Sampling`` and seed, so the
+    tokens a row draws do not depend on what else is in the batch (its numbers agree with a
+    solo run to float rounding: see README "Service"). ``on_token(row, step)`` is called as
+    tokens come, for streaming; when it returns False the row ends there. A row whose
+    sampling raises ends with ``on_error(row, error)`` when given (the error propagates
+    otherwise), and the others go on. ``top_logprobs`` likeliest tokens are reported per
+    step. Returns the new tokens per prompt (an end-of-text token included, which ends its
+    row).
     """
     lm = knn_lm.lm
     if len(prompts) != len(sampling) or not prompts:
@@ -124,6 +151,8 @@ def decode(
         )
     if any(len(p) == 0 for p in prompts):
         raise ConfigError("a prompt needs at least one token")
+    if top_logprobs < 0:
+        raise ValueError("top_logprobs must be >= 0")
     b, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((b, width), lm.pad_id, dtype=torch.long)
     mask = torch.zeros((b, width), dtype=torch.long)
@@ -134,6 +163,7 @@ def decode(
     generators = [
         None if s.seed is None else torch.Generator().manual_seed(s.seed) for s in sampling
     ]
+    wants_knn = np.array([s.knn for s in sampling])
     stop = set(lm.stop_ids)
     out: list[list[int]] = [[] for _ in range(b)]
     active = np.ones(b, dtype=bool)
@@ -156,18 +186,36 @@ def decode(
             cache = getattr(result, cache_name)
             keys = capture.pop()  # [b, dim], each row's newest position
             log_probs = torch.log_softmax(result.logits[:, -1].float(), dim=-1)  # [b, V]
-            knn_rows = np.flatnonzero(active & np.array([s.knn for s in sampling]))
+            knn_rows = np.flatnonzero(active & wants_knn)
             if len(knn_rows):  # one batched search for every row that wants retrieval
                 index = torch.from_numpy(knn_rows).to(log_probs.device)
                 log_probs[index] = knn_lm.next_token_log_probs(log_probs[index], keys[index])
+            log_probs = log_probs.cpu()
+            top_values = top_ids = None
+            if top_logprobs:  # [b, t], one topk for the whole batch
+                top_values, top_ids = log_probs.topk(min(top_logprobs, log_probs.shape[-1]))
             step = torch.full((b, 1), lm.pad_id, dtype=torch.long)
             for row in np.flatnonzero(active):  # per row, not per token of the vocabulary
-                token = sample_next(log_probs[row].cpu(), sampling[row], generators[row])
+                try:
+                    token = sample_next(log_probs[row], sampling[row], generators[row])
+                except Exception as exc:
+                    if on_error is None:
+                        raise
+                    active[row] = False
+                    on_error(int(row), exc)
+                    continue
                 out[row].append(token)
                 step[row, 0] = token
+                go_on = True
                 if on_token is not None:
-                    on_token(int(row), token)
-                if token in stop or len(out[row]) >= sampling[row].max_new_tokens:
+                    top: tuple[tuple[int, float], ...] = ()
+                    if top_ids is not None and top_values is not None:
+                        top = tuple(
+                            zip(top_ids[row].tolist(), top_values[row].tolist(), strict=True)
+                        )
+                    reported = Step(token, float(log_probs[row, token]), top)
+                    go_on = on_token(int(row), reported) is not False
+                if not go_on or token in stop or len(out[row]) >= sampling[row].max_new_tokens:
                     active[row] = False
             ids = step
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)

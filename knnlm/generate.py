@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -18,6 +18,9 @@ from knnlm.options import (
     settings_from,
 )
 from knnlm.progress import Bars
+
+if TYPE_CHECKING:
+    from knn_store.generation import Step
 
 _QUERY_OPTIONS = (*[o for o in MODEL_OPTIONS if o not in ("window", "stride")], *STORE_OPTIONS)
 
@@ -139,7 +142,8 @@ class _Streamer:
         self.tokens: list[int] = []
         self.printed = 0
 
-    def add(self, _row: int, token: int) -> None:
+    def add(self, _row: int, step: Step) -> None:
+        token = step.token
         if self.prompt is not None:  # only once generation really started
             click.echo(self.prompt, nl=False)
             self.prompt = None

@@ -37,7 +37,7 @@ from knn_store.windows import sliding_windows
 
 if TYPE_CHECKING:
     from knn_store.explain import TokenExplanation
-    from knn_store.generation import Sampling
+    from knn_store.generation import Sampling, Step
     from knn_store.knn_lm import KnnLM
     from knn_store.session import Session
 
@@ -375,8 +375,9 @@ class Batcher:
         stop = set(self.session.lm.stop_ids)
         got: list[list[int]] = [[] for _ in batch]
 
-        def on_token(row: int, token: int) -> None:
+        def on_token(row: int, step: Step) -> None:
             job = batch[row]
+            token = step.token
             got[row].append(token)
             if job.on_token is not None:
                 try:
