@@ -10,11 +10,10 @@ health probes wants ``Authorization: Bearer <key>``; the key is never logged or 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,19 +21,19 @@ from importlib.metadata import version
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from knn_store.errors import ConfigError, KnnlmError, StoreError
-from knnlm.service.batcher import Batcher, KnnOptions, ServiceUnavailable, TokenScores
+from knn_store.errors import ConfigError
+from knnlm.service.batcher import Batcher, KnnOptions, TokenScores
+from knnlm.service.errors import error_response, install_error_handlers, one_line
+from knnlm.service.guard import Guard
 from knnlm.service.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    ErrorBody,
     ExplainRequest,
     ExplainResponse,
     Health,
@@ -49,11 +48,6 @@ if TYPE_CHECKING:
     from knn_store.session import Session
 
 T = TypeVar("T")
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})  # probes work without the API key
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -99,8 +93,8 @@ def create_app(
     )
     app.state.batcher = batcher
     app.state.session = session
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
-    _handle_errors(app)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    install_error_handlers(app)
 
     async def encode(text: str, field: str) -> np.ndarray:
         ids = await run_in_threadpool(lm.encode, text)
@@ -121,11 +115,11 @@ def create_app(
     async def readyz() -> Ready | JSONResponse:
         """The model worker runs and the store answers a count."""
         if not batcher.healthy:
-            return _error(503, "the model worker is not running")
+            return error_response(503, "the model worker is not running")
         try:
             points = await run_in_threadpool(session.store.count)
         except Exception as exc:  # a closed or unreachable store: not ready, whatever it is
-            return _error(503, f"the store does not answer: {_one_line(exc)}")
+            return error_response(503, f"the store does not answer: {one_line(exc)}")
         return Ready(status="ready", points=points, **batcher.stats.to_dict())
 
     @app.get("/v1/collection", responses=error_responses(401, 503))
@@ -284,7 +278,7 @@ async def _events(
         sent = text
     error = future.exception()
     if error is not None:
-        yield f"data: {json.dumps({'error': _one_line(error)})}\n\n"
+        yield f"data: {json.dumps({'error': one_line(error)})}\n\n"
         return
     final = future.result()
     text = _text(lm, final)
@@ -294,119 +288,3 @@ async def _events(
 
 async def _wait(future: Future[T]) -> T:
     return await asyncio.wrap_future(future)
-
-
-# --- errors ---------------------------------------------------------------------------------
-
-
-def _one_line(error: BaseException | str) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(ErrorBody(error=_one_line(message)).model_dump(), status, headers)
-
-
-def _status(error: KnnlmError) -> int:
-    if isinstance(error, (StoreError, ServiceUnavailable)):
-        return 503  # the server's trouble, not the request's
-    return 422
-
-
-def _validation_message(error: RequestValidationError) -> str:
-    """The first problem, naming the field: ``top_k: Input should be ...``."""
-    problems = []
-    for e in error.errors():
-        if e["type"] == "json_invalid":
-            reason = (e.get("ctx") or {}).get("error", e["msg"])
-            return f"the body is not valid JSON ({reason})"
-        where = [str(part) for part in e["loc"] if part != "body"]
-        if not where:
-            return "the body must be a JSON object"
-        message = str(e["msg"]).removeprefix("Value error, ")
-        problems.append(f"{'.'.join(where)}: {message}")
-    return "; ".join(problems) or "invalid request"
-
-
-def _handle_errors(app: FastAPI) -> None:
-    """Every error becomes ``{"error": "<one line>"}``; unexpected ones say only that."""
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(422, _validation_message(exc))
-
-    @app.exception_handler(HTTPException)
-    async def refused(_request: Request, exc: HTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), exc.headers)
-
-    @app.exception_handler(KnnlmError)
-    async def knnlm_error(_request: Request, exc: KnnlmError) -> JSONResponse:
-        return _error(_status(exc), str(exc))
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, _exc: Exception) -> JSONResponse:
-        # Starlette raises the exception again after this answer: the server logs its traceback
-        return _error(500, "internal error; the server log has the details")
-
-
-class _Guard:
-    """Before any route runs: the API key (a 401 otherwise), then the body, read whole up
-    to ``max_body_bytes`` (a 413 past it), so no handler sees an oversized body."""
-
-    def __init__(self, app: Any, *, api_key: str | None, max_body_bytes: int) -> None:
-        self.app = app
-        self.key = None if api_key is None else api_key.encode()
-        self.max_body_bytes = max_body_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = {k.decode("latin-1").lower(): v for k, v in scope["headers"]}
-        if self.key is not None and scope["path"] not in OPEN_PATHS:
-            refusal = self._refusal(headers.get("authorization"))
-            if refusal is not None:
-                bearer = {"www-authenticate": "Bearer"}
-                await _error(401, refusal, bearer)(scope, receive, send)
-                return
-        declared = headers.get("content-length", b"0")
-        if not declared.isdigit() or int(declared) > self.max_body_bytes:
-            await self._too_large(scope, receive, send)
-            return
-        body = b""
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            if len(body) > self.max_body_bytes:
-                await self._too_large(scope, receive, send)
-                return
-            if not message.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # a disconnect, for streaming responses
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        await self.app(scope, replay, send)
-
-    def _refusal(self, authorization: bytes | None) -> str | None:
-        """Why the request may not pass, or None."""
-        assert self.key is not None
-        if authorization is None:
-            return "missing API key: send the header 'Authorization: Bearer <key>'"
-        scheme, _, given = authorization.partition(b" ")
-        if scheme.lower() != b"bearer" or not given.strip():
-            return "the Authorization header must be 'Bearer <key>'"
-        if not hmac.compare_digest(given.strip(), self.key):
-            return "wrong API key"
-        return None
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        message = f"the body is larger than this server takes ({self.max_body_bytes:,} bytes)"
-        await _error(413, message, {"connection": "close"})(scope, receive, send)
