@@ -197,11 +197,11 @@ def create_app(
         loop = asyncio.get_running_loop()
         tokens_in: asyncio.Queue[int | None] = asyncio.Queue()
 
-        def push(token: int | None) -> None:  # on the worker thread
+        def push(token: int | None) -> None:  # on the worker thread, or at the end
             if not loop.is_closed():  # after a shutdown, nobody listens
                 loop.call_soon_threadsafe(tokens_in.put_nowait, token)
 
-        future = batcher.complete(ids, sampling, on_token=push)
+        future = batcher.complete(ids, sampling, on_step=lambda step: push(step.token))
         future.add_done_callback(lambda _: push(None))  # after the last token
         return StreamingResponse(
             _events(lm, head, tokens_in, future),

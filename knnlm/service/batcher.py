@@ -114,7 +114,8 @@ class _Job:
     size: int  # windows (score, explain) or rows (complete) it adds to a batch
     ids: np.ndarray  # int64 token ids, BOS first
     args: Any  # KnnOptions, (top, neighbours) or Sampling
-    on_token: Callable[[int], None] | None = None
+    on_step: Callable[[Step], bool | None] | None = None
+    top_logprobs: int = 0
     future: Future[Any] = field(default_factory=Future)
     queued: float = field(default_factory=time.monotonic)
 
@@ -169,10 +170,13 @@ class Batcher:
         ids: np.ndarray,
         sampling: Sampling,
         *,
-        on_token: Callable[[int], None] | None = None,
+        on_step: Callable[[Step], bool | None] | None = None,
+        top_logprobs: int = 0,
     ) -> Future[list[int]]:
-        """The new tokens after prompt ``ids``; ``on_token(token)`` sees each as it comes,
-        on the worker thread (it must be quick and must not raise)."""
+        """The new tokens after prompt ``ids``. ``on_step(step)`` sees each token as it comes
+        (with its ln p and the ``top_logprobs`` likeliest tokens), on the worker thread: it
+        must be quick; returning False ends the row there (a stop string, a client gone), and
+        the future then holds the tokens so far."""
         lm = self.session.lm
         if len(ids) == 0:
             raise ConfigError("a prompt needs at least one token")
@@ -181,7 +185,8 @@ class Batcher:
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({sampling.max_new_tokens}) "
                 f"exceeds the model's context ({lm.max_positions} tokens)"
             )
-        return self._submit("complete", ("complete",), 1, ids, sampling, on_token)
+        job = _Job("complete", ("complete",), 1, ids, sampling, on_step, top_logprobs)
+        return self._enqueue(job)
 
     def knn_lm_for(self, options: KnnOptions) -> KnnLM:
         """The session's kNN-LM with a request's ``options`` (``Session.with_overrides``)."""
@@ -203,9 +208,10 @@ class Batcher:
         size: int,
         ids: np.ndarray,
         args: Any,
-        on_token: Callable[[int], None] | None = None,
     ) -> Future[Any]:
-        job = _Job(kind, group, size, ids, args, on_token)
+        return self._enqueue(_Job(kind, group, size, ids, args))
+
+    def _enqueue(self, job: _Job) -> Future[Any]:
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("the server is shutting down")
@@ -375,24 +381,32 @@ class Batcher:
         stop = set(self.session.lm.stop_ids)
         got: list[list[int]] = [[] for _ in batch]
 
-        def on_token(row: int, step: Step) -> None:
+        def on_token(row: int, step: Step) -> bool:
             job = batch[row]
-            token = step.token
-            got[row].append(token)
-            if job.on_token is not None:
+            got[row].append(step.token)
+            go_on = True
+            if job.on_step is not None:
                 try:
-                    job.on_token(token)
+                    go_on = job.on_step(step) is not False
                 except Exception:  # a gone client must not stop the other rows
                     log.warning("a streaming callback failed; its request stops streaming")
-                    job.on_token = None
-            if token in stop or len(got[row]) >= job.args.max_new_tokens:
+                    job.on_step = None
+            ended = step.token in stop or len(got[row]) >= job.args.max_new_tokens
+            if ended or not go_on:
                 _settle(job.future, result=list(got[row]))
+            return go_on
+
+        def on_error(row: int, error: Exception) -> None:
+            log.warning("sampling failed for one request of a batch: %s", error)
+            _settle(batch[row].future, error=error)
 
         out = decode(
             self.session.knn_lm,
             [job.ids for job in batch],
             [job.args for job in batch],
             on_token=on_token,
+            on_error=on_error,
+            top_logprobs=max(job.top_logprobs for job in batch),
         )
         self.stats.lm_forwards += max(len(tokens) for tokens in out)  # one step per token
         for job, tokens in zip(batch, out, strict=True):
