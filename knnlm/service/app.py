@@ -1,53 +1,59 @@
 """The HTTP API over one open ``Session``: ``create_app(session)`` gives a FastAPI app.
 
-Handlers validate and tokenize, then wait on the ``Batcher``, whose one worker thread runs
-the model for every request together (see ``batcher``). Every refusal is a JSON body
-``{"error": "<one line>"}`` with a 4xx status (503 when the store or the worker is not
-available); no traceback ever reaches a client. With an API key, every route but the two
-health probes wants ``Authorization: Bearer <key>``; the key is never logged or echoed.
+Routes are thin: knnlm's own (``/v1/score``, ``/v1/explain``, ``/v1/collection``, the
+probes) validate and tokenize here, then wait on the ``Batcher``, whose one worker thread
+runs the model for every request together (see ``batcher``); the OpenAI-compatible ones
+(``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``) hand their request to
+``openai_serving``, with the bodies of ``openai_protocol``. Every refusal is OpenAI's error
+body (see ``errors``); no traceback ever reaches a client. A body that parses as JSON is
+read as JSON whatever its content type (``json_body``). With an API key, every route but
+the health probes and the page wants ``Authorization: Bearer <key>``; the key is never logged or
+echoed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-import uuid
-from collections.abc import AsyncIterator
-from concurrent.futures import Future
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fastapi import FastAPI
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
 from knn_store.errors import ConfigError
 from knnlm.service.batcher import Batcher, KnnOptions, TokenScores
-from knnlm.service.errors import error_response, install_error_handlers, one_line
+from knnlm.service.errors import ApiError, error_response, install_error_handlers, one_line
 from knnlm.service.guard import Guard
-from knnlm.service.schemas import (
-    CompletionChoice,
+from knnlm.service.json_body import JsonBody
+from knnlm.service.metrics import install_metrics
+from knnlm.service.openai_protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from knnlm.service.openai_serving import OpenAIServing
+from knnlm.service.page import install_page
+from knnlm.service.schemas import (
     ExplainRequest,
     ExplainResponse,
     Health,
     Ready,
     ScoreRequest,
     ScoreResponse,
-    Usage,
     error_responses,
 )
+from knnlm.service.version import install_version
+from knnlm.service.waiting import check_explain, result_or_cancel
 
 if TYPE_CHECKING:
     from knn_store.session import Session
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,11 @@ class Limits:
     max_body_bytes: int = 1_000_000
     max_text_tokens: int = 8192  # of a text or prompt, BOS included
     max_completion_tokens: int = 512  # max_tokens of a completion
+    max_choices: int = 16  # prompts times n of one completion request
+    body_timeout: float = 30.0  # seconds for a body to arrive once its headers have (408)
+    request_timeout: float = 300.0  # seconds from a job's submission to its answer (504)
+    max_queue: int = 256  # requests waiting for the model at most (429 past it)
+    max_explain_cells: int = 32_768  # tokens x (neighbours + top) of an explain (413)
 
 
 def create_app(
@@ -66,6 +77,7 @@ def create_app(
     limits: Limits = Limits(),
     max_batch: int = 8,
     batch_wait_ms: float = 5.0,
+    batch_invariant: bool = False,
 ) -> FastAPI:
     """The API over ``session``, which the caller opens before and closes after.
 
@@ -74,8 +86,23 @@ def create_app(
     """
     if api_key is not None and not api_key.strip():
         raise ConfigError("the server's API key is empty: give a key, or none")
-    batcher = Batcher(session, max_batch=max_batch, max_wait=batch_wait_ms / 1000)
+    batcher = Batcher(
+        session,
+        max_batch=max_batch,
+        max_wait=batch_wait_ms / 1000,
+        max_pending=limits.max_queue,
+        request_timeout=limits.request_timeout,
+        batch_invariant=batch_invariant,
+    )
     lm = session.lm
+    serving = OpenAIServing(
+        batcher,
+        lm,
+        collection=session.settings.collection,
+        max_completion_tokens=limits.max_completion_tokens,
+        max_text_tokens=limits.max_text_tokens,
+        max_choices=limits.max_choices,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -88,21 +115,34 @@ def create_app(
     app = FastAPI(
         title="knnlm",
         version=version("knnlm"),
-        summary="A kNN-LM over HTTP: score, complete and explain text with retrieval.",
+        summary="A kNN-LM over HTTP: score, complete and explain text with retrieval; "
+        "OpenAI-compatible completions, chat completions and models.",
         lifespan=lifespan,
     )
     app.state.batcher = batcher
     app.state.session = session
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.state.serving = serving
+    app.add_middleware(JsonBody)  # inside the guard: it sees the body the guard bounded
+    app.add_middleware(
+        Guard,
+        api_key=api_key,
+        max_body_bytes=limits.max_body_bytes,
+        body_timeout=limits.body_timeout,
+        shutdown_deadline=lambda: batcher.drain_deadline,  # bodies stop being awaited then
+    )
     install_error_handlers(app)
+    install_page(app)  # GET /: the page that shows what the memory did
+    install_metrics(app, batcher)  # GET /metrics; after add_middleware, to see the guard's 401s
+    install_version(app, session)  # GET /version
 
     async def encode(text: str, field: str) -> np.ndarray:
         ids = await run_in_threadpool(lm.encode, text)
         if len(ids) > limits.max_text_tokens:
-            raise HTTPException(
+            raise ApiError(
                 413,
                 f"{field}: {len(ids):,} tokens, more than this server takes "
                 f"({limits.max_text_tokens:,})",
+                param=field,
             )
         return ids
 
@@ -132,84 +172,94 @@ def create_app(
         )
 
     @app.post(
-        "/v1/score", response_model=ScoreResponse, responses=error_responses(401, 413, 422, 503)
+        "/v1/score",
+        response_model=ScoreResponse,
+        responses=error_responses(400, 401, 413, 429, 503),
     )
-    async def score(body: ScoreRequest) -> ScoreResponse:
+    async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
         """Per-token log-probabilities and perplexities of the LM and the kNN-LM, the
         numbers `knnlm eval` gives for the same text and flags."""
         ids = await encode(body.text, "text")
         options = KnnOptions(lmbda=body.lmbda, temperature=body.temperature, top_k=body.top_k)
-        result = await _wait(batcher.score(ids, options))
+        result = await result_or_cancel(request, batcher.score(ids, options), batcher)
         pieces = await run_in_threadpool(lm.tokenizer.batch_decode, result.targets[:, None])
         return _score_response(result, pieces)
 
     @app.post(
-        "/v1/explain", response_model=ExplainResponse, responses=error_responses(401, 413, 422, 503)
+        "/v1/explain",
+        response_model=ExplainResponse,
+        responses=error_responses(400, 401, 413, 429, 503),
     )
-    async def explain(body: ExplainRequest) -> dict[str, Any]:
+    async def explain(body: ExplainRequest, request: Request) -> dict[str, Any]:
         """Per token: both distributions, lambda and the nearest neighbours, the lines of
-        `knnlm explain --json`."""
+        `knnlm explain --json`; at most tokens x (neighbours + top) entries
+        (`--max-explain-cells`), and no more neighbours than the server retrieves."""
         ids = await encode(body.text, "text")
-        rows = await _wait(batcher.explain(ids, top=body.top, neighbours=body.neighbours))
+        shown = {"top": body.top, "neighbours": body.neighbours}
+        check_explain(len(ids) - 1, **shown, k=session.knn_lm.k, max_cells=limits.max_explain_cells)
+        rows = await result_or_cancel(request, batcher.explain(ids, **shown), batcher)
         return {"tokens": [row.to_dict() for row in rows]}
+
+    # --- OpenAI-compatible ----------------------------------------------------------------
+
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(401))
+    async def models() -> ModelList:
+        """The one model served: the LM's name, with the kNN-LM's datastore."""
+        return serving.models()
+
+    @app.get(
+        "/v1/models/{model_id:path}",
+        response_model=ModelCard,
+        responses=error_responses(401, 404),
+    )
+    async def model(model_id: str) -> ModelCard:
+        """The served model, or a 404 (code ``model_not_found``) for another id."""
+        return serving.model(model_id)
+
+    events = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or events"}}
 
     @app.post(
         "/v1/completions",
         response_model=CompletionResponse,
-        responses={
-            **error_responses(401, 413, 422, 503),
-            200: {"content": {"text/event-stream": {}}, "description": "JSON, or events"},
-        },
+        responses={**error_responses(400, 401, 404, 413, 429, 503, 504), **events},
     )
-    async def completions(body: CompletionRequest) -> Any:
-        """Continue a prompt (OpenAI's completions API), as `knnlm generate` would with the
-        same seed; ``stream`` sends each token as a server-sent event."""
-        from knn_store.generation import Sampling
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        """Continue prompts (OpenAI's completions API) with the kNN-LM, as `knnlm generate`
+        would with the same seed; ``stream`` sends server-sent events."""
+        return await serving.completions(body, request)
 
-        if body.max_tokens > limits.max_completion_tokens:
-            raise HTTPException(
-                422, f"max_tokens: at most {limits.max_completion_tokens} on this server"
-            )
-        ids = await encode(body.prompt, "prompt")
-        sampling = Sampling(
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            max_new_tokens=body.max_tokens,
-        )
-        head = {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "created": int(time.time()),
-            "model": lm.name,
-        }
-        if not body.stream:
-            tokens = await _wait(batcher.complete(ids, sampling))
-            text = await run_in_threadpool(_text, lm, tokens)
-            return CompletionResponse(
-                **head,
-                choices=[CompletionChoice(text=text, finish_reason=_finish(lm, tokens))],
-                usage=Usage(
-                    prompt_tokens=len(ids),
-                    completion_tokens=len(tokens),
-                    total_tokens=len(ids) + len(tokens),
-                ),
-            )
-        loop = asyncio.get_running_loop()
-        tokens_in: asyncio.Queue[int | None] = asyncio.Queue()
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={**error_responses(400, 401, 404, 413, 429, 503, 504), **events},
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        """Reply to a conversation (OpenAI's chat completions API): the model's own chat
+        template makes the prompt, the kNN-LM decodes the reply."""
+        return await serving.chat(body, request)
 
-        def push(token: int | None) -> None:  # on the worker thread, or at the end
-            if not loop.is_closed():  # after a shutdown, nobody listens
-                loop.call_soon_threadsafe(tokens_in.put_nowait, token)
-
-        future = batcher.complete(ids, sampling, on_step=lambda step: push(step.token))
-        future.add_done_callback(lambda _: push(None))  # after the last token
-        return StreamingResponse(
-            _events(lm, head, tokens_in, future),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache"},
-        )
-
+    _openapi_without_422(app)
     return app
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """FastAPI documents a 422 on every route with a body; this server answers validation
+    errors with OpenAI's 400 instead, so the schema says so."""
+    build: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 # --- responses ------------------------------------------------------------------------------
@@ -241,50 +291,3 @@ def _score_response(result: TokenScores, pieces: list[str]) -> ScoreResponse:
 def _finite(x: float) -> float | None:
     """JSON has no infinities: null stands for them."""
     return x if np.isfinite(x) else None
-
-
-def _text(lm: Any, tokens: list[int]) -> str:
-    """New tokens as text, decoded as `knnlm generate` does."""
-    return lm.tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-def _finish(lm: Any, tokens: list[int]) -> str:
-    return "stop" if tokens and tokens[-1] in lm.stop_ids else "length"
-
-
-async def _events(
-    lm: Any,
-    head: dict[str, Any],
-    tokens_in: asyncio.Queue[int | None],
-    future: Future[list[int]],
-) -> AsyncIterator[str]:
-    """Server-sent events: a text delta per token, once it decodes to whole characters,
-    then the finish reason and ``[DONE]``. The deltas add up to the non-streamed text."""
-
-    def chunk(text: str, finish_reason: str | None) -> str:
-        choice = {"text": text, "index": 0, "finish_reason": finish_reason, "logprobs": None}
-        body = {**head, "object": "text_completion", "choices": [choice]}
-        return f"data: {json.dumps(body)}\n\n"
-
-    tokens: list[int] = []
-    sent = ""
-    while (token := await tokens_in.get()) is not None:
-        tokens.append(token)
-        text = _text(lm, tokens)
-        # hold back a split multi-byte character, and text that a later token rewrites
-        if text.endswith("\ufffd") or not text.startswith(sent) or text == sent:
-            continue
-        yield chunk(text[len(sent) :], None)
-        sent = text
-    error = future.exception()
-    if error is not None:
-        yield f"data: {json.dumps({'error': one_line(error)})}\n\n"
-        return
-    final = future.result()
-    text = _text(lm, final)
-    yield chunk(text[len(sent) :] if text.startswith(sent) else "", _finish(lm, final))
-    yield "data: [DONE]\n\n"
-
-
-async def _wait(future: Future[T]) -> T:
-    return await asyncio.wrap_future(future)

@@ -11,9 +11,17 @@ job that can share its work, up to ``max_batch`` windows (scoring) or rows (gene
   row, each row sampling with its own seed, streaming its tokens to its own request.
 
 Rows of a batch do not see each other (right-padded windows, left-padded prompts), so a
-request gets the answer it would get alone, and the one ``knnlm eval`` or ``knnlm generate``
-gives. When the oldest job arrived less than ``max_wait`` ago and the batch is not full,
-the worker waits that long for company.
+request gets the answer it would get alone up to float rounding: a forward over more rows
+runs other matrix kernels, whose sums round differently. ``batch_invariant=True`` runs every
+job in forwards of its own, shaped as alone, for answers equal to the bit (and no sharing).
+When the oldest job arrived less than ``max_wait`` ago and the batch is not full, the worker
+waits that long for company.
+
+A request is isolated from the rest of its batch: a row whose sampling fails ends alone, and
+when a score or explain call fails for a batch, each of its jobs runs again alone, so only
+the guilty one gets the error. A job can be cancelled (its client left) or pass its
+deadline: waiting, it never runs; decoding, its row ends at the next step; scored, its
+result is dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import math
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
@@ -36,7 +44,10 @@ from knn_store.knn_lm import perplexity
 from knn_store.windows import sliding_windows
 
 if TYPE_CHECKING:
+    import torch
+
     from knn_store.explain import TokenExplanation
+    from knn_store.gate import RetrievalGate
     from knn_store.generation import Sampling, Step
     from knn_store.knn_lm import KnnLM
     from knn_store.session import Session
@@ -45,7 +56,30 @@ log = logging.getLogger(__name__)
 
 
 class ServiceUnavailable(KnnlmError):
-    """Too many requests are waiting, or the server is shutting down: retry later."""
+    """The server is shutting down, or its worker stopped: retry later, maybe elsewhere."""
+
+
+class QueueFull(ServiceUnavailable):
+    """Too many requests are waiting (``max_pending``); ``retry_after`` seconds is a guess
+    of when there will be room."""
+
+    status = 429  # the HTTP status the service answers it with
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(KnnlmError):
+    """A request took longer than the server's per-request deadline; it no longer runs."""
+
+    status = 504
+
+
+class RequestCancelled(KnnlmError):
+    """The job was cancelled (its client left): nobody waits for its answer."""
+
+    status = 499  # nginx's "client closed request": nobody reads it
 
 
 @dataclass(frozen=True)
@@ -97,6 +131,19 @@ class BatchStats:
     batches: int = 0  # rounds of the worker, each one score, explain or decode call
     lm_forwards: int = 0  # LM forward passes (windows batches, or decoding steps)
     largest_batch: int = 0  # most jobs in one round
+    cancelled: int = 0  # jobs cancelled, or ended by their deadline or the shutdown's
+    # for GET /metrics (service.metrics reads them when scraped); by job kind
+    busy_seconds: float = 0.0  # the worker's time inside batches
+    shapes: Counter[tuple[str, int, int]] = field(default_factory=Counter)  # (kind, jobs, rows)
+    tokens: Counter[str] = field(default_factory=Counter)  # positions scored, tokens generated
+    searched: Counter[str] = field(default_factory=Counter)  # positions searched
+    skipped: Counter[str] = field(default_factory=Counter)  # positions the gate did not search
+
+    def count_searches(self, kind: str, searched: torch.Tensor) -> None:
+        """Tally the gate's decisions, a bool tensor [m] (True: searched) of one call."""
+        n = int(searched.sum())
+        self.searched[kind] += n
+        self.skipped[kind] += len(searched) - n
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -118,6 +165,7 @@ class _Job:
     top_logprobs: int = 0
     future: Future[Any] = field(default_factory=Future)
     queued: float = field(default_factory=time.monotonic)
+    deadline: float = math.inf  # time.monotonic() past which it is dropped
 
 
 class Batcher:
@@ -127,7 +175,11 @@ class Batcher:
         session: the open session; from ``start()`` on, only the worker uses its LM.
         max_batch: windows (scoring) or rows (generation) per batch at most.
         max_wait: seconds the oldest job may wait for others to join an unfilled batch.
-        max_pending: jobs allowed to wait; past it, submissions get ``ServiceUnavailable``.
+        max_pending: jobs allowed to wait; past it, submissions get ``QueueFull``.
+        request_timeout: seconds a job may take from its submission (None: no deadline);
+            past it, it gets ``DeadlineExceeded`` and leaves its batch.
+        batch_invariant: run every job in forwards of its own, shaped exactly as alone, so
+            its numbers are the same to the bit whatever else waits (batching is off).
     """
 
     def __init__(
@@ -137,18 +189,27 @@ class Batcher:
         max_batch: int = 8,
         max_wait: float = 0.005,
         max_pending: int = 1024,
+        request_timeout: float | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         if max_batch < 1 or max_pending < 1 or not 0 <= max_wait < math.inf:
             raise ValueError("max_batch and max_pending must be positive, max_wait >= 0")
+        if request_timeout is not None and not 0 < request_timeout < math.inf:
+            raise ValueError("request_timeout must be positive and finite, or None")
         self.session = session
         self.max_batch = max_batch
         self.max_wait = max_wait
         self.max_pending = max_pending
+        self.request_timeout = request_timeout
+        self.batch_invariant = batch_invariant
         self.stats = BatchStats()
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._waiting = 0  # submitted, not yet taken into a batch
+        self._live: dict[int, _Job] = {}  # id(future) -> job, until its future is done
         self._closed = False
+        self._drain_deadline = math.inf  # after it, the shutdown refuses what is left
+        self._seconds_per_job = 1.0  # running average of batch time per job, for Retry-After
         self._thread = threading.Thread(target=self._run, name="knnlm-model", daemon=True)
 
     # --- the handlers' side ----------------------------------------------------------------
@@ -188,6 +249,26 @@ class Batcher:
         job = _Job("complete", ("complete",), 1, ids, sampling, on_step, top_logprobs)
         return self._enqueue(job)
 
+    def cancel(self, future: Future[Any], reason: KnnlmError | None = None) -> bool:
+        """Stop the job behind ``future``, answering it with ``reason`` (``RequestCancelled``
+        by default): a waiting job never runs, a decoding row ends at the next step, and a
+        job being scored has its result dropped. False if it was done already (or unknown)."""
+        with self._lock:
+            job = self._live.get(id(future))
+        if job is None or job.future is not future or future.done():
+            return False
+        self.stats.cancelled += 1
+        _settle(future, error=reason or RequestCancelled("the request was cancelled"))
+        return True
+
+    def time_left(self, future: Future[Any]) -> float | None:
+        """Seconds until the deadline of the job behind ``future``; None without one."""
+        with self._lock:
+            job = self._live.get(id(future))
+        if job is None or job.deadline == math.inf:
+            return None
+        return max(0.0, job.deadline - time.monotonic())
+
     def knn_lm_for(self, options: KnnOptions) -> KnnLM:
         """The session's kNN-LM with a request's ``options`` (``Session.with_overrides``)."""
         return self.session.with_overrides(
@@ -212,20 +293,31 @@ class Batcher:
         return self._enqueue(_Job(kind, group, size, ids, args))
 
     def _enqueue(self, job: _Job) -> Future[Any]:
+        if self.request_timeout is not None:
+            job.deadline = job.queued + self.request_timeout
         with self._lock:
-            if self._closed:
+            if self._closed or time.monotonic() >= self._drain_deadline:
                 raise ServiceUnavailable("the server is shutting down")
             if self._waiting >= self.max_pending:
-                raise ServiceUnavailable(
-                    f"{self._waiting} requests are already waiting; retry in a moment"
+                retry_after = math.ceil(self._waiting * self._seconds_per_job)
+                raise QueueFull(
+                    f"{self._waiting} requests are already waiting, the most this server "
+                    f"queues (--max-queue); retry in {retry_after} s",
+                    retry_after=min(max(retry_after, 1), 600),
                 )
             if not self._thread.is_alive():
                 if self._thread.ident is not None:
                     raise ServiceUnavailable("the model worker stopped; restart the server")
                 self._thread.start()
             self._waiting += 1
+            self._live[id(job.future)] = job
             self._queue.put(job)
+        job.future.add_done_callback(self._forget)
         return job.future
+
+    def _forget(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._live.pop(id(future), None)
 
     def start(self) -> None:
         """Start the worker now (submitting a job also does)."""
@@ -234,17 +326,50 @@ class Batcher:
                 self._thread.start()
 
     @property
+    def waiting(self) -> int:
+        """Jobs submitted and not yet taken into a batch (the queue's depth)."""
+        return self._waiting
+
+    @property
     def healthy(self) -> bool:
         """Open, and the worker (once started) is running."""
         return not self._closed and (self._thread.ident is None or self._thread.is_alive())
 
+    @property
+    def drain_deadline(self) -> float:
+        """When (``time.monotonic``) a shutdown refuses what is left; inf before one."""
+        return self._drain_deadline
+
+    def drain(self, seconds: float) -> None:
+        """A shutdown with a deadline: jobs go on being taken and run for ``seconds``; then
+        every job still waiting or running is answered ``ServiceUnavailable`` (a decoding
+        row ends at its next step), and new ones are refused. ``close()`` stops the worker."""
+        with self._lock:
+            self._drain_deadline = min(self._drain_deadline, time.monotonic() + seconds)
+        timer = threading.Timer(max(seconds, 0.0), self._refuse_live)
+        timer.daemon = True
+        timer.start()
+
+    def _refuse_live(self) -> None:
+        with self._lock:
+            live = list(self._live.values())
+        for job in live:
+            if not job.future.done():
+                self.stats.cancelled += 1
+                _settle(job.future, error=_shutting_down())
+
     def close(self, timeout: float | None = None) -> None:
-        """Finish the batch in hand, refuse what still waits, and stop the worker."""
+        """Finish the batch in hand, refuse what still waits, and stop the worker; wait
+        ``timeout`` seconds for it at most (after ``drain()``, by default, until a second
+        past its deadline: a forward in hand cannot be interrupted, and the worker thread
+        is a daemon)."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             started = self._thread.ident is not None
+            if timeout is None and self._drain_deadline < math.inf:
+                timeout = max(self._drain_deadline + 1.0 - time.monotonic(), 0.0)
         if started:
             self._queue.put(None)
             self._thread.join(timeout)
@@ -265,9 +390,11 @@ class Batcher:
             closing = self._gather(pending)
             batch = self._take(pending)
             if batch:
+                started = time.perf_counter()
                 self._run_batch(batch)
+                self.stats.busy_seconds += time.perf_counter() - started
         for job in pending:
-            _settle(job.future, error=ServiceUnavailable("the server is shutting down"))
+            _settle(job.future, error=_shutting_down())
         self._refuse_queued()
 
     def _refuse_queued(self) -> None:
@@ -277,7 +404,7 @@ class Batcher:
             except queue.Empty:
                 return
             if job is not None:
-                _settle(job.future, error=ServiceUnavailable("the server is shutting down"))
+                _settle(job.future, error=_shutting_down())
 
     def _gather(self, pending: deque[_Job]) -> bool:
         """Move what was submitted into ``pending``, waiting up to ``max_wait`` after the
@@ -301,42 +428,74 @@ class Batcher:
         return sum(j.size for j in pending if j.group == group) >= self.max_batch
 
     def _take(self, pending: deque[_Job]) -> list[_Job]:
-        """The oldest job and the later ones of its group that fit, in arrival order;
-        jobs whose client gave up are dropped."""
+        """The oldest job and the later ones of its group that fit, in arrival order (only
+        the oldest when batch-invariant); jobs cancelled or past their deadline are dropped."""
         batch: list[_Job] = []
         size = 0
         rest: deque[_Job] = deque()
+        now = time.monotonic()
         while pending:
             job = pending.popleft()
-            fits = not batch or (job.group == batch[0].group and size + job.size <= self.max_batch)
+            fits = not batch or (
+                not self.batch_invariant
+                and job.group == batch[0].group
+                and size + job.size <= self.max_batch
+            )
             if not fits:
                 rest.append(job)
                 continue
             with self._lock:
                 self._waiting -= 1
-            if job.future.set_running_or_notify_cancel():  # False: cancelled while waiting
+            if now >= job.deadline:
+                self.stats.cancelled += 1
+                _settle(job.future, error=self.deadline_error())
+            if now >= self._drain_deadline:
+                _settle(job.future, error=_shutting_down())
+            if _start(job.future):  # False: cancelled or answered while it waited
                 batch.append(job)
                 size += job.size
         pending.extend(rest)
         return batch
 
-    def _run_batch(self, batch: list[_Job]) -> None:
+    def deadline_error(self) -> DeadlineExceeded:
+        """The error of a job past ``request_timeout``."""
+        return DeadlineExceeded(
+            f"the request took longer than this server's deadline of {self.request_timeout:g} s "
+            "(--request-timeout); retry when it is less busy, or ask for less"
+        )
+
+    def _run_batch(self, batch: list[_Job], *, retry: bool = True) -> None:
         kind = batch[0].kind
         self.stats.batches += 1
-        self.stats.requests += len(batch)
+        self.stats.requests += len(batch) if retry else 0  # a rerun is not a new request
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self.stats.shapes[(kind, len(batch), sum(job.size for job in batch))] += 1
+        started = time.monotonic()
         try:
             if kind == "complete":
                 self._complete(batch)
             else:
                 self._score(batch, explain=kind == "explain")
-        except KnnlmError as exc:
-            for job in batch:
-                _settle(job.future, error=exc)
         except Exception as exc:
-            log.exception("a batch of %d %s requests failed", len(batch), kind)
+            if retry and kind != "complete" and len(batch) > 1:
+                # one bad job must not fail the others: each runs again alone (decoding
+                # isolates its rows itself, and its rows may have streamed tokens already)
+                log.warning(
+                    "a batch of %d %s requests failed (%s); running each alone",
+                    len(batch),
+                    kind,
+                    type(exc).__name__,
+                )
+                for job in batch:
+                    if not job.future.done():
+                        self._run_batch([job], retry=False)
+                return
+            if not isinstance(exc, KnnlmError):
+                log.exception("a batch of %d %s requests failed", len(batch), kind)
             for job in batch:
                 _settle(job.future, error=exc)
+        seconds = (time.monotonic() - started) / len(batch)
+        self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
 
     def _score(self, batch: list[_Job], *, explain: bool) -> None:
         """One ``KnnLM.score`` over every text of the batch, split back per text."""
@@ -353,6 +512,8 @@ class Batcher:
         rows: list[list[Any]] = [[] for _ in batch]
         for scored in runner.score([job.ids for job in batch], full=explain):
             self.stats.lm_forwards += scored.lm.forwards
+            self.stats.tokens[batch[0].kind] += len(scored)
+            self.stats.count_searches(batch[0].kind, scored.searched)
             sequence = scored.lm.sequence  # [m], index into the batch
             if explain:
                 top, neighbours = batch[0].args
@@ -380,10 +541,23 @@ class Batcher:
 
         stop = set(self.session.lm.stop_ids)
         got: list[list[int]] = [[] for _ in batch]
+        steps = 0
 
         def on_token(row: int, step: Step) -> bool:
+            nonlocal steps
             job = batch[row]
             got[row].append(step.token)
+            if len(got[row]) > steps:  # the first row to report a step: one more forward
+                steps = len(got[row])
+                self.stats.lm_forwards += 1
+            now = time.monotonic()
+            if now >= job.deadline and not job.future.done():
+                self.stats.cancelled += 1
+                _settle(job.future, error=self.deadline_error())
+            if now >= self._drain_deadline:
+                _settle(job.future, error=_shutting_down())
+            if job.future.done():  # cancelled, past its deadline, or the shutdown's
+                return False
             go_on = True
             if job.on_step is not None:
                 try:
@@ -400,17 +574,37 @@ class Batcher:
             log.warning("sampling failed for one request of a batch: %s", error)
             _settle(batch[row].future, error=error)
 
+        knn_lm = self.session.knn_lm  # its gate tallies, as decode does not report searches
         out = decode(
-            self.session.knn_lm,
+            knn_lm.with_options(gate=_TalliedGate(knn_lm.gate, self.stats)),
             [job.ids for job in batch],
             [job.args for job in batch],
             on_token=on_token,
             on_error=on_error,
             top_logprobs=max(job.top_logprobs for job in batch),
         )
-        self.stats.lm_forwards += max(len(tokens) for tokens in out)  # one step per token
+        self.stats.tokens["complete"] += sum(len(tokens) for tokens in out)
         for job, tokens in zip(batch, out, strict=True):
             _settle(job.future, result=tokens)
+
+
+class _TalliedGate:
+    """A kNN-LM's retrieval gate (None: search everywhere) that counts its decisions into
+    ``stats`` as ``complete`` searches, for GET /metrics; it decides exactly as the gate."""
+
+    def __init__(self, gate: RetrievalGate | None, stats: BatchStats) -> None:
+        self.gate = gate
+        self.stats = stats
+
+    def __call__(self, lm_entropy: torch.Tensor, lm_max_log_prob: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        if self.gate is None:
+            searched = torch.ones(len(lm_entropy), dtype=torch.bool, device=lm_entropy.device)
+        else:
+            searched = self.gate(lm_entropy, lm_max_log_prob)
+        self.stats.count_searches("complete", searched)
+        return searched
 
 
 def _token_scores(parts: list[tuple[np.ndarray, ...]]) -> TokenScores:
@@ -425,6 +619,20 @@ def _token_scores(parts: list[tuple[np.ndarray, ...]]) -> TokenScores:
         lambdas=lambdas[order],
         searched=searched[order],
     )
+
+
+def _shutting_down() -> ServiceUnavailable:
+    return ServiceUnavailable("the server is shutting down; retry on another replica or later")
+
+
+def _start(future: Future[Any]) -> bool:
+    """Mark a taken job running; False when it was cancelled or answered while it waited."""
+    if future.done():
+        return False
+    try:
+        return future.set_running_or_notify_cancel()
+    except RuntimeError:  # answered (cancel(), the shutdown) between the check and now
+        return False
 
 
 def _settle(future: Future[Any], *, result: Any = None, error: BaseException | None = None) -> None:

@@ -1,15 +1,20 @@
-"""Request and response bodies of the HTTP API.
+"""Request and response bodies of knnlm's own routes (score, explain, health), the error
+body every route shares, and the text checks the OpenAI routes use too
+(``openai_protocol`` holds those routes' models).
 
 Requests are strict: a number must be a JSON number, a string a JSON string, and unknown
-fields are refused rather than ignored, so a client never believes a setting took effect
-when it did not. Floats are finite; a log-probability of -inf (probability 0) is ``null``.
+fields are refused by name rather than ignored, so a client never believes a setting took
+effect when it did not. Texts must be valid Unicode (a lone surrogate such as ``"\\ud800"``
+is refused, naming the field). Floats are finite; a log-probability of -inf (probability 0)
+is ``null``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from knn_store.settings import MAX_TOP_K
 
@@ -18,13 +23,35 @@ class _Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 
 
+def valid_unicode(value: str) -> str:
+    """Refuse a string that UTF-8 cannot encode: JSON's ``\\ud800`` escapes decode to lone
+    surrogates, which the tokenizer would fail on deep inside a batch.
+
+    >>> valid_unicode("ab\\ud800cd")
+    Traceback (most recent call last):
+    pydantic_core._pydantic_core.PydanticCustomError: holds a lone surrogate (U+D800 at ...
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise PydanticCustomError(
+            "invalid_text",
+            "holds a lone surrogate (U+{code} at character {at}), which is not valid "
+            "Unicode: send UTF-8 text",
+            {"code": f"{ord(bad):04X}", "at": exc.start},
+        ) from None
+    return value
+
+
 def _not_blank(value: str) -> str:
     if not value.strip():
         raise ValueError("is empty: give some text")
     return value
 
 
-Text = Annotated[str, AfterValidator(_not_blank)]
+UnicodeText = Annotated[str, AfterValidator(valid_unicode)]
+Text = Annotated[str, AfterValidator(valid_unicode), AfterValidator(_not_blank)]
 
 
 class ScoreRequest(_Request):
@@ -65,46 +92,6 @@ class ScoreResponse(BaseModel):
     base_perplexity: float | None
     knn_perplexity: float | None = Field(description="null where it is infinite (see note).")
     note: str | None = None
-
-
-class CompletionRequest(_Request):
-    """An OpenAI-style completion request; sampling as `knnlm generate`'s."""
-
-    prompt: str = Field(description="Text to continue.")
-    max_tokens: int = Field(default=16, ge=1, description="Tokens to add at most.")
-    temperature: float = Field(
-        default=1.0, ge=0.0, allow_inf_nan=False, description="Sampling temperature; 0 = greedy."
-    )
-    top_p: float = Field(
-        default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling."
-    )
-    seed: int | None = Field(
-        default=None, ge=0, le=2**63 - 1, description="Random seed, for repeatable samples."
-    )
-    stream: bool = Field(default=False, description="Server-sent events, one per token.")
-    model: str | None = Field(default=None, description="Ignored: the server has one model.")
-
-
-class CompletionChoice(BaseModel):
-    text: str
-    index: int = 0
-    finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
-
-
-class Usage(BaseModel):
-    prompt_tokens: int = Field(description="Prompt tokens as the model sees them, BOS included.")
-    completion_tokens: int
-    total_tokens: int
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage | None = None
 
 
 class ExplainRequest(_Request):
@@ -164,8 +151,17 @@ class Ready(BaseModel):
     largest_batch: int
 
 
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What was wrong and what to do, in one line.")
+    type: str = Field(description="invalid_request_error, authentication_error, ...")
+    param: str | None = Field(default=None, description="The request field at fault.")
+    code: str | None = Field(default=None, description="A machine-readable reason.")
+
+
 class ErrorBody(BaseModel):
-    error: str = Field(description="What was wrong, in one line.")
+    """OpenAI's error body, on every route."""
+
+    error: ErrorDetail
 
 
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:

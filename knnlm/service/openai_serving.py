@@ -1,0 +1,763 @@
+"""OpenAI's completions, chat completions and models over the ``Batcher``: requests become
+decoding rows, and the rows' tokens become OpenAI's responses or server-sent events.
+
+- Each prompt gets ``n`` rows, submitted together so that they share the batch (and with
+  ``seed``, row ``index`` samples with ``seed + index``: choice 1 of a request with seed 7
+  is choice 0 of the same request with seed 8).
+- Stop strings are matched in the decoded text on the model's worker thread, so a row ends
+  at the token that completes one; the text ends before it, ``finish_reason`` is "stop" and
+  ``stop_reason`` names it. An end-of-text token also gives "stop" (``stop_reason`` null);
+  running out of ``max_tokens`` gives "length".
+- Log-probabilities are those of the distribution sampled from (the kNN-LM's interpolation,
+  or the LM's with ``knn: false``), before temperature and top_p reshape it: the numbers
+  ``/v1/score`` gives for the same text. Echoed prompt tokens take theirs from the same
+  scoring as ``/v1/score``; their ``top_logprobs`` are null (scoring keeps only the token
+  that came).
+- A stream ends its rows when its client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from knn_store.errors import KnnlmError
+from knnlm.service.batcher import Batcher, KnnOptions, TokenScores
+from knnlm.service.detokenize import ChoiceText, TokenEntry, finite, token_offsets
+from knnlm.service.errors import ApiError, error_body, knnlm_error_status, one_line
+from knnlm.service.openai_protocol import (
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatResponseMessage,
+    ChatTokenLogprob,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    TopLogprob,
+    Usage,
+    _Sampling,
+)
+from knnlm.service.waiting import result_or_cancel
+
+if TYPE_CHECKING:
+    from knn_store.generation import Sampling, Step
+    from knn_store.lm import LanguageModel
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    ids: np.ndarray  # int64 [n], BOS first
+    text: str  # as echo shows it
+    max_new: int  # tokens to add at most; 0: none (echo only)
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """The echoed prompts' scores, one per prompt (None: nothing to predict)."""
+
+    per_prompt: list[TokenScores | None]
+    n: int  # choices per prompt
+    knn: bool  # the kNN-LM's numbers, or the LM's
+
+    def of(self, row: _Row) -> TokenScores | None:
+        return self.per_prompt[row.index // self.n]
+
+
+@dataclass
+class _Row:
+    """One choice being generated."""
+
+    index: int
+    prompt: _Prompt
+    text: ChoiceText
+    future: Future[list[int]]
+    on_step: _OnStep | None  # None: nothing to generate (echo with max_tokens 0)
+
+
+class OpenAIServing:
+    """Turns OpenAI requests into batcher calls, and the batcher's tokens into answers.
+
+    Args:
+        batcher: the model's worker.
+        lm: the served LM (its tokenizer decodes; its name is the model id).
+        collection: the datastore's name, shown on the model card.
+        max_completion_tokens: the most tokens one choice may ask for.
+        max_text_tokens: the most tokens of one prompt.
+        max_choices: prompts times n at most per request.
+    """
+
+    def __init__(
+        self,
+        batcher: Batcher,
+        lm: LanguageModel,
+        *,
+        collection: str,
+        max_completion_tokens: int,
+        max_text_tokens: int,
+        max_choices: int = 16,
+    ) -> None:
+        self.batcher = batcher
+        self.lm = lm
+        self.model_id = lm.name
+        self.collection = collection
+        self.max_completion_tokens = max_completion_tokens
+        self.max_text_tokens = max_text_tokens
+        self.max_choices = max_choices
+        self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
+
+    # --- models ----------------------------------------------------------------------------
+
+    def card(self) -> ModelCard:
+        return ModelCard(
+            id=self.model_id,
+            created=self.created,
+            max_model_len=self.lm.max_positions,
+            collection=self.collection,
+        )
+
+    def models(self) -> ModelList:
+        return ModelList(data=[self.card()])
+
+    def model(self, model_id: str) -> ModelCard:
+        self._check_model(model_id, param=None)
+        return self.card()
+
+    def _check_model(self, model_id: str | None, *, param: str | None = "model") -> None:
+        if model_id is not None and model_id != self.model_id:
+            raise ApiError(
+                404,
+                f"the model {model_id!r} does not exist: this server serves "
+                f"{self.model_id!r} (GET /v1/models); name it or leave 'model' out",
+                param=param,
+                code="model_not_found",
+            )
+
+    # --- completions -----------------------------------------------------------------------
+
+    async def completions(
+        self, body: CompletionRequest, request: Request
+    ) -> CompletionResponse | StreamingResponse:
+        """OpenAI's completions: ``n`` choices per prompt, as `knnlm generate` would write
+        them with the same seed."""
+        self._check_common(body)
+        if body.best_of is not None and body.best_of != body.n:
+            raise ApiError(
+                400,
+                f"best_of: only equal to n ({body.n}) here: this server returns every "
+                "choice it samples",
+                param="best_of",
+                code="unsupported_parameter",
+            )
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(
+                400,
+                "max_tokens: 0 only with echo (to score the prompt); ask for at least 1 token",
+                param="max_tokens",
+            )
+        prompts = await self._completion_prompts(body)
+        rows = self._submit(prompts, body, top=body.logprobs or 0)
+        echo = bool(body.echo)
+        want = body.logprobs is not None
+        scores = None
+        if echo and want:
+            try:
+                scores = await self._prompt_scores(prompts, body, request)
+            except BaseException:
+                _abandon(rows, self.batcher)
+                raise
+        head = self._head("cmpl")
+        if body.stream:
+            format_ = _CompletionEvents(self, head, rows, echo=echo, want=want, scores=scores)
+            return self._stream(rows, format_, body)
+        await self._finish(rows, request)
+        choices = [
+            CompletionChoice(
+                index=row.index,
+                text=(row.prompt.text if echo else "") + row.text.text,
+                logprobs=_completion_logprobs(self.entries(row, echo, scores)) if want else None,
+                finish_reason=self._finish_reason(row),
+                stop_reason=row.text.stop_reason,
+            )
+            for row in rows
+        ]
+        return CompletionResponse(**head, choices=choices, usage=_usage(rows))
+
+    async def _completion_prompts(self, body: CompletionRequest) -> list[_Prompt]:
+        prompt = body.prompt
+        if isinstance(prompt, str):
+            given: list[str | list[int]] = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            given = [list(prompt)]  # type: ignore[arg-type]
+        else:
+            given = list(prompt)  # type: ignore[arg-type]
+        if not given:
+            raise ApiError(400, "prompt: give at least one prompt", param="prompt")
+        self._check_choices(len(given), body.n)
+        out = []
+        for i, one in enumerate(given):
+            field = "prompt" if len(given) == 1 else f"prompt.{i}"
+            if isinstance(one, str):
+                ids = await self._encode(one, field)
+                text = one
+            else:
+                ids, text = await self._token_prompt(one, field)
+            out.append(_Prompt(ids, text, self._max_new(ids, body.max_tokens, "max_tokens")))
+        return out
+
+    async def _token_prompt(self, ids: list[int], field: str) -> tuple[np.ndarray, str]:
+        vocab = self.lm.vocab_size
+        if not ids:
+            raise ApiError(400, f"{field}: give at least one token id", param=field)
+        if max(ids) >= vocab:
+            raise ApiError(
+                400,
+                f"{field}: token id {max(ids)} is past the vocabulary ({vocab} tokens)",
+                param=field,
+            )
+        full = np.asarray(self.lm.prefix_ids + ids, dtype=np.int64)
+        self._check_length(full, field)
+        text = await run_in_threadpool(self._decode, ids)
+        return full, text
+
+    # --- chat ------------------------------------------------------------------------------
+
+    async def chat(
+        self, body: ChatCompletionRequest, request: Request
+    ) -> ChatCompletionResponse | StreamingResponse:
+        """OpenAI's chat completions: the model's chat template makes the prompt, and the
+        kNN-LM writes the assistant's reply."""
+        self._check_common(body)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(
+                400,
+                "top_logprobs: only with logprobs: true",
+                param="top_logprobs",
+            )
+        limit = body.max_completion_tokens
+        if body.max_tokens is not None:
+            if limit is not None and limit != body.max_tokens:
+                raise ApiError(
+                    400,
+                    "max_tokens and max_completion_tokens differ: send one of them",
+                    param="max_tokens",
+                )
+            limit = body.max_tokens
+        self._check_choices(1, body.n)
+        ids = await self._chat_prompt(body)
+        field = "max_completion_tokens" if body.max_tokens is None else "max_tokens"
+        prompts = [_Prompt(ids, "", self._max_new(ids, limit, field))]
+        want = bool(body.logprobs)
+        rows = self._submit(prompts, body, top=(body.top_logprobs or 0) if want else 0)
+        head = self._head("chatcmpl")
+        if body.stream:
+            return self._stream(rows, _ChatEvents(self, head, rows, want=want), body)
+        await self._finish(rows, request)
+        choices = [
+            ChatChoice(
+                index=row.index,
+                message=ChatResponseMessage(content=row.text.text),
+                logprobs=_chat_logprobs(row.text.kept_entries()) if want else None,
+                finish_reason=self._finish_reason(row),
+                stop_reason=row.text.stop_reason,
+            )
+            for row in rows
+        ]
+        return ChatCompletionResponse(**head, choices=choices, usage=_usage(rows))
+
+    async def _chat_prompt(self, body: ChatCompletionRequest) -> np.ndarray:
+        tokenizer = self.lm.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ApiError(
+                400,
+                f"the model {self.model_id!r} has no chat template: use /v1/completions with "
+                "a prompt in the model's own format",
+                param="messages",
+                code="no_chat_template",
+            )
+        messages = [
+            # templates know system, user and assistant; OpenAI's developer is the system
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in body.messages
+        ]
+
+        def render() -> str:
+            return tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+
+        try:
+            text = await run_in_threadpool(render)
+        except Exception as exc:  # the template's own refusal (roles out of order, ...)
+            raise ApiError(
+                400, f"messages: the chat template refused them: {one_line(exc)}", param="messages"
+            ) from exc
+        bos = tokenizer.bos_token
+        if bos and self.lm.prefix_ids and text.startswith(bos):
+            text = text[len(bos) :]  # encode puts the BOS first, as for every text
+        return await self._encode(text, "messages")
+
+    # --- shared ----------------------------------------------------------------------------
+
+    def _check_common(self, body: _Sampling) -> None:
+        self._check_model(body.model)
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options: only with stream: true", param="stream_options")
+
+    def _check_choices(self, prompts: int, n: int) -> None:
+        if prompts * n > self.max_choices:
+            raise ApiError(
+                400,
+                f"n: {prompts} prompts times n = {n} is {prompts * n} choices, more than this "
+                f"server makes per request ({self.max_choices})",
+                param="n",
+            )
+
+    async def _encode(self, text: str, field: str) -> np.ndarray:
+        ids = await run_in_threadpool(self.lm.encode, text)
+        self._check_length(ids, field)
+        return ids
+
+    def _check_length(self, ids: np.ndarray, field: str) -> None:
+        if len(ids) > self.max_text_tokens:
+            raise ApiError(
+                413,
+                f"{field}: {len(ids):,} tokens, more than this server takes "
+                f"({self.max_text_tokens:,})",
+                param=field,
+            )
+
+    def _max_new(self, ids: np.ndarray, asked: int | None, field: str) -> int:
+        room = self.lm.max_positions - len(ids)
+        if asked is None:  # as many as the server and the context allow
+            if room < 1:
+                raise ApiError(
+                    400,
+                    f"the prompt ({len(ids)} tokens) fills the model's context "
+                    f"({self.lm.max_positions} tokens): shorten it",
+                    param=field,
+                    code="context_length_exceeded",
+                )
+            return min(room, self.max_completion_tokens)
+        if asked > self.max_completion_tokens:
+            raise ApiError(
+                400, f"{field}: at most {self.max_completion_tokens} on this server", param=field
+            )
+        if asked > room:
+            raise ApiError(
+                400,
+                f"the prompt ({len(ids)} tokens) plus {field} ({asked}) exceeds the model's "
+                f"context ({self.lm.max_positions} tokens)",
+                param=field,
+                code="context_length_exceeded",
+            )
+        return asked
+
+    def _submit(self, prompts: Sequence[_Prompt], body: _Sampling, *, top: int) -> list[_Row]:
+        """n rows per prompt, submitted back to back so that they share a batch."""
+        from knn_store.generation import Sampling
+
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        plans: list[tuple[_Prompt, Sampling | None]] = []
+        for p, prompt in enumerate(prompts):
+            for i in range(body.n):
+                index = p * body.n + i
+                seed = None if body.seed is None else body.seed + index
+                sampling = None
+                if prompt.max_new:
+                    sampling = Sampling(
+                        temperature=1.0 if body.temperature is None else body.temperature,
+                        top_p=1.0 if body.top_p is None else body.top_p,
+                        top_k=body.top_k or 0,
+                        seed=seed,
+                        max_new_tokens=prompt.max_new,
+                        knn=body.knn,
+                    )
+                plans.append((prompt, sampling))
+        rows: list[_Row] = []
+        try:
+            for index, (prompt, sampling) in enumerate(plans):
+                text = ChoiceText(self._decode, decode_one=self._decode_one, stops=stops)
+                on_step = None
+                if sampling is None:
+                    future: Future[list[int]] = Future()
+                    future.set_result([])
+                else:
+                    on_step = _OnStep(text, want_top=top > 0)
+                    future = self.batcher.complete(
+                        prompt.ids, sampling, on_step=on_step, top_logprobs=top
+                    )
+                rows.append(_Row(index, prompt, text, future, on_step))
+        except BaseException:
+            _abandon(rows, self.batcher)
+            raise
+        return rows
+
+    async def _finish(self, rows: list[_Row], request: Request) -> None:
+        """Wait for every row; if the client leaves or one row fails, end the others."""
+        try:
+            for row in rows:  # one at a time: one listener on the client's disconnect
+                await result_or_cancel(request, row.future, self.batcher)
+        except BaseException:
+            _abandon(rows, self.batcher)
+            raise
+
+    async def _prompt_scores(
+        self, prompts: Sequence[_Prompt], body: CompletionRequest, request: Request
+    ) -> _Scores:
+        """/v1/score's numbers for every prompt that has a token to predict."""
+        futures = [
+            self.batcher.score(p.ids, KnnOptions()) if len(p.ids) >= 2 else None for p in prompts
+        ]
+        scores = [
+            None if f is None else await result_or_cancel(request, f, self.batcher) for f in futures
+        ]
+        return _Scores(scores, n=body.n, knn=body.knn)
+
+    def entries(self, row: _Row, echo: bool, scores: _Scores | None) -> list[TokenEntry]:
+        """The row's token records, the echoed prompt's first."""
+        generated = row.text.kept_entries()
+        if not echo:
+            return generated
+        shift = len(row.prompt.text)
+        return [*self.prompt_entries(row, scores), *(_shifted(e, shift) for e in generated)]
+
+    def prompt_entries(self, row: _Row, scores: _Scores | None) -> list[TokenEntry]:
+        """The echoed prompt's tokens (BOS left out), with /v1/score's log-probabilities."""
+        prefix = len(self.lm.prefix_ids)
+        ids = row.prompt.ids.tolist()[prefix:]
+        log_probs: list[float | None] = [None] * len(ids)
+        score = None if scores is None else scores.of(row)
+        if score is not None:
+            values = score.knn_log_probs if scores.knn else score.base_log_probs
+            for i in range(len(ids)):
+                at = prefix + i - 1  # values[j] is ln p of prompt.ids[j + 1]
+                if at >= 0:
+                    log_probs[i] = finite(float(values[at]))
+        offsets = token_offsets(self._decode, ids)
+        return [
+            TokenEntry(self._decode_one(t), lp, None, off)
+            for t, lp, off in zip(ids, log_probs, offsets, strict=True)
+        ]
+
+    def _finish_reason(self, row: _Row) -> str:
+        tokens = row.text.tokens
+        if row.text.stop_reason is not None or (tokens and tokens[-1] in self.lm.stop_ids):
+            return "stop"
+        return "length"
+
+    def _head(self, prefix: str) -> dict[str, Any]:
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.model_id,
+        }
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        """Text as `knnlm generate` decodes it."""
+        return self.lm.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def _decode_one(self, token: int) -> str:
+        """One token as text, special tokens by name (an end-of-text shows)."""
+        text = self._token_text.get(token)
+        if text is None:
+            text = self.lm.tokenizer.decode([token])
+            self._token_text[token] = text
+        return text
+
+    def _stream(self, rows: list[_Row], events: _Events, body: _Sampling) -> StreamingResponse:
+        options = body.stream_options
+        usage = bool(options and options.include_usage)
+        return StreamingResponse(
+            _sse(rows, events, usage=usage, batcher=self.batcher),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+
+class _OnStep:
+    """The batcher's callback for one row, on the model's worker thread: feeds the row's
+    text, tells a stream, and ends the row at a stop string or once the client is gone."""
+
+    def __init__(self, text: ChoiceText, *, want_top: bool) -> None:
+        self.text = text
+        self.want_top = want_top
+        self.listener: Callable[[], None] | None = None
+        self.gone = False
+        # (text a stream may send, entries within it): replaced whole, so that the event
+        # loop's thread never reads a half-updated ChoiceText
+        self.snapshot: tuple[str, int] = ("", 0)
+
+    def __call__(self, step: Step) -> bool:
+        go_on = self.text.add(step.token, step.log_prob, step.top if self.want_top else None)
+        sendable = self.text.sendable()
+        self.snapshot = (sendable, self.text.ready(len(sendable)))
+        if self.listener is not None:
+            self.listener()
+        return go_on and not self.gone
+
+
+def _abandon(rows: Sequence[_Row], batcher: Batcher) -> None:
+    """End rows nobody waits for: a queued one never runs, a running one ends at its next
+    step (done ones are left as they are)."""
+    for row in rows:
+        batcher.cancel(row.future)
+        if row.on_step is not None:
+            row.on_step.gone = True
+
+
+def _shifted(entry: TokenEntry, by: int) -> TokenEntry:
+    return TokenEntry(entry.token, entry.logprob, entry.top, entry.offset + by)
+
+
+def _usage(rows: Sequence[_Row]) -> Usage:
+    """Each prompt counts once, whatever its n; every choice's tokens count."""
+    prompts = {id(row.prompt): row.prompt for row in rows}
+    prompt_tokens = sum(len(p.ids) for p in prompts.values())
+    completion = sum(len(row.text.tokens) for row in rows)
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=prompt_tokens + completion,
+    )
+
+
+def _completion_logprobs(entries: Sequence[TokenEntry]) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[None if e.top is None else dict(e.top) for e in entries],
+        text_offset=[e.offset for e in entries],
+    )
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def _chat_logprobs(entries: Sequence[TokenEntry]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=e.token,
+                logprob=-9999.0 if e.logprob is None else e.logprob,  # OpenAI's "unlikely"
+                bytes=_bytes(e.token),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=lp, bytes=_bytes(t)) for t, lp in e.top or ()
+                ],
+            )
+            for e in entries
+        ]
+    )
+
+
+# --- streams --------------------------------------------------------------------------------
+
+
+class _Events:
+    """What the chunks of one kind of stream look like."""
+
+    def __init__(self, serving: OpenAIServing, head: dict[str, Any], rows: list[_Row]) -> None:
+        self.serving = serving
+        self.head = head
+        self.rows = rows
+
+    def opening(self, row: _Row) -> dict[str, Any] | None:
+        return None
+
+    def delta(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def closing(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def usage(self) -> dict[str, Any]:
+        return {
+            **self.head,
+            "object": self.object,
+            "choices": [],
+            "usage": _usage(self.rows).model_dump(),
+        }
+
+    object = ""
+
+
+class _CompletionEvents(_Events):
+    object = "text_completion"
+
+    def __init__(
+        self,
+        serving: OpenAIServing,
+        head: dict[str, Any],
+        rows: list[_Row],
+        *,
+        echo: bool,
+        want: bool,
+        scores: _Scores | None,
+    ) -> None:
+        super().__init__(serving, head, rows)
+        self.echo = echo
+        self.want = want
+        self.scores = scores
+
+    def _chunk(
+        self, row: _Row, text: str, entries: list[TokenEntry], finish: str | None = None
+    ) -> dict[str, Any]:
+        logprobs = None
+        if self.want:
+            logprobs = _completion_logprobs(entries).model_dump()
+        choice = {
+            "index": row.index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": row.text.stop_reason if finish else None,
+        }
+        return {**self.head, "object": self.object, "choices": [choice]}
+
+    def _shift(self, row: _Row, entries: list[TokenEntry]) -> list[TokenEntry]:
+        by = len(row.prompt.text) if self.echo else 0
+        return [_shifted(e, by) for e in entries]
+
+    def opening(self, row: _Row) -> dict[str, Any] | None:
+        if not self.echo:
+            return None
+        entries = self.serving.prompt_entries(row, self.scores) if self.want else []
+        return self._chunk(row, row.prompt.text, entries)
+
+    def delta(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
+        return self._chunk(row, text, self._shift(row, entries))
+
+    def closing(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
+        finish = self.serving._finish_reason(row)
+        return self._chunk(row, text, self._shift(row, entries), finish)
+
+
+class _ChatEvents(_Events):
+    object = "chat.completion.chunk"
+
+    def __init__(
+        self, serving: OpenAIServing, head: dict[str, Any], rows: list[_Row], *, want: bool
+    ) -> None:
+        super().__init__(serving, head, rows)
+        self.want = want
+
+    def _chunk(
+        self,
+        row: _Row,
+        delta: dict[str, Any],
+        entries: list[TokenEntry] | None,
+        finish: str | None = None,
+    ) -> dict[str, Any]:
+        logprobs = None
+        if self.want and entries is not None:
+            logprobs = _chat_logprobs(entries).model_dump()
+        choice = {
+            "index": row.index,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": row.text.stop_reason if finish else None,
+        }
+        return {**self.head, "object": self.object, "choices": [choice]}
+
+    def opening(self, row: _Row) -> dict[str, Any] | None:
+        return self._chunk(row, {"role": "assistant", "content": ""}, None)
+
+    def delta(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
+        return self._chunk(row, {"content": text}, entries)
+
+    def closing(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
+        delta = {"content": text} if text else {}
+        return self._chunk(row, delta, entries, self.serving._finish_reason(row))
+
+
+def _event(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def _sse(
+    rows: list[_Row], events: _Events, *, usage: bool, batcher: Batcher
+) -> AsyncIterator[str]:
+    """Server-sent events: each row's opening chunk, then its text deltas as they become
+    safe to send (with the records of the tokens in them), its closing chunk with the
+    finish reason, the usage when asked, and ``[DONE]``. A row's deltas add up to its
+    non-streamed text; rows interleave, told apart by ``index``."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+
+    def notify() -> None:  # on the model's worker thread, or where a future settles
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+    for row in rows:
+        if row.on_step is not None:
+            row.on_step.listener = notify
+        row.future.add_done_callback(lambda _: notify())
+    sent = {row.index: "" for row in rows}  # generated text sent
+    sent_entries = {row.index: 0 for row in rows}
+    done: set[int] = set()
+    try:
+        for row in rows:
+            opening = events.opening(row)
+            if opening is not None:
+                yield _event(opening)
+        while len(done) < len(rows):
+            wake.clear()
+            for row in rows:
+                if row.index in done:
+                    continue
+                i = row.index
+                if row.future.done():
+                    failure = _failure(row.future)
+                    if failure is not None:
+                        yield _event(failure)
+                        return
+                    text = row.text.text
+                    rest = text[len(sent[i]) :] if text.startswith(sent[i]) else ""
+                    entries = row.text.kept_entries()[sent_entries[i] :]
+                    yield _event(events.closing(row, rest, entries))
+                    done.add(i)
+                    continue
+                if row.on_step is None:
+                    continue
+                text, ready = row.on_step.snapshot
+                if len(text) > len(sent[i]) and text.startswith(sent[i]):
+                    entries = row.text.entries[sent_entries[i] : ready]
+                    yield _event(events.delta(row, text[len(sent[i]) :], entries))
+                    sent[i], sent_entries[i] = text, max(ready, sent_entries[i])
+            if len(done) < len(rows):
+                await wake.wait()
+        if usage:
+            yield _event(events.usage())
+        yield "data: [DONE]\n\n"
+    finally:
+        _abandon(rows, batcher)  # a client gone mid-stream: its rows end at their next token
+
+
+def _failure(future: Future[list[int]]) -> dict[str, Any] | None:
+    """The error event of a row that failed, or None."""
+    if future.cancelled():
+        return error_body(503, "the request was cancelled")
+    error = future.exception()
+    if error is None:
+        return None
+    if isinstance(error, KnnlmError):
+        return error_body(knnlm_error_status(error), str(error))
+    return error_body(500, "internal error; the server log has the details")
