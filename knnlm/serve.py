@@ -116,8 +116,9 @@ if TYPE_CHECKING:
 @click.option(
     "--serve-api-key",
     envvar="KNNLM_SERVE_API_KEY",
-    help="Require 'Authorization: Bearer KEY' of clients (not on /healthz, /readyz); prefer "
-    "the KNNLM_SERVE_API_KEY variable, which no process list shows. (--api-key is Qdrant's.)",
+    help="Require 'Authorization: Bearer KEY' of clients (not on /healthz, /readyz or the "
+    "page at /, which asks for it); prefer the KNNLM_SERVE_API_KEY variable, which no process "
+    "list shows. (--api-key is Qdrant's.)",
 )
 @click.option(
     "--access-log",
@@ -149,8 +150,9 @@ def serve(
     **params: Any,
 ) -> None:
     """Serve the kNN-LM over HTTP: /v1/score, /v1/explain, /v1/collection, OpenAI's
-    /v1/completions, /v1/chat/completions and /v1/models, /healthz and /readyz; the API is
-    described at /docs.
+    /v1/completions, /v1/chat/completions and /v1/models, /metrics (Prometheus), /version,
+    /healthz and /readyz; the API is described at /docs, and / is a page that shows what
+    the memory did for a text (open it in a browser).
 
     Requests that arrive together share LM forwards and searches. Scores equal `knnlm
     eval`'s with the same flags (to float rounding when batched; to the bit with
