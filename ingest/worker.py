@@ -33,6 +33,7 @@ from knn_store.store.base import (
     CONTEXT_FIELD,
     DOC_FIELD,
     DOMAIN_FIELD,
+    NEXT_FIELD,
     OFFSET_FIELD,
     SOURCE_FIELD,
 )
@@ -276,6 +277,12 @@ class IngestWorker:
                 {**base, OFFSET_FIELD: int(p), CONTEXT_FIELD: c}
                 for p, c in zip(positions, contexts, strict=True)
             ]
+            if self.store.meta is not None and self.store.meta.successors:
+                # a collection linked by `rebuild --successors`: each point names its
+                # successor's value (the token two places on), -1 at the document's end
+                after = np.append(doc.ids, -1)[np.minimum(positions + 2, len(doc.ids))]
+                for payload, nxt in zip(payloads[-len(positions) :], after, strict=True):
+                    payload[NEXT_FIELD] = int(nxt)
         return PointBatch(ids=ids, keys=keys, payloads=payloads)
 
 

@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from knn_store.errors import CorpusError
+from knn_store.doc_cache import CacheState, DocumentCache
+from knn_store.errors import ConfigError, CorpusError
 from knn_store.gate import RetrievalGate
 from knn_store.knn import interpolate, knn_log_probs, knn_target_log_probs
 from knn_store.lambdas import LambdaPolicy, QueryFeatures
 from knn_store.lm import LanguageModel
+from knn_store.pointers import UNKNOWN, PointerState, follow, pointer_neighbours
 from knn_store.progress import Progress, no_progress
 from knn_store.store.base import KnnStore, Neighbours, PointFilter
 from knn_store.store.config import SearchOptions
@@ -60,6 +62,9 @@ class Scored:
     knn_log_probs: torch.Tensor | None  # float32 [m, V], with full distributions
     log_probs: torch.Tensor | None  # float32 [m, V], the kNN-LM's, with full distributions
     search_seconds: float
+    # bool [m], positions scored from followed pointers instead of a search (pointer
+    # following on); None when it is off
+    followed: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.lm.targets)
@@ -74,6 +79,7 @@ class EvalResult:
     search_seconds: float
     queries: int  # positions actually searched (the gate may skip some)
     zero_prob_tokens: int  # tokens the kNN-LM gave probability 0 (lambda 1, no neighbour)
+    followed: int | None = None  # positions scored from followed pointers (None: off)
 
     @property
     def base_perplexity(self) -> float:
@@ -103,6 +109,7 @@ class EvalResult:
             "skipped_share": self.skipped_share,
             "search_ms_per_query": self.search_ms_per_query,
             "zero_probability_tokens": self.zero_prob_tokens,
+            **({} if self.followed is None else {"followed_pointers": self.followed}),
         }
 
 
@@ -121,6 +128,11 @@ class KnnLM:
         window, stride: sliding windows over long texts (``knn_store.windows``).
         batch_size: windows per LM forward.
         search_batch: queries per search request.
+        pointer_min: follow pointers (``knn_store.pointers``) and skip the search where at
+            least this many successors remain; 0 (the default) searches every position.
+            Needs a collection made with ``knnlm rebuild --successors``.
+        cache: a document cache of each text's earlier keys (``knn_store.doc_cache``) mixed
+            into the result; None (the default) for none.
     """
 
     def __init__(
@@ -138,6 +150,8 @@ class KnnLM:
         stride: int,
         batch_size: int = 1,
         search_batch: int = 256,
+        pointer_min: int = 0,
+        cache: DocumentCache | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"`k` must be positive, got {k}")
@@ -145,6 +159,13 @@ class KnnLM:
             raise ValueError(f"`temperature` must be finite and positive, got {temperature}")
         if search_batch < 1 or batch_size < 1:
             raise ValueError("`batch_size` and `search_batch` must be positive")
+        if pointer_min < 0:
+            raise ValueError(f"`pointer_min` must be 0 (off) or positive, got {pointer_min}")
+        if pointer_min and store.meta is not None and not store.meta.successors:
+            raise ConfigError(
+                f"collection {store.name!r} has no successor links for pointer following; "
+                "copy it with `knnlm rebuild --to-collection NEW --successors` and use that"
+            )
         self.lm = lm
         self.store = store
         self.k = k
@@ -157,6 +178,8 @@ class KnnLM:
         self.stride = stride
         self.batch_size = batch_size
         self.search_batch = search_batch
+        self.pointer_min = pointer_min
+        self.cache = cache
 
     def with_options(self, **changes: Any) -> KnnLM:
         """A copy with some arguments replaced (per-request lambda, T or k in the service)."""
@@ -171,6 +194,8 @@ class KnnLM:
             "stride": self.stride,
             "batch_size": self.batch_size,
             "search_batch": self.search_batch,
+            "pointer_min": self.pointer_min,
+            "cache": self.cache,
         }
         unknown = set(changes) - set(args)
         if unknown:
@@ -301,15 +326,28 @@ class KnnLM:
         full: bool = False,
         use_gate: bool = True,
         with_cosine: bool | None = None,
+        pointers: PointerState | None = None,
+        cache_state: CacheState | None = None,
     ) -> Scored:
-        """Search, weigh and mix for the positions of one ``LMView``."""
+        """Search, weigh and mix for the positions of one ``LMView``.
+
+        ``pointers`` and ``cache_state`` carry pointer following and the document cache
+        from one batch of a text to the next (``score`` makes them); without them those
+        levers stay off.
+        """
         started = time.perf_counter()
         searched = (
             self.search_mask(view.lm_entropy, view.lm_max_log_prob)
             if use_gate
             else torch.ones(len(view.targets), dtype=torch.bool, device=view.keys.device)
         )
-        neighbours = self.neighbours(view.keys, searched=searched, with_cosine=with_cosine)
+        followed = None
+        if self.pointer_min and pointers is not None:
+            neighbours, searched, followed = self._search_or_follow(
+                view, searched, pointers, with_cosine=with_cosine
+            )
+        else:
+            neighbours = self.neighbours(view.keys, searched=searched, with_cosine=with_cosine)
         search_seconds = time.perf_counter() - started
         features = self.features(
             neighbours, lm_entropy=view.lm_entropy, lm_max_log_prob=view.lm_max_log_prob
@@ -328,6 +366,20 @@ class KnnLM:
                 temperature=self.temperature,
             )
             mixed_full = interpolate(view.lm_log_probs, knn_full, lmbda)
+        log_prob = interpolate(view.lm_target_log_prob, knn_lp, lmbda)
+        if self.cache is not None and cache_state is not None:
+            cached = self.cache.target_log_probs(
+                cache_state,
+                sequence=view.sequence,
+                position=view.position,
+                keys=view.keys,
+                targets=view.targets,
+                vocab_size=self.lm.vocab_size if mixed_full is None else mixed_full.shape[-1],
+                full=full,
+            )
+            log_prob = self.cache.mix(log_prob, cached.target_log_prob, cached.has_memory)
+            if mixed_full is not None and cached.log_probs is not None:
+                mixed_full = self.cache.mix(mixed_full, cached.log_probs, cached.has_memory)
         return Scored(
             lm=view,
             neighbours=neighbours,
@@ -335,10 +387,88 @@ class KnnLM:
             searched=searched,
             lmbda=lmbda,
             knn_log_prob=knn_lp,
-            log_prob=interpolate(view.lm_target_log_prob, knn_lp, lmbda),
+            log_prob=log_prob,
             knn_log_probs=knn_full,
             log_probs=mixed_full,
             search_seconds=search_seconds,
+            followed=followed,
+        )
+
+    def _search_or_follow(
+        self,
+        view: LMView,
+        allowed: torch.Tensor,
+        state: PointerState,
+        *,
+        with_cosine: bool | None,
+    ) -> tuple[Neighbours, torch.Tensor, torch.Tensor]:
+        """Neighbours of a view's positions with pointer following: each position takes
+        the pointers its text's previous position left, if at least ``pointer_min``, and is
+        searched otherwise. Positions where ``allowed`` (bool [m], the gate) is False get
+        neither, and their text's pointers are dropped.
+
+        A text's positions depend on each other, so they go one step at a time; each step
+        takes the next position of every text in the view at once (one search, one or two
+        lookups). Returns the neighbours [m, k] and the bool [m] masks searched, followed.
+        """
+        m = len(view.targets)
+        queries = view.keys.detach().float().cpu().numpy()  # [m, dim]
+        targets = view.targets.cpu().numpy()  # [m]
+        ok = allowed.cpu().numpy()  # [m]
+        out = Neighbours.empty(m, self.k)
+        assert out.point_ids is not None
+        nexts = np.full((m, self.k), UNKNOWN, dtype=np.int64)  # [m, k], see pointers.follow
+        searched = np.zeros(m, dtype=bool)
+        followed = np.zeros(m, dtype=bool)
+        # each text's rows in position order; ``step`` is a row's rank within its text
+        order = np.lexsort((view.position, view.sequence))  # [m]
+        text = view.sequence[order]
+        starts = np.flatnonzero(np.r_[True, text[1:] != text[:-1]])  # first row of each text
+        step = np.arange(m) - np.repeat(starts, np.diff(np.r_[starts, m]))  # [m]
+        for s in range(int(step.max()) + 1 if m else 0):
+            rows = order[step == s]  # [L], one per text
+            ready = [state.ready(int(view.sequence[r]), int(view.position[r])) for r in rows]
+            enough = np.array([p is not None and len(p) >= self.pointer_min for p in ready])
+            use = enough & ok[rows]  # [L]
+            if use.any():
+                found, found_next = pointer_neighbours(
+                    queries[rows[use]],
+                    [p for p, u in zip(ready, use, strict=True) if u and p is not None],
+                    k=self.k,
+                )
+                _place(out, found, rows[use])
+                nexts[rows[use]] = found_next
+                followed[rows[use]] = True
+            look = rows[~use & ok[rows]]  # [a]
+            if len(look):
+                found = self.store.search(
+                    queries[look], k=self.k, options=self.search, filter=self.filter
+                )
+                _place(out, found, look)
+                searched[look] = True
+            active = rows[ok[rows]]
+            successors = follow(
+                self.store,
+                positions=view.position[active],
+                point_ids=out.point_ids[active],
+                token_ids=out.token_ids[active],
+                nexts=nexts[active],
+                targets=targets[active],
+                state=state,
+            )
+            for r, pointers in zip(active, successors, strict=True):
+                state.by_sequence[int(view.sequence[r])] = pointers
+            for r in rows[~ok[rows]]:
+                state.by_sequence.pop(int(view.sequence[r]), None)
+        state.followed += int(followed.sum())
+        state.searched += int(searched.sum())
+        if self.policy.needs_cosine if with_cosine is None else with_cosine:
+            out = replace(out, cosine=self._nearest_cosine(queries, out))
+        device = view.keys.device
+        return (
+            out,
+            torch.from_numpy(searched).to(device),
+            torch.from_numpy(followed).to(device),
         )
 
     def score(
@@ -367,7 +497,11 @@ class KnnLM:
         ]
         total = sum(len(w.positions) for _, _, w in jobs)
         groups = [jobs[lo : lo + self.batch_size] for lo in range(0, len(jobs), self.batch_size)]
-        options = {"full": full, "use_gate": use_gate, "with_cosine": with_cosine}
+        options: dict[str, Any] = {"full": full, "use_gate": use_gate, "with_cosine": with_cosine}
+        if self.pointer_min:  # the state of each text, carried from batch to batch in order
+            options["pointers"] = PointerState()
+        if self.cache is not None:
+            options["cache_state"] = CacheState()
         scored = 0
         on_progress(stage, scored, total)
         with ThreadPoolExecutor(1, thread_name_prefix="knnlm-search") as pool:
@@ -392,12 +526,15 @@ class KnnLM:
         """Perplexity of the LM alone and of the kNN-LM over token ``sequences``."""
         base_nll = knn_nll = lm_seconds = search_seconds = 0.0
         tokens = searches = zero = 0
+        followed: int | None = None
         for scored in self.score(sequences, on_progress=on_progress, stage="eval"):
             base_nll -= scored.lm.lm_target_log_prob.double().sum().item()
             knn_nll -= scored.log_prob.double().sum().item()
             zero += int(torch.isneginf(scored.log_prob).sum())
             tokens += len(scored)
             searches += int(scored.searched.sum())
+            if scored.followed is not None:
+                followed = (followed or 0) + int(scored.followed.sum())
             lm_seconds += scored.lm.lm_seconds
             search_seconds += scored.search_seconds
         if tokens == 0:
@@ -410,7 +547,16 @@ class KnnLM:
             search_seconds=search_seconds,
             queries=searches,
             zero_prob_tokens=zero,
+            followed=followed,
         )
+
+
+def _place(out: Neighbours, found: Neighbours, rows: np.ndarray) -> None:
+    """Write ``found``'s rows into rows ``rows`` (int [b]) of ``out``, in place."""
+    out.token_ids[rows] = found.token_ids
+    out.sq_distances[rows] = found.sq_distances
+    if out.point_ids is not None and found.point_ids is not None:
+        out.point_ids[rows] = found.point_ids
 
 
 def perplexity(nll: float, tokens: int) -> float:

@@ -203,6 +203,28 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
 @corpus_options
 @options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS)
 @search_domain_option
+@click.option(
+    "--pointer-min",
+    type=click.IntRange(min=0),
+    default=0,
+    envvar="KNNLM_POINTER_MIN",
+    help="Pointer following (RetoMaton): where at least this many successors of the last "
+    "position's matching neighbours remain, score them instead of searching (0: off). Needs "
+    "a collection made by `knnlm rebuild --successors`.",
+)
+@click.option(
+    "--cache-weight",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    envvar="KNNLM_CACHE_WEIGHT",
+    help="Weight of a document cache of each text's own earlier positions (0: off).",
+)
+@click.option(
+    "--cache-temperature",
+    type=click.FloatRange(min=0, min_open=True),
+    envvar="KNNLM_CACHE_TEMPERATURE",
+    help="The document cache's softmax temperature (default: the kNN's T).",
+)
 @output_options
 def eval_(
     paths: tuple[str, ...],
@@ -210,6 +232,9 @@ def eval_(
     text_field: str,
     skip_invalid: bool,
     search_domains: tuple[str, ...],
+    pointer_min: int,
+    cache_weight: float,
+    cache_temperature: float | None,
     as_json: bool,
     quiet: bool,
     **params: Any,
@@ -245,6 +270,12 @@ def eval_(
         open_session(settings, search_domains=search_domains) as session,
         Bars(quiet=quiet) as bars,
     ):
+        if pointer_min or cache_weight:
+            from knn_store.doc_cache import DocumentCache
+
+            t = cache_temperature or session.knn_lm.temperature
+            cache = DocumentCache(temperature=t, weight=cache_weight) if cache_weight else None
+            session.knn_lm = session.knn_lm.with_options(pointer_min=pointer_min, cache=cache)
         result = session.evaluate(texts, on_progress=bars)
     knn_lm, meta = session.knn_lm, session.store.meta
     out = {
@@ -261,6 +292,10 @@ def eval_(
         "stride": knn_lm.stride,
         "domains": list(knn_lm.filter.domains),
     }
+    if knn_lm.pointer_min:
+        out["pointer_min"] = knn_lm.pointer_min
+    if knn_lm.cache is not None:
+        out["cache"] = {"weight": knn_lm.cache.weight, "temperature": knn_lm.cache.temperature}
     if as_json:  # strict JSON: an infinite perplexity (lambda 1) is null
         finite = {
             k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()
@@ -272,6 +307,9 @@ def eval_(
         click.echo(f"{'base LM':10}{result.base_perplexity:12.3f}  {result.tokens:8,}")
         click.echo(f"{'kNN-LM':10}{result.knn_perplexity:12.3f}  {change:+7.1f}%")
         skipped = f", {100 * result.skipped_share:.0f}% skipped by the gate" if knn_lm.gate else ""
+        if result.followed is not None:
+            saved = result.followed / max(result.tokens, 1)
+            skipped += f", {100 * saved:.0f}% from followed pointers"
         click.echo(
             f"{session.describe()}\n"
             f"k={knn_lm.k} {out['search']} W={knn_lm.window} S={knn_lm.stride} | "

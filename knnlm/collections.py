@@ -157,12 +157,19 @@ def domains_drop(name: str, yes: bool, **params: Any) -> None:
     help="Add the points to a target collection that exists and was not made by this copy "
     "(its record and tuned policy stay). Without it such a target is refused.",
 )
+@click.option(
+    "--successors",
+    is_flag=True,
+    help="Give every point its successor's value (payload field `next`), which pointer "
+    "following (`eval --pointer-min`) needs. Computed from the ids, without the LM.",
+)
 @options(*STORE_OPTIONS, *STORAGE_OPTIONS, "search_threads")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def rebuild(
     to_collection: str,
     only_domains: tuple[str, ...],
     into_existing: bool,
+    successors: bool,
     quiet: bool,
     **params: Any,
 ) -> None:
@@ -174,7 +181,10 @@ def rebuild(
     \b
     Example:
       knnlm rebuild --collection docs --to-collection docs-f16 --vector-datatype float16
+      knnlm rebuild --collection docs --to-collection docs-ptr --successors
     """
+    from functools import partial
+
     from knn_store import open_store
     from knn_store.store.transfer import copy_collection
 
@@ -185,7 +195,8 @@ def rebuild(
     if to_collection == settings.collection:
         raise click.BadParameter("must differ from --collection", param_hint="--to-collection")
     with open_store(settings) as source, open_store(target_settings, create=True) as target:
-        _copy(source, target, settings, only_domains, quiet, copy_collection, into_existing)
+        copy = partial(copy_collection, successors=successors)
+        _copy(source, target, settings, only_domains, quiet, copy, into_existing)
 
 
 @click.command()

@@ -4,11 +4,11 @@ ones inside functions included).
 From the bottom up:
 
 - core: the pure math and the error types (``knn``, ``lambdas``, ``gate``, ``windows``,
-  ``errors``); they import no other part of knnlm;
+  ``doc_cache``, ``errors``); they import no other part of knnlm;
 - store: ``knn_store.store.*``, the Qdrant engines; core only;
 - settings: ``knn_store.settings``, every knob; core and the store's plain types;
-- model: the LM, the kNN-LM and what is built on them (``lm``, ``knn_lm``, ``saved_policy``,
-  ``tuning``, ``explain``, ``generation``, ``summary``);
+- model: the LM, the kNN-LM and what is built on them (``lm``, ``knn_lm``, ``pointers``,
+  ``saved_policy``, ``tuning``, ``explain``, ``generation``, ``summary``);
 - session: ``knn_store.session`` and the package's front door ``knn_store``;
 - apps: the write side (``ingest``) and the ``knnlm`` CLI and service.
 
@@ -31,6 +31,7 @@ LAYER_OF = {
     "knn_store.gate": "core",
     "knn_store.windows": "core",
     "knn_store.progress": "core",
+    "knn_store.doc_cache": "core",
     "knn_store.store": "store",
     "knn_store.settings": "settings",
     "knn_store.lm": "model",
@@ -40,6 +41,7 @@ LAYER_OF = {
     "knn_store.explain": "model",
     "knn_store.generation": "model",
     "knn_store.summary": "model",
+    "knn_store.pointers": "model",
     "knn_store.session": "session",
     "knn_store": "session",  # the package itself: its __init__ imports the session
     "ingest": "apps",

@@ -34,6 +34,10 @@ DOC_FIELD = "doc"
 SOURCE_FIELD = "source"
 OFFSET_FIELD = "offset"  # token position in the document (BOS = 0)
 CONTEXT_FIELD = "context"  # the text just before the stored next token, for `explain`
+# The successor's value (the token two places after the key's position; -1 at a document's
+# end), in collections that ``knnlm rebuild --successors`` made: pointer following reads it
+# for the points it follows, to name their successors (``point_ids.successor_ids``).
+NEXT_FIELD = "next"
 INDEXED_FIELDS = (DOMAIN_FIELD, DOC_FIELD)
 FACET_LIMIT = 100_000_000  # "every value": facets list all documents of a collection
 
@@ -178,6 +182,9 @@ class CollectionMeta:
     # How ``model_fingerprint`` was computed: 1, the embeddings and the last block (records
     # made before 2026-12); 2, every parameter but an untied LM head.
     fingerprint_scheme: int = 1
+    # Every point carries ``NEXT_FIELD``, so pointer following can reach its successor.
+    # Older knnlm versions ignore the field (``from_dict`` keeps only the fields it knows).
+    successors: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "storage": self.storage.to_dict()}
@@ -426,9 +433,10 @@ class KnnStore(abc.ABC):
         """Per query, the ids and plain L2 scores of its hits, nearest first."""
 
     def retrieve(
-        self, ids: Sequence[Any], *, with_keys: bool, with_payload: bool
+        self, ids: Sequence[Any], *, with_keys: bool, with_payload: bool | list[str]
     ) -> dict[str, StoredPoint]:
-        """Points by id (as ``Neighbours.point_ids`` holds them), keyed by their id string."""
+        """Points by id (as ``Neighbours.point_ids`` holds them), keyed by their id string.
+        ``with_payload`` may name the payload fields to read (the rest stay on disk)."""
         if not ids or self._meta is None:
             return {}
         return {
@@ -441,7 +449,9 @@ class KnnStore(abc.ABC):
         }
 
     @abc.abstractmethod
-    def _retrieve(self, ids: list[Any], *, with_keys: bool, with_payload: bool) -> list[Any]:
+    def _retrieve(
+        self, ids: list[Any], *, with_keys: bool, with_payload: bool | list[str]
+    ) -> list[Any]:
         """Engine records (``.id``, ``.vector``, ``.payload``) of the points that exist."""
 
     def scroll(

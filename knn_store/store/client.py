@@ -472,7 +472,9 @@ class QdrantClientStore(KnnStore):
             [p.score for p in r.points] for r in results
         ]
 
-    def _retrieve(self, ids: list[Any], *, with_keys: bool, with_payload: bool) -> list[Any]:
+    def _retrieve(
+        self, ids: list[Any], *, with_keys: bool, with_payload: bool | list[str]
+    ) -> list[Any]:
         return self._call(
             "read points",
             self._client.retrieve,

@@ -338,7 +338,9 @@ class EdgeStore(KnnStore):
             oversampling=options.oversampling,
         )
 
-    def _retrieve(self, ids: list[Any], *, with_keys: bool, with_payload: bool) -> list[Any]:
+    def _retrieve(
+        self, ids: list[Any], *, with_keys: bool, with_payload: bool | list[str]
+    ) -> list[Any]:
         shard = self._require_shard()
         return self._call("read points", shard.retrieve, ids, with_payload, with_keys)
 

@@ -63,3 +63,40 @@ def tokens_from_ids(ids: Sequence[object]) -> np.ndarray:
         return np.fromiter((u.int & _MASK32 for u in ids), dtype=np.int64, count=len(ids))
     # "xxxxxxxx-xxxx-xxxx-xxxx-xxxxPPPPTTTT": the token is the last 8 hex digits
     return np.fromiter((int(s[-8:], 16) for s in ids), dtype=np.int64, count=len(ids))
+
+
+# --- successors ------------------------------------------------------------------------------
+# The successor of the point at (document, p) is the point at (document, p + 1). Its id holds
+# its own value, the token at p + 2, which the point at p does not know from its id: every
+# scheme that puts a token into the id needs one more token to name the next id, so the chain
+# cannot close inside the id. We therefore keep the ids (and their collision bound: 96 bits of
+# document hash and position, unchanged) and store that one token as the payload field
+# ``next`` (``base.NEXT_FIELD``), read only for the points that pointer following follows.
+
+
+def id_parts(ids: Sequence[object]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Document hash (uint64), position (int64) and token (int64) of each point id [n]."""
+    if not ids:
+        empty = np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.uint64), empty, empty.copy()
+    # UUID objects or "dddddddd-dddd-dddd-pppp-pppptttttttt" strings, mixed (a search's and
+    # our own successor ids meet in one batch)
+    ints = [i.int if isinstance(i, uuid.UUID) else int(str(i).replace("-", ""), 16) for i in ids]
+    doc = np.fromiter((i >> 64 for i in ints), dtype=np.uint64, count=len(ints))
+    low = np.fromiter((i & ((1 << 64) - 1) for i in ints), dtype=np.uint64, count=len(ints))
+    position = (low >> np.uint64(32)).astype(np.int64)
+    token = (low & np.uint64(_MASK32)).astype(np.int64)
+    return doc, position, token
+
+
+def successor_ids(ids: Sequence[object], next_tokens: np.ndarray) -> list[str]:
+    """The ids of the successors of points ``ids`` [n], whose successors' values are
+    ``next_tokens`` (int [n], each >= 0): same document, position + 1."""
+    doc, position, _ = id_parts(ids)
+    if len(doc) != len(next_tokens):
+        raise ValueError("`ids` and `next_tokens` must have the same length")
+    out = np.empty(len(doc), dtype=object)  # [n]
+    for d in np.unique(doc):  # make_point_ids is vectorised per document
+        rows = np.flatnonzero(doc == d)
+        out[rows] = make_point_ids(int(d), position[rows] + 1, np.asarray(next_tokens)[rows])
+    return out.tolist()

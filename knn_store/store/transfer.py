@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from knn_store.errors import ConfigError, StoreError
-from knn_store.store.base import KnnStore, PointFilter
+from knn_store.store.base import NEXT_FIELD, KnnStore, PointBatch, PointFilter
 from knn_store.store.config import StorageConfig
+from knn_store.store.point_ids import id_parts
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ def copy_collection(
     batch: int = 1024,
     into_existing: bool = False,
     on_batch: Callable[[int], None] | None = None,
+    successors: bool = False,
 ) -> CopyReport:
     """Copy ``source``'s points (those ``filter`` selects), record and tuned policy into
     ``target``, created with ``storage`` (default: the source's).
@@ -52,6 +56,8 @@ def copy_collection(
     Args:
         checkpoint_dir: where to keep the resume point (None: start from the beginning).
         on_batch: called with the number of points of each batch sent (progress bars).
+        successors: give every point the ``next`` field (its successor's value), which
+            pointer following needs; the copy's record then says so (``meta.successors``).
     """
     if source.meta is None:
         raise StoreError(f"collection {source.name!r} is empty: nothing to copy")
@@ -61,7 +67,11 @@ def copy_collection(
     flt = filter or PointFilter()
     origin = f"{source.name!r} at {source.location}"
     meta = replace(
-        source.meta, storage=storage or source.meta.storage, copy_of=origin, copying=True
+        source.meta,
+        storage=storage or source.meta.storage,
+        copy_of=origin,
+        copying=True,
+        successors=source.meta.successors or successors,
     )
     existing = target.meta
     ours = existing is not None and existing.copy_of == origin  # an earlier run's target
@@ -91,6 +101,8 @@ def copy_collection(
     offset = state.load()
     copied = 0
     pages = source.scroll(filter=flt, batch=batch, offset=offset)
+    if successors:
+        pages = with_successor_tokens(pages)
     for sends, (points, next_offset) in enumerate(pages, start=1):
         target.upsert(points)
         copied += len(points)
@@ -162,3 +174,41 @@ def _same_place(a: str, b: str) -> bool:
     if "://" in a or "://" in b:
         return a.rstrip("/") == b.rstrip("/")
     return Path(a).resolve() == Path(b).resolve()
+
+
+def with_successor_tokens(
+    pages: Iterator[tuple[PointBatch, str | None]],
+) -> Iterator[tuple[PointBatch, str | None]]:
+    """The same pages, each point's payload given ``NEXT_FIELD``: the value of the point at
+    the same document's next position, or -1 where there is none.
+
+    Pages come in id order, and an id begins with (document hash, position), so a point's
+    successor is the point right after it: in the same page, or first in the next one (held
+    back one page to see it). Where a successor is missing (the document's end, or a
+    filtered copy), the field is -1 and pointer following stops there. Pure id arithmetic,
+    no LM.
+    """
+    held: tuple[PointBatch, str | None] | None = None
+    for page in pages:
+        if held is not None:
+            yield _link(held[0], page[0]), held[1]
+        held = page
+    if held is not None:
+        yield _link(held[0], None), held[1]
+
+
+def _link(points: PointBatch, following: PointBatch | None) -> PointBatch:
+    """``points`` with ``NEXT_FIELD`` set from the ids of ``points`` and the first point of
+    ``following``."""
+    ids = points.ids + (following.ids[:1] if following is not None else [])
+    doc, position, token = id_parts(ids)  # [n + 1] or [n]
+    n = len(points)
+    same = np.zeros(n, dtype=bool)  # [n], whether point i + 1 is point i's successor
+    if len(ids) > 1:
+        tail = min(n, len(ids) - 1)
+        same[:tail] = (doc[1 : tail + 1] == doc[:tail]) & (
+            position[1 : tail + 1] == position[:tail] + 1
+        )
+    nxt = np.where(same, np.append(token[1:], -1)[:n], -1)  # [n]
+    payloads = [{**p, NEXT_FIELD: int(t)} for p, t in zip(points.payloads, nxt, strict=True)]
+    return PointBatch(points.ids, points.keys, payloads)

@@ -1,0 +1,330 @@
+"""Successor links (``rebuild --successors``) and pointer following (RetoMaton), against
+numpy: the followed pointers' distribution equals a full kNN computed by brute force over
+the same candidate set, and a whole eval equals the automaton replayed in plain Python."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ingest.corpus import read_corpus
+from ingest.worker import IngestWorker
+from knn_store import (
+    CollectionMeta,
+    ConfigError,
+    KnnLM,
+    PointBatch,
+    load_language_model,
+    open_store,
+)
+from knn_store.knn import knn_log_probs
+from knn_store.lambdas import FixedLambda
+from knn_store.pointers import UNKNOWN, PointerState, follow, pointer_neighbours
+from knn_store.store.base import NEXT_FIELD, KnnStore
+from knn_store.store.client import QdrantClientStore
+from knn_store.store.config import SearchOptions
+from knn_store.store.edge import EdgeStore
+from knn_store.store.point_ids import (
+    document_hash,
+    document_key,
+    id_parts,
+    make_point_ids,
+    successor_ids,
+)
+from knn_store.store.transfer import copy_collection
+from tests.reference import brute_force_knn, knn_probs
+
+DIM, VOCAB = 8, 5  # few values: many neighbours share the token that comes
+META = CollectionMeta(
+    model="tiny",
+    model_fingerprint="abc",
+    key_type="final",
+    dim=DIM,
+    vocab_size=VOCAB,
+    tokenizer="t:1",
+)
+DOC_LENGTHS = (40, 25, 33)
+
+
+def _open(kind: str, path: Path, name: str) -> KnnStore:
+    if kind == "edge":
+        return EdgeStore(path / name, create=True)
+    return QdrantClientStore.local(path / "local", collection=name, create=True)
+
+
+def _documents(seed: int = 0):
+    """Three documents: (hash, keys [n, DIM], tokens [n]); position p's value is tokens[p]."""
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            document_hash("dom", f"text {i}"),
+            rng.standard_normal((n, DIM)).astype(np.float32),
+            rng.integers(0, VOCAB, n),
+        )
+        for i, n in enumerate(DOC_LENGTHS)
+    ]
+
+
+def _filled(kind: str, path: Path) -> tuple[KnnStore, list]:
+    docs = _documents()
+    store = _open(kind, path, "plain")
+    store.ensure_collection(META)
+    for h, keys, tokens in docs:
+        ids = make_point_ids(h, np.arange(len(tokens)), tokens)
+        payloads = [{"domain": "dom", "doc": document_key(h), "offset": i} for i in range(len(ids))]
+        store.upsert(PointBatch(ids=ids, keys=keys, payloads=payloads))
+    store.finalize()
+    return store, docs
+
+
+def test_successor_ids_name_the_next_position() -> None:
+    h = document_hash("d", "t")
+    ids = make_point_ids(h, np.array([0, 7, 2**32 - 2]), np.array([3, 4, 5]))
+    doc, pos, tok = id_parts(ids)
+    assert (
+        doc.tolist() == [h] * 3 and pos.tolist() == [0, 7, 2**32 - 2] and tok.tolist() == [3, 4, 5]
+    )
+    succ = successor_ids(ids, np.array([9, 10, 11]))
+    assert succ == make_point_ids(h, np.array([1, 8, 2**32 - 1]), np.array([9, 10, 11]))
+    mixed = [uuid.UUID(ids[0]), ids[1], uuid.UUID(ids[2])]  # engines return UUID objects
+    assert successor_ids(mixed, np.array([9, 10, 11])) == succ
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+def test_rebuild_gives_every_point_its_successors_value(kind: str, tmp_path: Path) -> None:
+    source, docs = _filled(kind, tmp_path)
+    target = _open(kind, tmp_path, "linked")
+    report = copy_collection(source, target, successors=True, batch=7)  # pages split documents
+    assert report.points == sum(DOC_LENGTHS)
+    assert target.meta is not None and target.meta.successors and not target.meta.copying
+    assert source.meta is not None and not source.meta.successors
+    for h, _, tokens in docs:
+        ids = make_point_ids(h, np.arange(len(tokens)), tokens)
+        found = target.retrieve(ids, with_keys=False, with_payload=[NEXT_FIELD])
+        got = [found[i].payload[NEXT_FIELD] for i in ids]
+        assert got == [*tokens[1:].tolist(), -1]  # the last position has no successor
+        assert set(found[ids[0]].payload) == {NEXT_FIELD}  # only the field asked for
+    source.close()
+    target.close()
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+def test_followed_pointers_equal_a_full_knn_over_the_same_candidates(
+    kind: str, tmp_path: Path
+) -> None:
+    source, docs = _filled(kind, tmp_path)
+    store = _open(kind, tmp_path, "linked")
+    copy_collection(source, store, successors=True)
+    keys = np.concatenate([d[1] for d in docs])  # [N, DIM], in document order
+    values = np.concatenate([d[2] for d in docs])  # [N]
+    start = np.cumsum([0, *DOC_LENGTHS[:-1]])  # first row of each document
+    last = np.concatenate(
+        [s + np.arange(n) == s + n - 1 for s, n in zip(start, DOC_LENGTHS, strict=True)]
+    )
+
+    rng = np.random.default_rng(1)
+    k, b = 12, 4
+    q0 = rng.standard_normal((b, DIM)).astype(np.float32)
+    q1 = rng.standard_normal((b, DIM)).astype(np.float32)
+    targets = np.array([0, 1, 2, 3])
+    found = store.search(q0, k=k, options=SearchOptions(exact=True))
+    state = PointerState()
+    pointers = follow(
+        store,
+        positions=np.arange(b),
+        point_ids=found.point_ids,
+        token_ids=found.token_ids,
+        nexts=np.full((b, k), UNKNOWN),
+        targets=targets,
+        state=state,
+    )
+    assert state.lookups == 2  # the matches' `next`, then the successors' keys
+    near, nexts = pointer_neighbours(q1, pointers, k=k)
+    got = (
+        knn_log_probs(
+            torch.from_numpy(near.sq_distances),
+            torch.from_numpy(near.token_ids),
+            vocab_size=VOCAB,
+            temperature=2.0,
+        )
+        .exp()
+        .numpy()
+    )
+
+    # the reference: brute-force neighbours of q0, the rows right after those with the
+    # target as value (within their document), and a full kNN of q1 over just those rows
+    idx, _ = brute_force_knn(keys, q0, k)
+    for i in range(b):
+        cand = [j + 1 for j in idx[i] if values[j] == targets[i] and not last[j]]
+        assert len(pointers[i]) == len(cand)
+        assert sorted(pointers[i].values.tolist()) == sorted(values[cand].tolist())
+        d2 = ((keys[cand].astype(np.float64) - q1[i]) ** 2).sum(-1)
+        ref = knn_probs(d2[None], values[cand][None], VOCAB, 2.0)[0]
+        np.testing.assert_allclose(got[i], ref, atol=1e-5)
+        np.testing.assert_allclose(
+            np.sort(near.sq_distances[i][: len(cand)]), np.sort(d2), rtol=1e-5
+        )
+        # each pointer knows its own successor's value, so the next step needs one lookup
+        succ_next = [values[j + 1] if not last[j] else -1 for j in cand]
+        assert sorted(nexts[i][: len(cand)].tolist()) == sorted(succ_next)
+    assert sum(len(p) for p in pointers) > 0  # the test followed something
+    source.close()
+    store.close()
+
+
+HELD_OUT = [
+    "def add(a, b):\n    return a + b\ndef mul(a, b):\n    return a * b\n",
+    "for i in range(10):\n    print(i, i * i)\nThe quick brown fox jumps over the lazy dog.\n",
+]
+
+
+def _automaton_reference(
+    keys, values, succ, queries, lm_target_lp, targets, *, vocab, k, t, lmbda, pointer_min
+):
+    """RetoMaton replayed by brute force over one text: float64 log p(target) [n] and
+    whether each position followed pointers. ``succ[j]``: the row after row j in its
+    document (-1 at the end). The LM's own numbers are checked in test_perplexity."""
+    out, followed, pointers = [], [], []
+    for i, q in enumerate(queries.astype(np.float64)):
+        if len(pointers) >= pointer_min:
+            cand = np.array(pointers)
+            d2 = ((keys[cand] - q) ** 2).sum(-1)
+            followed.append(True)
+        else:
+            idx, d2 = brute_force_knn(keys, q[None], k)
+            cand, d2 = idx[0][idx[0] >= 0], d2[0][idx[0] >= 0]
+            followed.append(False)
+        p_knn = knn_probs(d2[None], values[cand][None], vocab, t)[0][targets[i]]
+        out.append(np.log(lmbda * p_knn + (1 - lmbda) * np.exp(lm_target_lp[i])))
+        pointers = [succ[j] for j in cand if values[j] == targets[i] and succ[j] >= 0]
+    return np.array(out), np.array(followed)
+
+
+@pytest.mark.parametrize("backend", ["edge", "local"])
+def test_eval_with_pointers_equals_the_automaton_by_brute_force(
+    tiny_models, corpus_dir: Path, settings_factory, backend: str
+) -> None:
+    settings = settings_factory(tiny_models["gpt2"], backend=backend, exact=True)
+    lm = load_language_model(settings)
+    plain = open_store(settings, create=True)
+    IngestWorker(lm, plain, domain="code", window=16, stride=8).run(
+        list(read_corpus([corpus_dir], glob="**/*.txt"))
+    )
+    linked = open_store(
+        settings_factory(tiny_models["gpt2"], backend=backend, collection="linked"), create=True
+    )
+    copy_collection(plain, linked, successors=True)
+    n_points = linked.count()
+    k = n_points + 5  # every point: no tie at the k-th neighbour can tell two searches apart
+    args = dict(
+        k=k,
+        temperature=4.0,
+        policy=FixedLambda(0.5),
+        search=SearchOptions(exact=True),
+        window=16,
+        stride=8,
+        batch_size=2,
+    )
+
+    with pytest.raises(ConfigError, match=r"rebuild .*--successors"):
+        KnnLM(lm, plain, pointer_min=1, **args)
+    texts = [lm.encode(t) for t in HELD_OUT]
+    base = list(KnnLM(lm, linked, **args).score(texts))
+    never = list(KnnLM(lm, linked, pointer_min=10**6, **args).score(texts))  # always searches
+    for a, b in zip(base, never, strict=True):
+        assert (
+            torch.equal(a.log_prob, b.log_prob) and b.followed is not None and not b.followed.any()
+        )
+
+    pointer_min = 3
+    scored = list(KnnLM(lm, linked, pointer_min=pointer_min, **args).score(texts))
+    result = KnnLM(lm, linked, pointer_min=pointer_min, **args).evaluate(texts)
+    assert result.followed == sum(int(s.followed.sum()) for s in scored) > 0
+    assert result.queries + result.followed == result.tokens
+
+    # the reference, from the stored points themselves (scrolled, not searched)
+    batches = [p for p, _ in linked.scroll()]
+    ids = [i for p in batches for i in p.ids]
+    keys = np.concatenate([p.keys for p in batches]).astype(np.float64)
+    doc, pos, values = id_parts(ids)
+    row_of = {(int(d), int(p)): r for r, (d, p) in enumerate(zip(doc, pos, strict=True))}
+    succ = np.array([row_of.get((int(d), int(p) + 1), -1) for d, p in zip(doc, pos, strict=True)])
+    for s, text in enumerate(texts):
+        rows = [(sc, i) for sc in scored for i in np.flatnonzero(sc.lm.sequence == s)]
+        rows.sort(key=lambda r: int(r[0].lm.position[r[1]]))
+        got = np.array([float(sc.log_prob[i]) for sc, i in rows])
+        got_followed = np.array([bool(sc.followed[i]) for sc, i in rows])
+        queries = np.stack([sc.lm.keys[i].numpy() for sc, i in rows])
+        lm_lp = np.array([float(sc.lm.lm_target_log_prob[i]) for sc, i in rows], dtype=np.float64)
+        ref, ref_followed = _automaton_reference(
+            keys,
+            values,
+            succ,
+            queries,
+            lm_lp,
+            text[1:],
+            vocab=lm.vocab_size,
+            k=k,
+            t=4.0,
+            lmbda=0.5,
+            pointer_min=pointer_min,
+        )
+        np.testing.assert_array_equal(got_followed, ref_followed)
+        np.testing.assert_allclose(got, ref, atol=1e-4)
+    plain.close()
+    linked.close()
+
+
+def test_cli_refuses_pointers_on_an_old_collection_then_rebuild_links_it(
+    tmp_path: Path, tiny_models, corpus_dir: Path
+) -> None:
+    from tests.test_cli import Knnlm, _json_ok, _one_line_error
+
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    _json_ok(knnlm.ingest(str(corpus_dir), "--glob", "**/*.txt", "-q", "--json"))
+    held_out = str(corpus_dir / "doc0.txt")
+    _one_line_error(
+        knnlm.eval(held_out, "--pointer-min", "2", "-q"), "knnlm rebuild", "--successors"
+    )
+
+    done = knnlm("rebuild", *knnlm.store_args(), "--to-collection", "linked", "--successors", "-q")
+    assert done.exit_code == 0, done.output
+    plain = _json_ok(knnlm.eval(held_out, "--exact", "-q", "--json", collection="linked"))
+    assert "followed_pointers" not in plain and "cache" not in plain  # off by default
+    both = ("--exact", "-q", "--json", "--pointer-min", "2", "--cache-weight", "0.2")
+    out = _json_ok(knnlm.eval(held_out, *both, collection="linked"))
+    # the held-out text is stored: its neighbours' successors carry on, so searches are saved
+    assert out["followed_pointers"] > 0
+    assert out["searches"] + out["followed_pointers"] == out["tokens"] == plain["tokens"]
+    assert out["cache"] == {"weight": 0.2, "temperature": plain["temperature"]}
+    assert out["knn_perplexity"] != plain["knn_perplexity"]
+
+
+def test_ingest_into_a_linked_collection_links_the_new_points(
+    tiny_models, corpus_dir: Path, settings_factory, tmp_path: Path
+) -> None:
+    from ingest.corpus import Document
+
+    settings = settings_factory(tiny_models["llama"])
+    lm = load_language_model(settings)
+    plain = open_store(settings, create=True)
+    IngestWorker(lm, plain, domain="code", window=16, stride=8).run(
+        list(read_corpus([corpus_dir], glob="**/*.txt"))
+    )
+    linked = open_store(settings_factory(tiny_models["llama"], collection="linked"), create=True)
+    copy_collection(plain, linked, successors=True)
+    text = "while True:\n    x = x + 1\n    if x > 9:\n        break\n"
+    IngestWorker(lm, linked, domain="code", window=16, stride=8).run(
+        [Document(text=text, source="new.txt")]
+    )
+    ids = lm.encode(text)
+    h = document_hash("code", text)
+    point_ids = make_point_ids(h, np.arange(len(ids) - 1), ids[1:])
+    found = linked.retrieve(point_ids, with_keys=False, with_payload=[NEXT_FIELD])
+    assert [found[i].payload[NEXT_FIELD] for i in point_ids] == [*ids[2:].tolist(), -1]
+    plain.close()
+    linked.close()
