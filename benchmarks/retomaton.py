@@ -2,13 +2,16 @@
 
 One LM pass over the validation and the test texts feeds every configuration at once: the
 kNN-LM as tuned (the collection's saved policy, gate off), the same with pointer following at
-several thresholds, and each with the document cache. The cache's temperature and weight are
+several thresholds (a position with fewer pointers than the threshold searches and scores
+the union of the search's neighbours and its pointers, as RetoMaton does), and each with the
+document cache. The cache's temperature and weight are
 fitted on validation only (a grid, by validation perplexity) and reported on test. For each
 it reports perplexity, the share of searches saved (overall and per text), and top-1
 next-token accuracy (the argmax of the full mixed distribution, on test).
 
     python benchmarks/kernel_docs.py --key-types ffn_input          # the collection (once)
-    python benchmarks/retomaton.py --thresholds 1 8 64              # this table
+    python benchmarks/retomaton.py --thresholds 1 8 64 --max-tokens 3000 \
+        --out benchmarks/results/pointers/kd-100k-union            # this table
 
 The collection is copied first (``build/retomaton/``) and linked with
 ``copy_collection(successors=True)``, what ``knnlm rebuild --successors`` runs, so the
@@ -232,6 +235,8 @@ def run(session, splits: dict[str, list[np.ndarray]], thresholds: list[int]) -> 
                 },
                 "pointer_lookups": pstate[name].lookups,
                 "points_looked_up": pstate[name].looked_up,
+                "searches_united_with_pointers": pstate[name].united,
+                "pointers_added_by_unions": pstate[name].added,
                 "seconds": seconds[name],
                 "top1": a["top1"] / n if full else None,
                 "cache_perplexity": float(np.exp(a["cache_nll"][best] / n)),

@@ -25,7 +25,14 @@ from knn_store.gate import RetrievalGate
 from knn_store.knn import interpolate, knn_log_probs, knn_target_log_probs
 from knn_store.lambdas import LambdaPolicy, QueryFeatures
 from knn_store.lm import LanguageModel
-from knn_store.pointers import UNKNOWN, PointerState, follow, pointer_neighbours
+from knn_store.pointers import (
+    UNKNOWN,
+    Pointers,
+    PointerState,
+    follow,
+    pointer_neighbours,
+    union_neighbours,
+)
 from knn_store.progress import Progress, no_progress
 from knn_store.store.base import KnnStore, Neighbours, PointFilter
 from knn_store.store.config import SearchOptions
@@ -43,7 +50,8 @@ class LMView:
     lm_target_log_prob: torch.Tensor  # float32 [m]
     lm_entropy: torch.Tensor  # float32 [m]
     lm_max_log_prob: torch.Tensor  # float32 [m]
-    lm_log_probs: torch.Tensor | None  # float32 [m, V], when the full distribution is wanted
+    # float32 [m, V], when the full distribution (or top-1 accuracy) is wanted
+    lm_log_probs: torch.Tensor | None
     lm_seconds: float
     forwards: int  # LM forward passes it took (one per padded width)
 
@@ -65,6 +73,10 @@ class Scored:
     # bool [m], positions scored from followed pointers instead of a search (pointer
     # following on); None when it is off
     followed: torch.Tensor | None = None
+    # bool [m] each, whether the argmax of the LM's and of the kNN-LM's distribution is the
+    # token that came (top-1 accuracy); None unless asked for (``score(top1=True)``)
+    lm_correct: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.lm.targets)
@@ -80,10 +92,22 @@ class EvalResult:
     queries: int  # positions actually searched (the gate may skip some)
     zero_prob_tokens: int  # tokens the kNN-LM gave probability 0 (lambda 1, no neighbour)
     followed: int | None = None  # positions scored from followed pointers (None: off)
+    base_correct: int = 0  # positions where the LM's argmax is the token that came
+    knn_correct: int = 0  # ... and the kNN-LM's argmax
 
     @property
     def base_perplexity(self) -> float:
         return perplexity(self.base_nll, self.tokens)
+
+    @property
+    def base_top1(self) -> float:
+        """Top-1 next-token accuracy of the LM alone."""
+        return self.base_correct / self.tokens if self.tokens else 0.0
+
+    @property
+    def knn_top1(self) -> float:
+        """Top-1 next-token accuracy of the kNN-LM (its whole mixed distribution)."""
+        return self.knn_correct / self.tokens if self.tokens else 0.0
 
     @property
     def knn_perplexity(self) -> float:
@@ -103,6 +127,8 @@ class EvalResult:
             "base_perplexity": self.base_perplexity,
             "knn_perplexity": self.knn_perplexity,
             "change_percent": 100 * (self.knn_perplexity / self.base_perplexity - 1),
+            "base_top1": self.base_top1,
+            "knn_top1": self.knn_top1,
             "lm_seconds": self.lm_seconds,
             "search_seconds": self.search_seconds,
             "searches": self.queries,
@@ -295,7 +321,7 @@ class KnnLM:
 
     def lm_view(self, group: list[tuple[int, np.ndarray, Window]], *, full: bool = False) -> LMView:
         """The LM over a batch of windows (sequence index, tokens, window), reduced to what
-        scoring needs at each scored position."""
+        scoring needs at each scored position; with ``full``, its log-probs [m, V] too."""
         started = time.perf_counter()
         outs, forwards = self.lm.forward_windows(
             [(seq, w) for _, seq, w in group], cap=self.window, with_logits=True
@@ -328,12 +354,15 @@ class KnnLM:
         with_cosine: bool | None = None,
         pointers: PointerState | None = None,
         cache_state: CacheState | None = None,
+        top1: bool = False,
     ) -> Scored:
         """Search, weigh and mix for the positions of one ``LMView``.
 
         ``pointers`` and ``cache_state`` carry pointer following and the document cache
         from one batch of a text to the next (``score`` makes them); without them those
-        levers stay off.
+        levers stay off. ``top1`` (the view must hold the LM's log-probs) also says whether
+        the argmax of each distribution is the token that came; the kNN-LM's whole mixed
+        distribution is built for it, then dropped unless ``full``.
         """
         started = time.perf_counter()
         searched = (
@@ -357,8 +386,8 @@ class KnnLM:
             features.sq_distances, features.token_ids, view.targets, temperature=self.temperature
         )
         knn_full = mixed_full = None
-        if full:
-            assert view.lm_log_probs is not None
+        if full or top1:
+            assert view.lm_log_probs is not None, "the view needs the LM's log-probs (full)"
             knn_full = knn_log_probs(
                 features.sq_distances,
                 features.token_ids,
@@ -375,11 +404,19 @@ class KnnLM:
                 keys=view.keys,
                 targets=view.targets,
                 vocab_size=self.lm.vocab_size if mixed_full is None else mixed_full.shape[-1],
-                full=full,
+                full=mixed_full is not None,
             )
             log_prob = self.cache.mix(log_prob, cached.target_log_prob, cached.has_memory)
             if mixed_full is not None and cached.log_probs is not None:
                 mixed_full = self.cache.mix(mixed_full, cached.log_probs, cached.has_memory)
+        lm_correct = correct = None
+        if top1:
+            assert view.lm_log_probs is not None and mixed_full is not None
+            lm_correct = view.lm_log_probs.argmax(-1) == view.targets  # [m]
+            correct = mixed_full.argmax(-1) == view.targets  # [m]
+        if top1 and not full:  # the [m, V] tensors served top-1 only: do not keep them
+            view = replace(view, lm_log_probs=None)
+            knn_full = mixed_full = None
         return Scored(
             lm=view,
             neighbours=neighbours,
@@ -392,6 +429,8 @@ class KnnLM:
             log_probs=mixed_full,
             search_seconds=search_seconds,
             followed=followed,
+            lm_correct=lm_correct,
+            correct=correct,
         )
 
     def _search_or_follow(
@@ -404,19 +443,20 @@ class KnnLM:
     ) -> tuple[Neighbours, torch.Tensor, torch.Tensor]:
         """Neighbours of a view's positions with pointer following: each position takes
         the pointers its text's previous position left, if at least ``pointer_min``, and is
-        searched otherwise. Positions where ``allowed`` (bool [m], the gate) is False get
-        neither, and their text's pointers are dropped.
+        searched otherwise, scoring the search's neighbours united with the pointers it had
+        (``pointers.union_neighbours``, as RetoMaton does). Positions where ``allowed``
+        (bool [m], the gate) is False get neither, and their text's pointers are dropped.
 
         A text's positions depend on each other, so they go one step at a time; each step
         takes the next position of every text in the view at once (one search, one or two
-        lookups). Returns the neighbours [m, k] and the bool [m] masks searched, followed.
+        lookups). Returns the neighbours [m, w] and the bool [m] masks searched, followed;
+        w >= k is the widest row (a union, or all the pointers followed), the rest padded.
         """
         m = len(view.targets)
         queries = view.keys.detach().float().cpu().numpy()  # [m, dim]
         targets = view.targets.cpu().numpy()  # [m]
         ok = allowed.cpu().numpy()  # [m]
         out = Neighbours.empty(m, self.k)
-        assert out.point_ids is not None
         nexts = np.full((m, self.k), UNKNOWN, dtype=np.int64)  # [m, k], see pointers.follow
         searched = np.zeros(m, dtype=bool)
         followed = np.zeros(m, dtype=bool)
@@ -427,26 +467,38 @@ class KnnLM:
         step = np.arange(m) - np.repeat(starts, np.diff(np.r_[starts, m]))  # [m]
         for s in range(int(step.max()) + 1 if m else 0):
             rows = order[step == s]  # [L], one per text
-            ready = [state.ready(int(view.sequence[r]), int(view.position[r])) for r in rows]
-            enough = np.array([p is not None and len(p) >= self.pointer_min for p in ready])
+            ready = [
+                state.ready(int(view.sequence[r]), int(view.position[r])) or _NO_POINTERS
+                for r in rows
+            ]
+            enough = np.array([len(p) >= self.pointer_min for p in ready])
             use = enough & ok[rows]  # [L]
             if use.any():
+                mine = [p for p, u in zip(ready, use, strict=True) if u]
                 found, found_next = pointer_neighbours(
-                    queries[rows[use]],
-                    [p for p, u in zip(ready, use, strict=True) if u and p is not None],
-                    k=self.k,
+                    queries[rows[use]], mine, k=max(self.k, *(len(p) for p in mine))
                 )
-                _place(out, found, rows[use])
-                nexts[rows[use]] = found_next
+                out, nexts = _place(out, nexts, found, found_next, rows[use])
                 followed[rows[use]] = True
-            look = rows[~use & ok[rows]]  # [a]
-            if len(look):
+            look = ~use & ok[rows]  # [L]
+            if look.any():
                 found = self.store.search(
-                    queries[look], k=self.k, options=self.search, filter=self.filter
+                    queries[rows[look]], k=self.k, options=self.search, filter=self.filter
                 )
-                _place(out, found, look)
-                searched[look] = True
+                mine = [p for p, u in zip(ready, look, strict=True) if u]
+                most = max(len(p) for p in mine)
+                found_next = np.full(found.token_ids.shape, UNKNOWN, dtype=np.int64)
+                if most:  # fewer than pointer_min pointers, but some: score the union
+                    before = int((found.token_ids >= 0).sum())
+                    found, found_next = union_neighbours(
+                        queries[rows[look]], found, mine, width=self.k + most
+                    )
+                    state.united += sum(1 for p in mine if len(p))
+                    state.added += int((found.token_ids >= 0).sum()) - before
+                out, nexts = _place(out, nexts, found, found_next, rows[look])
+                searched[rows[look]] = True
             active = rows[ok[rows]]
+            assert out.point_ids is not None
             successors = follow(
                 self.store,
                 positions=view.position[active],
@@ -480,6 +532,7 @@ class KnnLM:
         with_cosine: bool | None = None,
         on_progress: Progress = no_progress,
         stage: str = "score",
+        top1: bool = False,
     ) -> Iterator[Scored]:
         """Every position of token ``sequences`` (int64 [n_i], BOS first: ``lm.encode``),
         scored batch by batch, in order. The search of a batch overlaps the LM's next one.
@@ -489,6 +542,9 @@ class KnnLM:
             use_gate: let the gate skip searches (tuning searches everywhere).
             with_cosine: compute the cosine feature (default: when the policy needs it).
             on_progress: told the tokens scored so far, as ``stage``.
+            top1: also say where each distribution's argmax is the token that came
+                (``Scored.lm_correct``, ``Scored.correct``); it keeps the LM's log-probs
+                of a batch until its search is done.
         """
         jobs = [
             (i, seq, w)
@@ -498,6 +554,8 @@ class KnnLM:
         total = sum(len(w.positions) for _, _, w in jobs)
         groups = [jobs[lo : lo + self.batch_size] for lo in range(0, len(jobs), self.batch_size)]
         options: dict[str, Any] = {"full": full, "use_gate": use_gate, "with_cosine": with_cosine}
+        if top1:
+            options["top1"] = True
         if self.pointer_min:  # the state of each text, carried from batch to batch in order
             options["pointers"] = PointerState()
         if self.cache is not None:
@@ -507,7 +565,8 @@ class KnnLM:
         with ThreadPoolExecutor(1, thread_name_prefix="knnlm-search") as pool:
             pending: Future[Scored] | None = None
             for group in groups:
-                view = self.lm_view(group, full=full)  # meanwhile, the last batch searches
+                # meanwhile, the last batch searches
+                view = self.lm_view(group, full=full or top1)
                 if pending is not None:
                     done = pending.result()
                     scored += len(done)
@@ -523,11 +582,15 @@ class KnnLM:
     def evaluate(
         self, sequences: Sequence[np.ndarray], *, on_progress: Progress = no_progress
     ) -> EvalResult:
-        """Perplexity of the LM alone and of the kNN-LM over token ``sequences``."""
+        """Perplexity and top-1 next-token accuracy of the LM alone and of the kNN-LM over
+        token ``sequences``."""
         base_nll = knn_nll = lm_seconds = search_seconds = 0.0
-        tokens = searches = zero = 0
+        tokens = searches = zero = base_correct = knn_correct = 0
         followed: int | None = None
-        for scored in self.score(sequences, on_progress=on_progress, stage="eval"):
+        for scored in self.score(sequences, on_progress=on_progress, stage="eval", top1=True):
+            assert scored.lm_correct is not None and scored.correct is not None
+            base_correct += int(scored.lm_correct.sum())
+            knn_correct += int(scored.correct.sum())
             base_nll -= scored.lm.lm_target_log_prob.double().sum().item()
             knn_nll -= scored.log_prob.double().sum().item()
             zero += int(torch.isneginf(scored.log_prob).sum())
@@ -548,15 +611,42 @@ class KnnLM:
             queries=searches,
             zero_prob_tokens=zero,
             followed=followed,
+            base_correct=base_correct,
+            knn_correct=knn_correct,
         )
 
 
-def _place(out: Neighbours, found: Neighbours, rows: np.ndarray) -> None:
-    """Write ``found``'s rows into rows ``rows`` (int [b]) of ``out``, in place."""
-    out.token_ids[rows] = found.token_ids
-    out.sq_distances[rows] = found.sq_distances
-    if out.point_ids is not None and found.point_ids is not None:
-        out.point_ids[rows] = found.point_ids
+def _place(
+    out: Neighbours, nexts: np.ndarray, found: Neighbours, found_next: np.ndarray, rows: np.ndarray
+) -> tuple[Neighbours, np.ndarray]:
+    """``found`` [b, w] and its ``next`` values [b, w] written into rows ``rows`` (int [b])
+    of ``out`` and ``nexts`` [m, w'], in place when w <= w'; when w > w' (a union, or more
+    pointers than k) both are first widened with missing neighbours. Returns the two."""
+    width, have = found.token_ids.shape[1], out.token_ids.shape[1]
+    if width > have:  # pad every row to the new width: -1 / inf / None, next -1
+        wider = Neighbours.empty(len(out), width)
+        assert wider.point_ids is not None and out.point_ids is not None
+        wider.token_ids[:, :have] = out.token_ids
+        wider.sq_distances[:, :have] = out.sq_distances
+        wider.point_ids[:, :have] = out.point_ids
+        out = Neighbours(wider.token_ids, wider.sq_distances, wider.point_ids)
+        nexts = np.concatenate([nexts, np.full((len(nexts), width - have), -1, np.int64)], 1)
+    assert out.point_ids is not None and found.point_ids is not None
+    out.token_ids[rows, :width] = found.token_ids
+    out.sq_distances[rows, :width] = found.sq_distances
+    out.point_ids[rows, :width] = found.point_ids
+    nexts[rows, :width] = found_next
+    return out, nexts
+
+
+# No pointers: a text's first position, or one after a gap or a skipped search (immutable).
+_NO_POINTERS = Pointers(
+    position=-1,
+    ids=[],
+    keys=np.zeros((0, 0), dtype=np.float32),
+    values=np.zeros(0, dtype=np.int64),
+    nexts=np.zeros(0, dtype=np.int64),
+)
 
 
 def perplexity(nll: float, tokens: int) -> float:

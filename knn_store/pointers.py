@@ -7,7 +7,8 @@ and the stored document agree for one more token, so the stored successor (d, p 
 likely neighbour of position t + 1. ``follow`` collects those successors, with their keys, in
 one batched lookup; the next position then scores them against its own query
 (``pointer_neighbours``: exact squared distances to the successors' keys, no search). When
-fewer than a threshold remain, the caller searches as usual.
+fewer than a threshold remain, the caller searches, and scores the search's neighbours
+united with the pointers it has (``union_neighbours``), as the paper does.
 
 The successor's id needs its value, which the id of the point at p does not hold (see
 ``store.point_ids``): it is the payload field ``next``. A followed point brings its ``next``
@@ -60,6 +61,8 @@ class PointerState:
     searched: int = 0  # positions searched
     lookups: int = 0  # batched by-id lookups made
     looked_up: int = 0  # points read by those lookups
+    united: int = 0  # searched positions that had pointers, scored as the union
+    added: int = 0  # pointers those unions added (not among the search's neighbours)
 
     def ready(self, sequence: int, position: int) -> Pointers | None:
         """The pointers for ``position`` of text ``sequence``, if its previous position left
@@ -110,6 +113,62 @@ def pointer_neighbours(
     point_ids[r, c] = ids[src]
     nexts[r, c] = nxt[src]
     return Neighbours(token_ids, sq_distances, point_ids), nexts
+
+
+def union_neighbours(
+    queries: np.ndarray, searched: Neighbours, pointers: list[Pointers], *, width: int
+) -> tuple[Neighbours, np.ndarray]:
+    """A search's neighbours joined with the pointers followed to the same positions, as
+    RetoMaton does where too few pointers remain to skip the search (Alon et al. 2022,
+    Algorithm 1: the new states are the followed ones *united* with the retrieved ones).
+
+    All of the union is kept, as in the paper, not its k nearest: a row holds at most the
+    search's k plus the fewer than ``pointer_min`` pointers that made it search, so the
+    caller sizes ``width`` to k + pointer_min - 1. A point both found and followed appears
+    once, with the exact distance to its key (a quantized search's distance is approximate).
+
+    Args:
+        queries: float32 [b, dim].
+        searched: the search's ``Neighbours`` [b, k] with point ids.
+        pointers: b sets of pointers (possibly empty), one per query.
+        width: the output row width; at least k + the largest set of pointers.
+
+    Returns:
+        ``Neighbours`` [b, width] ascending (ties by token), and the ``next`` values int64
+        [b, width]: ``UNKNOWN`` for the search's points, the pointers' own otherwise.
+    """
+    assert searched.point_ids is not None
+    b, k = searched.token_ids.shape
+    most = max((len(p) for p in pointers), default=0)
+    if k + most > width:
+        raise ValueError(f"`width` {width} cannot hold k={k} neighbours and {most} pointers")
+    near, near_next = pointer_neighbours(queries, pointers, k=max(most, 1))  # [b, P]
+    assert near.point_ids is not None
+    tokens = searched.token_ids.copy()  # [b, k]
+    d2 = searched.sq_distances.copy()
+    ids = searched.point_ids.copy()
+    for r, p in enumerate(pointers):  # drop the search's copy of a followed point
+        if len(p):
+            # ids as text: an engine's UUID objects and a lookup's strings compare equal
+            dup = np.isin(ids[r].astype(str), np.asarray(p.ids, dtype=str))  # [k]
+            tokens[r, dup], d2[r, dup], ids[r, dup] = -1, np.inf, None
+    tokens = np.concatenate([tokens, near.token_ids], axis=1)  # [b, k + P]
+    d2 = np.concatenate([d2, near.sq_distances], axis=1)
+    ids = np.concatenate([ids, near.point_ids], axis=1)
+    nexts = np.concatenate([np.full((b, k), UNKNOWN, dtype=np.int64), near_next], axis=1)
+    # ascending distance, ties by token (as a search orders them); missing ones (inf) last
+    order = np.lexsort((tokens, d2), axis=-1)[:, :width]  # [b, <= width]
+    out = Neighbours.empty(b, width)
+    assert out.point_ids is not None
+    n = order.shape[1]
+    out.token_ids[:, :n] = np.take_along_axis(tokens, order, 1)
+    out.sq_distances[:, :n] = np.take_along_axis(d2, order, 1)
+    out.point_ids[:, :n] = np.take_along_axis(ids, order, 1)
+    out_next = np.full((b, width), -1, dtype=np.int64)
+    out_next[:, :n] = np.take_along_axis(nexts, order, 1)
+    missing = out.point_ids == None  # noqa: E711  [b, width]
+    out_next[missing] = -1
+    return Neighbours(out.token_ids, out.sq_distances, out.point_ids), out_next
 
 
 def follow(

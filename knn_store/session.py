@@ -29,6 +29,7 @@ from knn_store.store.base import INDEXED_FIELDS
 if TYPE_CHECKING:
     import numpy as np
 
+    from knn_store.doc_cache import DocumentCache
     from knn_store.knn_lm import EvalResult, KnnLM
     from knn_store.lm import LanguageModel
 
@@ -165,11 +166,25 @@ def open_session(
             stride=stride,
             batch_size=settings.batch_size,
             search_batch=settings.search_batch,
+            pointer_min=settings.pointer_min,
+            cache=document_cache(settings, knn_temperature=resolved.temperature),
         )
     except BaseException:
         store.close()
         raise
     return Session(settings, store, lm, knn_lm, resolved, saved)
+
+
+def document_cache(settings: KnnlmSettings, *, knn_temperature: float) -> DocumentCache | None:
+    """The document cache the settings ask for (None at weight 0); its temperature defaults
+    to the kNN's, so an untuned cache is as sharp as the datastore's memory."""
+    if not settings.cache_weight:
+        return None
+    from knn_store.doc_cache import DocumentCache
+
+    return DocumentCache(
+        temperature=settings.cache_temperature or knn_temperature, weight=settings.cache_weight
+    )
 
 
 def windows_for(settings: KnnlmSettings, lm: LanguageModel) -> tuple[int, int]:

@@ -207,6 +207,27 @@ class KnnlmSettings(BaseSettings):
         "(`knnlm tune` fits it); --no-gate searches at every position.",
     )
 
+    # --- fewer searches, more memory (issue 16; both off by default) -----------------------
+    pointer_min: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_TOP_K,
+        description="Pointer following (RetoMaton): where at least this many successors of "
+        "the last position's matching neighbours remain, score them instead of searching; "
+        "where fewer remain, search and score the union (0: off). Needs a collection made by "
+        "`knnlm rebuild --successors`.",
+    )
+    cache_weight: float = Field(
+        default=0.0,
+        description="Weight of a document cache of each text's own earlier positions (0: off).",
+        **_finite(ge=0.0, le=1.0),
+    )
+    cache_temperature: float | None = Field(
+        default=None,
+        description="The document cache's softmax temperature. Default: the kNN's T.",
+        **_finite(gt=0.0),
+    )
+
     # --- ingest -----------------------------------------------------------------------------
     domain: str = Field(default="default", description="Domain tag of new points.")
     upsert_batch: int = Field(default=512, ge=1, le=65_536, description="Points per upsert.")

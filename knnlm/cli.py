@@ -22,6 +22,7 @@ from knn_store.errors import KnnlmError
 from knnlm.collections import check, domains, info, push, rebuild
 from knnlm.generate import explain, generate
 from knnlm.options import (
+    LEVER_OPTIONS,
     MODEL_OPTIONS,
     SEARCH_OPTIONS,
     STORAGE_OPTIONS,
@@ -203,28 +204,7 @@ def _parse_shard(text: str | None) -> tuple[int, int]:
 @corpus_options
 @options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS)
 @search_domain_option
-@click.option(
-    "--pointer-min",
-    type=click.IntRange(min=0),
-    default=0,
-    envvar="KNNLM_POINTER_MIN",
-    help="Pointer following (RetoMaton): where at least this many successors of the last "
-    "position's matching neighbours remain, score them instead of searching (0: off). Needs "
-    "a collection made by `knnlm rebuild --successors`.",
-)
-@click.option(
-    "--cache-weight",
-    type=click.FloatRange(0, 1),
-    default=0.0,
-    envvar="KNNLM_CACHE_WEIGHT",
-    help="Weight of a document cache of each text's own earlier positions (0: off).",
-)
-@click.option(
-    "--cache-temperature",
-    type=click.FloatRange(min=0, min_open=True),
-    envvar="KNNLM_CACHE_TEMPERATURE",
-    help="The document cache's softmax temperature (default: the kNN's T).",
-)
+@options(*LEVER_OPTIONS)
 @output_options
 def eval_(
     paths: tuple[str, ...],
@@ -232,14 +212,12 @@ def eval_(
     text_field: str,
     skip_invalid: bool,
     search_domains: tuple[str, ...],
-    pointer_min: int,
-    cache_weight: float,
-    cache_temperature: float | None,
     as_json: bool,
     quiet: bool,
     **params: Any,
 ) -> None:
-    """Perplexity of the base LM and of the kNN-LM on held-out text, from one pass.
+    """Perplexity and top-1 next-token accuracy of the base LM and of the kNN-LM on
+    held-out text, from one pass.
 
     \b
     Examples:
@@ -270,12 +248,6 @@ def eval_(
         open_session(settings, search_domains=search_domains) as session,
         Bars(quiet=quiet) as bars,
     ):
-        if pointer_min or cache_weight:
-            from knn_store.doc_cache import DocumentCache
-
-            t = cache_temperature or session.knn_lm.temperature
-            cache = DocumentCache(temperature=t, weight=cache_weight) if cache_weight else None
-            session.knn_lm = session.knn_lm.with_options(pointer_min=pointer_min, cache=cache)
         result = session.evaluate(texts, on_progress=bars)
     knn_lm, meta = session.knn_lm, session.store.meta
     out = {
@@ -303,9 +275,14 @@ def eval_(
         click.echo(json.dumps(finite, allow_nan=False))
     else:
         change = out["change_percent"]
-        click.echo(f"{'':10}{'perplexity':>12}  {'tokens':>8}")
-        click.echo(f"{'base LM':10}{result.base_perplexity:12.3f}  {result.tokens:8,}")
-        click.echo(f"{'kNN-LM':10}{result.knn_perplexity:12.3f}  {change:+7.1f}%")
+        click.echo(f"{'':10}{'perplexity':>12}  {'tokens':>8}  {'top-1':>7}")
+        click.echo(
+            f"{'base LM':10}{result.base_perplexity:12.3f}  {result.tokens:8,}  "
+            f"{result.base_top1:7.2%}"
+        )
+        click.echo(
+            f"{'kNN-LM':10}{result.knn_perplexity:12.3f}  {change:+7.1f}%  {result.knn_top1:7.2%}"
+        )
         skipped = f", {100 * result.skipped_share:.0f}% skipped by the gate" if knn_lm.gate else ""
         if result.followed is not None:
             saved = result.followed / max(result.tokens, 1)

@@ -176,6 +176,85 @@ def test_followed_pointers_equal_a_full_knn_over_the_same_candidates(
     store.close()
 
 
+@pytest.mark.parametrize(("kind", "k", "pointer_min"), [("edge", 6, 3), ("local", 10, 2)])
+def test_a_search_with_pointers_scores_the_union_as_a_full_knn_over_it(
+    kind: str, k: int, pointer_min: int, tmp_path: Path, tiny_models, settings_factory
+) -> None:
+    """Two texts walked through ``KnnLM.finish`` in two batches: one tracks document 0
+    (noisy copies of its keys, its tokens as targets), so pointers survive and are followed;
+    the other is random, so searches meet a few pointers and score the union. Every
+    position's p_kNN(target) equals RetoMaton replayed by brute force over the stored keys."""
+    from knn_store.knn_lm import LMView
+
+    source, docs = _filled(kind, tmp_path)
+    store = _open(kind, tmp_path, "linked")
+    copy_collection(source, store, successors=True)
+    keys = np.concatenate([d[1] for d in docs]).astype(np.float64)  # [N, DIM]
+    values = np.concatenate([d[2] for d in docs])  # [N]
+    start = np.cumsum([0, *DOC_LENGTHS[:-1]])
+    succ = np.concatenate(
+        [s + np.r_[np.arange(1, n), -1 - s] for s, n in zip(start, DOC_LENGTHS, strict=True)]
+    )  # [N], the next row of the same document, -1 at its end
+    rng = np.random.default_rng(3)
+    n = DOC_LENGTHS[0] - 1
+    walk = {
+        0: (docs[0][1][:n] + 0.3 * rng.standard_normal((n, DIM)), docs[0][2][:n]),
+        1: (rng.standard_normal((n, DIM)), rng.integers(0, VOCAB, n)),
+    }
+    t = 2.0
+    knn_lm = KnnLM(
+        load_language_model(settings_factory(tiny_models["gpt2"])),  # unused but for vocab
+        store,
+        k=k,
+        temperature=t,
+        policy=FixedLambda(0.5),
+        search=SearchOptions(exact=True),
+        window=16,
+        stride=8,
+        pointer_min=pointer_min,
+    )
+    state = PointerState()
+    got = {s: np.zeros(n) for s in walk}
+    got_followed = {s: np.zeros(n, dtype=bool) for s in walk}
+    widest = 0
+    for lo, hi in ((0, 13), (13, n)):  # two batches: the pointers carry over
+        rows = [(s, p) for p in range(lo, hi) for s in walk]
+        m = len(rows)
+        view = LMView(
+            sequence=np.array([s for s, _ in rows]),
+            position=np.array([p + 1 for _, p in rows]),
+            keys=torch.tensor(np.stack([walk[s][0][p] for s, p in rows]), dtype=torch.float32),
+            targets=torch.tensor([int(walk[s][1][p]) for s, p in rows]),
+            lm_target_log_prob=torch.full((m,), -1.0),
+            lm_entropy=torch.ones(m),
+            lm_max_log_prob=torch.full((m,), -0.5),
+            lm_log_probs=None,
+            lm_seconds=0.0,
+            forwards=1,
+        )
+        scored = knn_lm.finish(view, use_gate=False, pointers=state)
+        assert scored.followed is not None and scored.neighbours.point_ids is not None
+        for r, (s, p) in enumerate(rows):
+            got[s][p] = float(scored.knn_log_prob[r].exp())
+            got_followed[s][p] = bool(scored.followed[r])
+            present = [str(i) for i in scored.neighbours.point_ids[r] if i is not None]
+            assert len(present) == len(set(present))  # each point once
+            widest = max(widest, len(present))
+    unions = 0
+    for s, (queries, targets) in walk.items():
+        ref, ref_followed, sizes = _automaton_knn(
+            keys, values, succ, queries, targets, vocab=VOCAB, k=k, t=t, pointer_min=pointer_min
+        )
+        np.testing.assert_array_equal(got_followed[s], ref_followed)
+        np.testing.assert_allclose(got[s], ref, atol=1e-5)
+        unions += int(((sizes > k) & ~ref_followed).sum())
+    assert unions > 0 and widest > k  # some search was united with pointers
+    assert state.united > 0 and state.added > 0  # and counted
+    assert any(got_followed[0]) and not all(got_followed[0])
+    source.close()
+    store.close()
+
+
 HELD_OUT = [
     "def add(a, b):\n    return a + b\ndef mul(a, b):\n    return a * b\n",
     "for i in range(10):\n    print(i, i * i)\nThe quick brown fox jumps over the lazy dog.\n",
@@ -188,20 +267,33 @@ def _automaton_reference(
     """RetoMaton replayed by brute force over one text: float64 log p(target) [n] and
     whether each position followed pointers. ``succ[j]``: the row after row j in its
     document (-1 at the end). The LM's own numbers are checked in test_perplexity."""
-    out, followed, pointers = [], [], []
+    p_knn, followed, _ = _automaton_knn(
+        keys, values, succ, queries, targets, vocab=vocab, k=k, t=t, pointer_min=pointer_min
+    )
+    out = np.log(lmbda * p_knn + (1 - lmbda) * np.exp(lm_target_lp))
+    return out, followed
+
+
+def _automaton_knn(keys, values, succ, queries, targets, *, vocab, k, t, pointer_min):
+    """p_kNN(target) float64 [n] of one text under RetoMaton, by brute force: with at least
+    ``pointer_min`` pointers, a full kNN over them; with fewer, over the union of the k
+    nearest rows and the pointers (each row once). Also whether each position followed,
+    and the size of each position's candidate set."""
+    out, followed, sizes, pointers = [], [], [], []
     for i, q in enumerate(queries.astype(np.float64)):
         if len(pointers) >= pointer_min:
             cand = np.array(pointers)
-            d2 = ((keys[cand] - q) ** 2).sum(-1)
             followed.append(True)
         else:
-            idx, d2 = brute_force_knn(keys, q[None], k)
-            cand, d2 = idx[0][idx[0] >= 0], d2[0][idx[0] >= 0]
+            idx, _ = brute_force_knn(keys, q[None], k)
+            found = [int(j) for j in idx[0] if j >= 0]
+            cand = np.array(list(dict.fromkeys([*found, *pointers])), dtype=np.int64)
             followed.append(False)
-        p_knn = knn_probs(d2[None], values[cand][None], vocab, t)[0][targets[i]]
-        out.append(np.log(lmbda * p_knn + (1 - lmbda) * np.exp(lm_target_lp[i])))
-        pointers = [succ[j] for j in cand if values[j] == targets[i] and succ[j] >= 0]
-    return np.array(out), np.array(followed)
+        d2 = ((keys[cand] - q) ** 2).sum(-1)
+        out.append(knn_probs(d2[None], values[cand][None], vocab, t)[0][targets[i]])
+        sizes.append(len(cand))
+        pointers = [int(succ[j]) for j in cand if values[j] == targets[i] and succ[j] >= 0]
+    return np.array(out), np.array(followed), np.array(sizes)
 
 
 @pytest.mark.parametrize("backend", ["edge", "local"])
@@ -236,9 +328,10 @@ def test_eval_with_pointers_equals_the_automaton_by_brute_force(
     base = list(KnnLM(lm, linked, **args).score(texts))
     never = list(KnnLM(lm, linked, pointer_min=10**6, **args).score(texts))  # always searches
     for a, b in zip(base, never, strict=True):
-        assert (
-            torch.equal(a.log_prob, b.log_prob) and b.followed is not None and not b.followed.any()
-        )
+        assert b.followed is not None and not b.followed.any()
+        # k covers every point, so the union with the pointers adds no point: the same
+        # distribution, up to the pointers' distances computed from their keys
+        torch.testing.assert_close(a.log_prob, b.log_prob, atol=1e-5, rtol=0)
 
     pointer_min = 3
     scored = list(KnnLM(lm, linked, pointer_min=pointer_min, **args).score(texts))
@@ -302,6 +395,46 @@ def test_cli_refuses_pointers_on_an_old_collection_then_rebuild_links_it(
     assert out["searches"] + out["followed_pointers"] == out["tokens"] == plain["tokens"]
     assert out["cache"] == {"weight": 0.2, "temperature": plain["temperature"]}
     assert out["knn_perplexity"] != plain["knn_perplexity"]
+    # the same levers from the environment: the settings are the one source of these flags
+    env = {"KNNLM_POINTER_MIN": "2", "KNNLM_CACHE_WEIGHT": "0.2"}
+    from_env = _json_ok(knnlm.eval(held_out, *both[:3], collection="linked", env=env))
+    for key in ("knn_perplexity", "followed_pointers", "searches", "pointer_min", "cache"):
+        assert from_env[key] == out[key], key
+    hot = _json_ok(
+        knnlm.eval(held_out, *both, "--cache-temperature", "0.5", collection="linked", env=env)
+    )
+    assert hot["cache"] == {"weight": 0.2, "temperature": 0.5}
+    _one_line_error(
+        knnlm.eval(held_out, "--cache-weight", "1.5", "-q", collection="linked"), "--cache-weight"
+    )
+    helped = knnlm("eval", "--help")
+    assert "[env: KNNLM_POINTER_MIN]" in helped.output and "RetoMaton" in helped.output
+
+
+def test_session_builds_the_levers_from_the_settings(
+    tiny_models, corpus_dir: Path, settings_factory
+) -> None:
+    from knn_store import open_session
+
+    settings = settings_factory(tiny_models["gpt2"], exact=True)
+    lm = load_language_model(settings)
+    plain = open_store(settings, create=True)
+    IngestWorker(lm, plain, domain="code", window=16, stride=8).run(
+        list(read_corpus([corpus_dir], glob="**/*.txt"))
+    )
+    linked_settings = settings.model_copy(update={"collection": "linked"})
+    with open_store(linked_settings, create=True) as linked:
+        copy_collection(plain, linked, successors=True)
+    plain.close()
+    with open_session(linked_settings, lm=lm) as session:  # the default: both off
+        assert session.knn_lm.pointer_min == 0 and session.knn_lm.cache is None
+    levers = {"pointer_min": 4, "cache_weight": 0.1}
+    with open_session(linked_settings.model_copy(update=levers), lm=lm) as session:
+        cache = session.knn_lm.cache
+        assert session.knn_lm.pointer_min == 4 and cache is not None
+        assert (cache.weight, cache.temperature) == (0.1, session.resolved.temperature)
+    with pytest.raises(ConfigError, match=r"rebuild .*--successors"):
+        open_session(settings.model_copy(update={"pointer_min": 1}), lm=lm)
 
 
 def test_ingest_into_a_linked_collection_links_the_new_points(

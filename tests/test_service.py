@@ -431,6 +431,21 @@ def test_a_closed_batcher_is_unavailable(served: Served) -> None:
         assert "not running" in message or "shutting down" in message
 
 
+def test_the_default_max_tokens_yields_to_a_lower_server_limit(served: Served) -> None:
+    """OpenAI's default of 16 new tokens, left out by the client, is capped at the server's
+    limit; asked for explicitly, more than the limit is refused by name."""
+    from knnlm.service.app import Limits, create_app
+
+    app = create_app(served.session, limits=Limits(max_completion_tokens=4))
+    served.apps.append(app)
+    body = {"prompt": PROMPT, "temperature": 0}
+    left_out, asked = _run(_post_all(app, "/v1/completions", [body, {**body, "max_tokens": 16}]))
+    got = _ok(left_out)
+    assert 1 <= got["usage"]["completion_tokens"] <= 4
+    assert asked.status_code == 400
+    assert asked.json()["error"]["param"] == "max_tokens"
+
+
 def test_an_empty_api_key_is_refused(served: Served) -> None:
     from knn_store.errors import ConfigError
     from knnlm.service.app import create_app

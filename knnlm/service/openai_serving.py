@@ -218,7 +218,10 @@ class OpenAIServing:
                 text = one
             else:
                 ids, text = await self._token_prompt(one, field)
-            out.append(_Prompt(ids, text, self._max_new(ids, body.max_tokens, "max_tokens")))
+            asked = body.max_tokens
+            if "max_tokens" not in body.model_fields_set and asked is not None:
+                asked = min(asked, self.max_completion_tokens)  # OpenAI's default of 16, capped
+            out.append(_Prompt(ids, text, self._max_new(ids, asked, "max_tokens")))
         return out
 
     async def _token_prompt(self, ids: list[int], field: str) -> tuple[np.ndarray, str]:
