@@ -547,6 +547,8 @@ class Batcher:
             nonlocal steps
             job = batch[row]
             got[row].append(step.token)
+            # counted here, not after decode: the row's answer may go out with this token
+            self.stats.tokens["complete"] += 1
             if len(got[row]) > steps:  # the first row to report a step: one more forward
                 steps = len(got[row])
                 self.stats.lm_forwards += 1
@@ -583,7 +585,6 @@ class Batcher:
             on_error=on_error,
             top_logprobs=max(job.top_logprobs for job in batch),
         )
-        self.stats.tokens["complete"] += sum(len(tokens) for tokens in out)
         for job, tokens in zip(batch, out, strict=True):
             _settle(job.future, result=tokens)
 
