@@ -15,10 +15,13 @@ status   type                        when
 404      ``invalid_request_error``   no such route, or no such model (code
                                      ``model_not_found``)
 405      ``invalid_request_error``   a route asked with the wrong method
+408      ``invalid_request_error``   a body that did not arrive in time (--body-timeout)
 413      ``invalid_request_error``   a body or text past the server's limits
 429      ``rate_limit_error``        too many requests waiting (with ``Retry-After``)
 500      ``server_error``            a bug: the server log has the traceback
-503      ``service_unavailable``     the store or the model worker is not available
+503      ``service_unavailable``     the store or the model worker is not available, or
+                                     the server is shutting down
+504      ``server_error``            a request past its deadline (--request-timeout)
 =======  ==========================  =====================================================
 
 ``param`` names the request field at fault (``"messages.0.content"``) where there is one,
