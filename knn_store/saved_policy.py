@@ -3,7 +3,9 @@
 ``knnlm tune`` saves a ``SavedPolicy`` with the collection. ``resolve_policy`` then decides,
 in this order: an explicit ``--lambda`` (a fixed lambda) and ``--temperature`` win; otherwise
 the saved policy and its T; otherwise the paper's defaults (lambda 0.25, T 1). The saved
-retrieval gate applies with the saved policy, unless ``--no-gate``.
+retrieval gate applies with the saved policy, unless ``--no-gate``; so do the document cache
+and the pointer threshold of ``knnlm tune --fit-levers``, unless their settings are given
+(an explicit 0 turns them off). A policy saved before those levers existed has them off.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ class SavedPolicy:
     gate: RetrievalGate | None = None
     domains: tuple[str, ...] = ()  # the domains retrieval was restricted to; () = all
     report: dict[str, Any] = field(default_factory=dict)  # tuning numbers, for `knnlm info`
+    # fitted with the policy by `tune --fit-levers`; 0 / None: off
+    pointer_min: int = 0
+    cache_weight: float = 0.0
+    cache_temperature: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +51,9 @@ class SavedPolicy:
             "gate": None if self.gate is None else self.gate.to_dict(),
             "domains": list(self.domains),
             "report": self.report,
+            "pointer_min": self.pointer_min,
+            "cache_weight": self.cache_weight,
+            "cache_temperature": self.cache_temperature,
             "saved": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
 
@@ -65,6 +74,24 @@ class SavedPolicy:
             domains = data.get("domains", [])
             if not isinstance(domains, list) or not all(isinstance(d, str) for d in domains):
                 raise TypeError(f"domains must be a list of names, got {domains!r}")
+            pointer_min = data.get("pointer_min", 0)  # absent: saved before the levers
+            if isinstance(pointer_min, bool) or not isinstance(pointer_min, int):
+                raise TypeError(f"pointer_min must be an integer, got {pointer_min!r}")
+            cache_weight = data.get("cache_weight", 0.0)
+            cache_temperature = data.get("cache_temperature")
+            if isinstance(cache_weight, bool) or not isinstance(cache_weight, (int, float)):
+                raise TypeError(f"cache_weight must be a number, got {cache_weight!r}")
+            if cache_temperature is not None and (
+                isinstance(cache_temperature, bool)
+                or not isinstance(cache_temperature, (int, float))
+                or not 0 < cache_temperature < float("inf")
+            ):
+                raise TypeError(f"cache_temperature must be positive, got {cache_temperature!r}")
+            if pointer_min < 0 or not 0 <= cache_weight <= 1:
+                raise ValueError(
+                    f"pointer_min must be >= 0 and cache_weight in [0, 1], got {pointer_min} "
+                    f"and {cache_weight}"
+                )
             for name in ("model_fingerprint", "key_type"):
                 if not isinstance(data[name], str):
                     raise TypeError(f"{name} must be text, got {data[name]!r}")
@@ -77,6 +104,9 @@ class SavedPolicy:
                 gate=None if gate is None else RetrievalGate.from_dict(gate),
                 domains=tuple(domains),
                 report=dict(data.get("report", {})),
+                pointer_min=pointer_min,
+                cache_weight=float(cache_weight),
+                cache_temperature=None if cache_temperature is None else float(cache_temperature),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise StoreDamaged(
@@ -141,4 +171,9 @@ def verify_policy(raw: dict[str, Any], store: KnnStore) -> str:
     if saved.model_fingerprint != store.meta.model_fingerprint:
         raise StoreDamaged("tuned for another model: eval ignores it; run `knnlm tune` again")
     gate = "" if saved.gate is None else f", gate {saved.gate.threshold:.3g}"
+    if saved.cache_weight:
+        t = saved.cache_temperature or saved.temperature
+        gate += f", cache {saved.cache_weight:g} at T={t:.4g}"
+    if saved.pointer_min:
+        gate += f", pointers >= {saved.pointer_min}"
     return f"{saved.to_dict()['policy']['kind']}, T={saved.temperature:.4g}{gate}"

@@ -166,8 +166,12 @@ def open_session(
             stride=stride,
             batch_size=settings.batch_size,
             search_batch=settings.search_batch,
-            pointer_min=settings.pointer_min,
-            cache=document_cache(settings, knn_temperature=resolved.temperature),
+            pointer_min=pointer_min_for(settings, saved, resolved),
+            cache=document_cache(
+                settings,
+                knn_temperature=resolved.temperature,
+                saved=saved if resolved.source.startswith("tuned") else None,
+            ),
         )
     except BaseException:
         store.close()
@@ -175,16 +179,32 @@ def open_session(
     return Session(settings, store, lm, knn_lm, resolved, saved)
 
 
-def document_cache(settings: KnnlmSettings, *, knn_temperature: float) -> DocumentCache | None:
-    """The document cache the settings ask for (None at weight 0); its temperature defaults
-    to the kNN's, so an untuned cache is as sharp as the datastore's memory."""
-    if not settings.cache_weight:
+def pointer_min_for(settings: KnnlmSettings, saved: SavedPolicy | None, resolved: Resolved) -> int:
+    """The pointer threshold: the setting when given (0 turns it off), else the one tuned
+    with the policy in use (``tune --fit-levers``), else 0."""
+    if "pointer_min" in settings.model_fields_set or saved is None:
+        return settings.pointer_min
+    return saved.pointer_min if resolved.source.startswith("tuned") else 0
+
+
+def document_cache(
+    settings: KnnlmSettings, *, knn_temperature: float, saved: SavedPolicy | None = None
+) -> DocumentCache | None:
+    """The document cache the settings ask for, else the one ``saved`` (the policy in use)
+    was tuned with; None at weight 0. Each setting given wins over the saved value, and an
+    untuned temperature defaults to the kNN's, so the cache is as sharp as the datastore's
+    memory."""
+    weight, temperature = settings.cache_weight, settings.cache_temperature
+    if saved is not None:
+        if "cache_weight" not in settings.model_fields_set:
+            weight = saved.cache_weight
+        if temperature is None:
+            temperature = saved.cache_temperature
+    if not weight:
         return None
     from knn_store.doc_cache import DocumentCache
 
-    return DocumentCache(
-        temperature=settings.cache_temperature or knn_temperature, weight=settings.cache_weight
-    )
+    return DocumentCache(temperature=temperature or knn_temperature, weight=weight)
 
 
 def windows_for(settings: KnnlmSettings, lm: LanguageModel) -> tuple[int, int]:

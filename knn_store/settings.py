@@ -215,16 +215,18 @@ class KnnlmSettings(BaseSettings):
         description="Pointer following (RetoMaton): where at least this many successors of "
         "the last position's matching neighbours remain, score them instead of searching; "
         "where fewer remain, search and score the union (0: off). Needs a collection made by "
-        "`knnlm rebuild --successors`.",
+        "`knnlm rebuild --successors`. Default: the one `knnlm tune --fit-levers` saved, else 0.",
     )
     cache_weight: float = Field(
         default=0.0,
-        description="Weight of a document cache of each text's own earlier positions (0: off).",
+        description="Weight of a document cache of each text's own earlier positions (0: off). "
+        "Default: the one `knnlm tune --fit-levers` saved, else 0.",
         **_finite(ge=0.0, le=1.0),
     )
     cache_temperature: float | None = Field(
         default=None,
-        description="The document cache's softmax temperature. Default: the kNN's T.",
+        description="The document cache's softmax temperature. Default: the tuned one, else the "
+        "kNN's T.",
         **_finite(gt=0.0),
     )
 

@@ -597,3 +597,136 @@ def check_saveable(
             f"while it changes the test perplexity by {100 * test_change:+.1f}%: the validation "
             "text does not predict the test text; nothing saved: tune on more validation text"
         )
+
+
+# --- the levers: document cache and pointer following (issue 16) ---------------------------
+
+CACHE_TEMPERATURE_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)  # times the policy's T
+CACHE_WEIGHTS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)  # 0: the cache off, if nothing beats it
+POINTER_THRESHOLDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)  # those <= k are tried
+
+
+@dataclass(frozen=True)
+class LeverFit:
+    """The document cache and pointer threshold fitted for one policy on validation.
+
+    ``cache_nll`` [T, W] is the mean NLL of every cache temperature and weight of the grid
+    (no pointers); ``pointer_nll`` and ``pointer_saved`` give, per threshold tried (0 first:
+    pointers off), the mean NLL with the chosen cache and the share of positions scored
+    from followed pointers instead of a search.
+    """
+
+    cache_temperature: float | None  # None: the cache is off (weight 0 won)
+    cache_weight: float
+    cache_temperatures: list[float]
+    cache_weights: list[float]
+    cache_nll: list[list[float]]
+    pointer_min: int  # 0: no threshold saves a search within the budget, or none tried
+    thresholds: list[int]
+    pointer_nll: list[float]
+    pointer_saved: list[float]
+    tokens: int
+
+    @property
+    def nll(self) -> float:
+        """Mean NLL of the chosen cache and threshold on validation."""
+        return self.pointer_nll[self.thresholds.index(self.pointer_min)]
+
+    @property
+    def searches_saved(self) -> float:
+        return self.pointer_saved[self.thresholds.index(self.pointer_min)]
+
+
+def fit_levers(
+    knn_lm: KnnLM,
+    sequences: Sequence[np.ndarray],
+    *,
+    max_cost: float,
+    pointers: bool,
+    on_progress: Progress = no_progress,
+) -> LeverFit:
+    """Fit the document cache (temperature and weight) and the pointer threshold for
+    ``knn_lm``, which carries the fitted policy, T and gate, on validation ``sequences``.
+
+    Pointer following is a walk from position to position, so unlike T and lambda it cannot
+    be swept on cached evidence: one LM pass feeds every threshold's own run, batch by batch
+    in ``score``'s order, so each run is the one ``knnlm eval`` makes. The cache is
+    position-wise, mixed after the kNN-LM, so its grid is tensor math on each candidate
+    temperature's log p_cache(target). The cache is fitted first (by perplexity, without
+    pointers); then the threshold that saves the most searches while the validation
+    perplexity with that cache rises by at most ``max_cost`` (0.005 = 0.5%) over no
+    pointers. ``pointers=False`` (a collection without successor links) tries none.
+    """
+    from knn_store.doc_cache import CacheState, DocumentCache
+    from knn_store.pointers import PointerState
+    from knn_store.windows import sliding_windows
+
+    if not 0 <= max_cost < math.inf:
+        raise ValueError(f"`max_cost` must be finite and >= 0, got {max_cost}")
+    thresholds = [0, *(t for t in POINTER_THRESHOLDS if pointers and t <= knn_lm.k)]
+    runs = [knn_lm.with_options(pointer_min=t, cache=None) for t in thresholds]
+    states = [PointerState() for _ in thresholds]
+    temps = [knn_lm.temperature * f for f in CACHE_TEMPERATURE_FACTORS]
+    caches = [DocumentCache(temperature=t, weight=0.0) for t in temps]
+    cache_states = [CacheState() for _ in temps]
+    jobs = [
+        (i, seq, w)
+        for i, seq in enumerate(sequences)
+        for w in sliding_windows(len(seq), window=knn_lm.window, stride=knn_lm.stride)
+    ]
+    total = sum(len(w.positions) for _, _, w in jobs)
+    log_probs: list[list[torch.Tensor]] = [[] for _ in thresholds]  # float32 [m] per batch
+    cache_lp: list[list[torch.Tensor]] = [[] for _ in temps]
+    has_memory: list[torch.Tensor] = []
+    done = 0
+    on_progress("levers", done, total)
+    for lo in range(0, len(jobs), knn_lm.batch_size):
+        view = knn_lm.lm_view(jobs[lo : lo + knn_lm.batch_size])
+        for run, state, out in zip(runs, states, log_probs, strict=True):
+            scored = run.finish(view, pointers=state if run.pointer_min else None)
+            out.append(scored.log_prob.cpu())
+        for cache, state, out in zip(caches, cache_states, cache_lp, strict=True):
+            got = cache.target_log_probs(
+                state,
+                sequence=view.sequence,
+                position=view.position,
+                keys=view.keys,
+                targets=view.targets,
+                vocab_size=knn_lm.lm.vocab_size,
+            )
+            out.append(got.target_log_prob.cpu())
+        has_memory.append(got.has_memory.cpu())
+        done += len(view.targets)
+        on_progress("levers", done, total)
+    if not done:
+        raise CorpusError("nothing to tune on: every text is shorter than 2 tokens")
+    knn = [torch.cat(parts) for parts in log_probs]  # [n] per threshold
+    cached = torch.stack([torch.cat(parts) for parts in cache_lp])  # [T, n]
+    has = torch.cat(has_memory)  # [n]
+
+    def mixed_nll(lp: torch.Tensor, cache_row: torch.Tensor, weight: float) -> float:
+        w = torch.where(has, weight, 0.0).float()  # as DocumentCache.mix
+        return -interpolate(lp, cache_row, w).double().mean().item()
+
+    grid = [[mixed_nll(knn[0], cached[ti], w) for w in CACHE_WEIGHTS] for ti in range(len(temps))]
+    flat = torch.tensor(grid, dtype=torch.float64)  # [T, W]
+    ti, wi = divmod(int(flat.argmin()), len(CACHE_WEIGHTS))  # the first of ties
+    weight = CACHE_WEIGHTS[wi]
+    row = cached[ti]
+    pointer_nll = [mixed_nll(lp, row, weight) for lp in knn]
+    saved = [s.followed / done for s in states]
+    budget = pointer_nll[0] + math.log1p(max_cost)
+    fits = [i for i in range(1, len(thresholds)) if pointer_nll[i] <= budget and saved[i] > 0]
+    best = max(fits, key=lambda i: (saved[i], -pointer_nll[i]), default=0)
+    return LeverFit(
+        cache_temperature=temps[ti] if weight else None,
+        cache_weight=weight,
+        cache_temperatures=temps,
+        cache_weights=list(CACHE_WEIGHTS),
+        cache_nll=grid,
+        pointer_min=thresholds[best],
+        thresholds=thresholds,
+        pointer_nll=pointer_nll,
+        pointer_saved=saved,
+        tokens=done,
+    )

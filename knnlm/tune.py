@@ -73,6 +73,22 @@ LABELS = {
     help="Retrieval gate: skip as many searches as keeps the validation perplexity of the "
     "saved policy within this many percent; 0 fits no gate.",
 )
+@click.option(
+    "--fit-levers",
+    is_flag=True,
+    help="Also fit the document cache's temperature and weight for the saved policy, and on "
+    "a collection linked by `knnlm rebuild --successors` the pointer threshold, on the "
+    "validation text; eval then uses them unless --cache-weight or --pointer-min say "
+    "otherwise. One more LM pass, with one search pass per threshold tried.",
+)
+@click.option(
+    "--pointer-budget",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.0, 100.0),
+    help="With --fit-levers: the pointer threshold that saves the most searches while the "
+    "validation perplexity rises by at most this many percent over no pointers.",
+)
 @search_domain_option
 @options(*MODEL_OPTIONS, *STORE_OPTIONS, *RETRIEVAL_OPTIONS)
 @output_options
@@ -86,6 +102,8 @@ def tune(
     save_kind: str,
     plots: Path | None,
     gate_max_cost: float,
+    fit_levers: bool,
+    pointer_budget: float,
     search_domains: tuple[str, ...],
     as_json: bool,
     quiet: bool,
@@ -126,10 +144,15 @@ def tune(
         collect,
         fit_gate,
     )
+    from knn_store.tuning import fit_levers as fit_cache_and_pointers
     from knn_store.tuning import tune as fit_all
 
     if not math.isfinite(gate_max_cost):
         raise ConfigError(f"--gate-max-cost must be a finite percentage, got {gate_max_cost}")
+    if not math.isfinite(pointer_budget):
+        raise ConfigError(f"--pointer-budget must be a finite percentage, got {pointer_budget}")
+    if fit_levers and save_kind == "none":
+        raise click.UsageError("--fit-levers fits levers for the saved policy: drop --save none")
     settings = settings_from(params)
 
     def read(where: tuple[str, ...]) -> list[str]:
@@ -153,8 +176,12 @@ def tune(
             f"{len(shared)} documents are both in the validation PATHS and in --test; "
             "tuning and reporting on the same text overstates the gain"
         )
-    # Tuning sets T and lambda itself, and must search everywhere to fit the gate.
-    settings = settings.model_copy(update={"lmbda": None, "temperature": None, "gate": False})
+    # Tuning sets T and lambda itself, and must search everywhere to fit the gate; the
+    # evidence is the plain kNN-LM's, so levers tuned before (or in the environment) are off.
+    off = {"pointer_min": 0, "cache_weight": 0.0, "cache_temperature": None}
+    settings = settings.model_copy(
+        update={"lmbda": None, "temperature": None, "gate": False, **off}
+    )
     with open_session(settings, search_domains=search_domains) as session:
         knn_lm = session.knn_lm
         started = time.perf_counter()
@@ -183,6 +210,28 @@ def tune(
             check_saveable(validation, chosen, gate=None if gate is None else gate.gate, test=test)
             meta = session.store.meta
             assert meta is not None
+            levers = None
+            if fit_levers:
+                if not meta.successors:
+                    click.echo(
+                        f"pointer threshold not fitted: collection {settings.collection!r} has "
+                        "no successor links; run `knnlm rebuild --successors` to fit it",
+                        err=True,
+                    )
+                tuned = knn_lm.with_options(
+                    policy=chosen.policy,
+                    temperature=chosen.temperature,
+                    gate=None if gate is None else gate.gate,
+                )
+                with Bars(quiet=quiet) as bars:
+                    levers = fit_cache_and_pointers(
+                        tuned,
+                        sequences,
+                        max_cost=pointer_budget / 100,
+                        pointers=meta.successors,
+                        on_progress=bars,
+                    )
+                summary["levers"] = _levers_summary(levers, linked=meta.successors)
             saved = SavedPolicy(
                 policy=chosen.policy,
                 temperature=chosen.temperature,
@@ -192,6 +241,9 @@ def tune(
                 gate=None if gate is None else gate.gate,
                 domains=knn_lm.filter.domains,
                 report={"name": save_kind, **summary["policies"][save_kind]},
+                pointer_min=0 if levers is None else levers.pointer_min,
+                cache_weight=0.0 if levers is None else levers.cache_weight,
+                cache_temperature=None if levers is None else levers.cache_temperature,
             )
             session.store.save_policy(saved.to_dict())
     summary.update(
@@ -208,6 +260,36 @@ def tune(
         click.echo(json.dumps(summary))
         return
     _print_table(summary)
+
+
+def _levers_summary(fit: Any, *, linked: bool) -> dict[str, Any]:
+    """The fitted cache and pointer threshold, and the validation perplexity of each
+    candidate, for the report."""
+    base = fit.pointer_nll[0]
+    return {
+        "cache_weight": fit.cache_weight,
+        "cache_temperature": fit.cache_temperature,
+        "cache_grid": {
+            "temperatures": fit.cache_temperatures,
+            "weights": fit.cache_weights,
+            "validation_perplexity": [[math.exp(x) for x in row] for row in fit.cache_nll],
+        },
+        "pointer_min": fit.pointer_min,
+        "pointers_fitted": linked,
+        "pointer_candidates": [
+            {
+                "pointer_min": t,
+                "searches_saved_share": saved,
+                "validation_perplexity": math.exp(nll),
+                "change_percent": 100 * math.expm1(nll - base),
+            }
+            for t, nll, saved in zip(
+                fit.thresholds, fit.pointer_nll, fit.pointer_saved, strict=True
+            )
+        ],
+        "validation_perplexity": math.exp(fit.nll),
+        "searches_saved_share": fit.searches_saved,
+    }
 
 
 def _gate_summary(fit: Any, result: Any, kind: str) -> dict[str, Any]:
@@ -288,6 +370,23 @@ def _print_table(summary: dict[str, Any]) -> None:
         click.echo(f"retrieval gate: {'; '.join(parts)}")
     elif gate is not None:
         click.echo("retrieval gate: none (no threshold keeps the perplexity within the budget)")
+    levers = summary.get("levers")
+    if levers is not None:
+        cache = (
+            f"weight {levers['cache_weight']:g}, T {levers['cache_temperature']:.4g}"
+            if levers["cache_weight"]
+            else "off (no weight of the grid helps)"
+        )
+        pointers = (
+            f"pointer threshold {levers['pointer_min']}, "
+            f"{100 * levers['searches_saved_share']:.0f}% of searches saved"
+            if levers["pointer_min"]
+            else "pointers off"
+        )
+        click.echo(
+            f"levers: document cache {cache}; {pointers}; validation perplexity "
+            f"{levers['validation_perplexity']:.3f}"
+        )
     if summary["saved"]:
         click.echo(f"saved the {LABELS[summary['saved']]} policy with {summary['collection']!r}")
     for path in summary.get("plots", []):
