@@ -117,6 +117,23 @@ def test_fitted_levers_are_the_brute_force_choice_and_eval_uses_them(
     )
     assert "pointer_min" not in off and "cache" not in off and "followed_pointers" not in off
     assert off["searches"] == off["tokens"] - round(off["tokens"] * off["skipped_share"])
+    # the other readers of the saved policy still answer on the tuned, linked collection
+    explained = _run(
+        knnlm, "explain", "--collection", "linked", "--exact", "--json", "-t", VALIDATION[0][:40]
+    )
+    assert explained.exit_code == 0, explained.output
+    generated = _run(
+        knnlm,
+        "generate",
+        "--collection",
+        "linked",
+        "-p",
+        VALIDATION[0][:20],
+        "--max-new-tokens",
+        "3",
+        "--json",
+    )
+    assert generated.exit_code == 0, generated.output
 
 
 def test_an_unlinked_collection_fits_the_cache_only(
