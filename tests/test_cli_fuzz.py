@@ -15,6 +15,7 @@ import gzip
 import os
 import random
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -322,7 +323,8 @@ def test_random_command_lines_exit_cleanly_and_leave_the_store_alone(
     for case in range(CASES):
         name, args, case_env = fuzzer.command()
         # "" and relative paths mean an empty folder, not wherever pytest was started
-        with runner.isolated_filesystem(temp_dir=tmp_path):
+        with tempfile.TemporaryDirectory(dir=tmp_path) as empty, pytest.MonkeyPatch.context() as mp:
+            mp.chdir(empty)
             try:
                 result = runner.invoke(cli, args, env={**env, **case_env})
             finally:
