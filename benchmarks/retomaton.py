@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +31,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from benchmarks.paths import relative  # noqa: E402
 
 
 def main() -> None:
@@ -92,7 +95,7 @@ def main() -> None:
         results["policy"] = session.resolved.policy.to_dict()
         results["policy_source"] = session.resolved.source
         results["temperature"] = session.resolved.temperature
-    results["settings"] = {k: str(v) for k, v in vars(args).items()}
+    results["settings"] = relative({k: str(v) for k, v in vars(args).items()})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "retomaton.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "retomaton.md").write_text(table(results))

@@ -35,6 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.kernel_docs import make_splits  # noqa: E402
+from benchmarks.paths import relative  # noqa: E402
 
 DOMAIN = "kernel-docs"
 K = 1024
@@ -561,7 +562,7 @@ class Bench:
             name: self.saved(name)
             for name in ("ingest", "tune", "push", "eval", "search", "rebuilt", "ingest_speed")
         }
-        data = _relative(
+        data = relative(
             {"datastore_tokens": self.tokens, "k": K, "window": WINDOW, "stride": STRIDE}
             | {name: value for name, value in stages.items() if value is not None}
         )
@@ -703,17 +704,6 @@ def _recall(found: Any, exact: Any) -> float:
     """Distance-based recall@k, as scale.py: the share of the exact k-th radius reached."""
     radius = exact[:, -1:]
     return float(((found <= radius * (1 + 1e-4)).sum(1) / exact.shape[1]).mean())
-
-
-def _relative(value: Any) -> Any:
-    """``value`` with this checkout's absolute paths made relative to the repository."""
-    if isinstance(value, dict):
-        return {k: _relative(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_relative(v) for v in value]
-    if isinstance(value, str):
-        return value.replace(str(ROOT) + "/", "").replace(str(Path.home()), "~")
-    return value
 
 
 TARGETS = {

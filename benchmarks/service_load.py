@@ -51,6 +51,9 @@ from typing import Any
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.paths import relative
+
 # Windows pad to the same width in any batch, so the keys and neighbours are the same; a
 # float32 reduction split differently across threads may still move a token's score in its
 # last bit (seen: 1e-9 relative in a perplexity). A lambda bucket flipped costs 4e-4.
@@ -245,7 +248,7 @@ def describe_code(env: dict[str, str]) -> dict[str, Any]:
         return done.stdout.strip()
 
     return {
-        "path": str(root),
+        "path": relative(str(root)),
         "commit": git("rev-parse", "--short", "HEAD"),
         "uncommitted_changes": bool(git("status", "--porcelain", "--untracked-files=no")),
     }
