@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 
 from tests.conftest import CORPUS_LINES
 from tests.files import write
+from tests.serving import UvicornThread
 
 openai = pytest.importorskip("openai")
 
@@ -62,12 +61,10 @@ def _cli(args: list[str], cache: Path) -> dict[str, Any]:
 def server(
     tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
-    import uvicorn
     from transformers import AutoTokenizer
 
     from knn_store import KnnlmSettings, open_session
     from knnlm.service.app import Limits, create_app
-    from tests.test_service import _free_socket
 
     root = tmp_path_factory.mktemp("openai")
     model = root / MODEL
@@ -104,21 +101,10 @@ def server(
         session = open_session(settings)
         limits = Limits(max_completion_tokens=48, max_text_tokens=120)
         app = create_app(session, api_key=SECRET, limits=limits, max_batch=16, batch_wait_ms=20)
-        sock = _free_socket()
-        port = sock.getsockname()[1]
-        uv = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
-        thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
         try:
-            deadline = time.monotonic() + 30
-            while not uv.started:
-                assert time.monotonic() < deadline and thread.is_alive()
-                time.sleep(0.02)
-            yield Server(f"http://127.0.0.1:{port}", app, session, generated)
+            with UvicornThread(app) as served:
+                yield Server(served.url, app, session, generated)
         finally:
-            uv.should_exit = True
-            thread.join(30)
-            sock.close()
             session.close()
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ import pytest
 
 from tests.conftest import CORPUS_LINES
 from tests.files import write
-from tests.test_service import AUTH, CODE, SECRET, _cli, _free_socket, _save_a_policy
+from tests.serving import UvicornThread
+from tests.test_service import AUTH, CODE, SECRET, _cli, _save_a_policy
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -49,7 +49,6 @@ def server(
     tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Server]:
     """``create_app`` under uvicorn in a thread, on a collection of the tiny GPT-2."""
-    import uvicorn
 
     from knn_store import KnnlmSettings, open_session
     from knnlm.service.app import create_app
@@ -78,22 +77,13 @@ def server(
         _save_a_policy(settings)
         session = open_session(settings)
     app = create_app(session, api_key=SECRET, batch_wait_ms=20)
-    sock = _free_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.02)
-        base = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        with httpx.Client(base_url=base, headers=AUTH, timeout=60) as api:
-            yield Server(base, api)
+        with (
+            UvicornThread(app) as served,
+            httpx.Client(base_url=served.url, headers=AUTH, timeout=60) as api,
+        ):
+            yield Server(served.url, api)
     finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
         app.state.batcher.close()
         session.close()
 

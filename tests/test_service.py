@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from click.testing import CliRunner
 from knnlm.cli import cli
 from tests.conftest import CORPUS_LINES
 from tests.files import write
+from tests.serving import UvicornThread
 
 SECRET = "serve-key-5d1f0a7c93"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -556,44 +556,29 @@ def _free_socket() -> socket.socket:
 def test_uvicorn_serves_streams_and_shuts_down(
     served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import uvicorn
-
     from knnlm.service.app import create_app
 
     caplog.set_level(logging.INFO)
     app = create_app(served.session, api_key=SECRET)
     served.apps.append(app)
-    sock = _free_socket()
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="info"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.02)
-        base = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=base, headers=AUTH, timeout=30) as client:
-            assert client.get("/readyz").json()["status"] == "ready"
-            score = client.post("/v1/score", json=SCORES[0][0]).json()
-            assert score["base_perplexity"] == pytest.approx(
-                served.evals[0]["base_perplexity"], rel=1e-5
-            )
-            body, _ = COMPLETIONS[1]
-            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-                assert r.status_code == 200
-                events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
-            assert events[-1] == "[DONE]"
-            text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
-            assert text == served.completions[1]
-            refused = client.post("/v1/score", json={"text": "x"}, headers={"Authorization": ""})
-            assert refused.status_code == 401
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
-    assert not thread.is_alive()
+    with (
+        UvicornThread(app, log_level="info") as server,
+        httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client,
+    ):
+        assert client.get("/readyz").json()["status"] == "ready"
+        score = client.post("/v1/score", json=SCORES[0][0]).json()
+        assert score["base_perplexity"] == pytest.approx(
+            served.evals[0]["base_perplexity"], rel=1e-5
+        )
+        body, _ = COMPLETIONS[1]
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            assert r.status_code == 200
+            events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
+        assert events[-1] == "[DONE]"
+        text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+        assert text == served.completions[1]
+        refused = client.post("/v1/score", json={"text": "x"}, headers={"Authorization": ""})
+        assert refused.status_code == 401
     assert not app.state.batcher.healthy  # the lifespan closed it
     assert "POST /v1/score" in caplog.text  # the access log ran, and it holds no key
     assert SECRET not in caplog.text

@@ -33,6 +33,7 @@ from click.testing import CliRunner
 from knnlm.cli import cli
 from tests.conftest import CORPUS_LINES
 from tests.files import write
+from tests.serving import UvicornThread
 
 PROMPT = "def add(a, b):\n   "
 CODE = "def add(a, b):\n    return a * b\nfor i in range(10):\n    print(i, i + i)\n"
@@ -385,49 +386,6 @@ def test_cancel_a_waiting_a_decoding_and_a_scored_job(
         batcher.close()
 
 
-class _Served:
-    """A real uvicorn server in a thread over ``app``, on a free loopback port."""
-
-    def __init__(self, app: Any, *, shutdown_timeout: float | None = None) -> None:
-        import uvicorn
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        if shutdown_timeout is None:
-            self.server = uvicorn.Server(uvicorn.Config(app, log_config=None))
-        else:
-            from knnlm.serve import _GRACE_SHARE, _server_class
-
-            config = uvicorn.Config(
-                app, log_config=None, timeout_graceful_shutdown=shutdown_timeout * _GRACE_SHARE
-            )
-            self.server = _server_class()(
-                config, batcher=app.state.batcher, shutdown_timeout=shutdown_timeout
-            )
-        self.thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> _Served:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive()
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(60)
-        self.sock.close()
-        assert not self.thread.is_alive()
-
-    def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=60)
-
-
 def _request(path: str, body: bytes, *, length: int | None = None) -> bytes:
     head = (
         f"POST {path} HTTP/1.1\r\nHost: knnlm\r\nContent-Type: application/json\r\n"
@@ -452,7 +410,7 @@ def test_a_stream_whose_client_leaves_stops_decoding(
     slow_sampling(0.02)
     app = make_app(batch_wait_ms=0)
     stats = app.state.batcher.stats
-    with _Served(app) as served, httpx.Client(base_url=served.url, timeout=60) as client:
+    with UvicornThread(app) as served, httpx.Client(base_url=served.url, timeout=60) as client:
         before = stats.lm_forwards
         events = []
         with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
@@ -475,7 +433,7 @@ def test_a_completion_whose_client_leaves_is_cancelled(
     slow_sampling(0.02)
     app = make_app(batch_wait_ms=0)
     stats = app.state.batcher.stats
-    with _Served(app) as served:
+    with UvicornThread(app) as served:
         before = stats.lm_forwards
         with served.connect() as sock:
             sock.sendall(_request("/v1/completions", json.dumps(LONG).encode()))
@@ -612,7 +570,7 @@ def test_a_stalled_or_trickling_body_gets_408_and_the_connection_closes(
 ) -> None:
     app = make_app(body_timeout=0.5)
     body = json.dumps({"text": TEXTS[0]}).encode()
-    with _Served(app) as served:
+    with UvicornThread(app) as served:
         with served.connect() as stalled:
             stalled.sendall(_request("/v1/score", body[:10], length=len(body)))
             answer = _answer(stalled)  # returns once the server closed the connection
@@ -637,7 +595,7 @@ def test_a_shutdown_finishes_what_fits_and_refuses_the_rest(
     app = make_app(batch_wait_ms=200)
     stats = app.state.batcher.stats
     short = {**LONG, "max_tokens": 4}
-    with _Served(app, shutdown_timeout=2.0) as served:
+    with UvicornThread(app, shutdown_timeout=2.0) as served:
         answers: dict[str, httpx.Response] = {}
 
         def post(name: str, body: dict[str, Any]) -> None:
