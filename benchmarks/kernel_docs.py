@@ -108,11 +108,21 @@ def main() -> None:
 
 
 def make_splits(
-    work: Path, how: str, datastore_tokens: int, eval_tokens: int, *, docs: Path = DOCS
+    work: Path,
+    how: str,
+    datastore_tokens: int,
+    eval_tokens: int,
+    *,
+    docs: Path = DOCS,
+    pattern: str = "*.rst.gz",
+    skip: tuple[str, ...] = (),
 ) -> dict[str, str]:
-    """Copy the docs into work/<split>/: a pure function of the file names."""
+    """Copy the files under ``docs`` matching ``pattern`` (gzipped or plain text; none under
+    a folder named in ``skip``) into work/<split>/: a pure function of the file names."""
     manifest = work / "splits.json"
     wanted = {"split": how, "datastore_tokens": datastore_tokens, "eval_tokens": eval_tokens}
+    if pattern != "*.rst.gz":  # the kernel docs' manifests predate these two
+        wanted |= {"pattern": pattern, "skip": list(skip)}
     if manifest.is_file() and json.loads(manifest.read_text())["wanted"] == wanted:
         return {s: str(work / s) for s in SPLITS}
     if not docs.is_dir():
@@ -122,7 +132,9 @@ def make_splits(
 
     tokenizer = load_language_model(KnnlmSettings()).tokenizer  # the default model's
 
-    files = sorted(docs.rglob("*.rst.gz"))
+    files = sorted(
+        p for p in docs.rglob(pattern) if not set(p.relative_to(docs).parts[:-1]) & set(skip)
+    )
     if how == "random":
         files.sort(key=lambda p: hashlib.sha256(str(p.relative_to(docs)).encode()).hexdigest())
     targets = {"test": eval_tokens, "validation": eval_tokens, "datastore": datastore_tokens}
@@ -138,7 +150,10 @@ def make_splits(
             split = {0: "test", 5: "validation"}.get(i % 10, "datastore")
             if counts[split] >= targets[split]:
                 continue
-        text = gzip.decompress(path.read_bytes()).decode("utf-8", errors="replace")
+        data = path.read_bytes()
+        text = (gzip.decompress(data) if path.suffix == ".gz" else data).decode(
+            "utf-8", errors="replace"
+        )
         n = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if n == 0 or n > MAX_FILE_TOKENS:
             continue

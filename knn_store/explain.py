@@ -1,5 +1,7 @@
-"""Why the kNN-LM predicted what it did: per token, both distributions, lambda, and the
-neighbours with the text they were memorized from.
+"""Why the kNN-LM predicted what it did: per token, both distributions, lambda, the
+neighbours with the text they were memorized from, and which lever served it: a search,
+pointers followed from the last token (no search), or the gate's skip; and the document
+cache's share.
 
 It runs the same pipeline as eval (``KnnLM.score`` with full distributions) and yields its
 rows batch by batch, so a long text shows progress as it goes. The hot path never reads
@@ -37,10 +39,16 @@ class TokenExplanation:
     lm_prob: float
     knn_prob: float
     lmbda: float
-    searched: bool  # False where the retrieval gate skipped the search
+    searched: bool  # False where the retrieval gate skipped the search, or pointers served
     lm_top: list[tuple[str, float]]
     knn_top: list[tuple[str, float]]
-    neighbours: list[Neighbour]
+    neighbours: list[Neighbour]  # with ``followed``, the successors followed, not a search's
+    # scored from the pointers the last token left (RetoMaton), without a search
+    followed: bool = False
+    # the document cache's p(token) and its weight in ``prob`` (None / 0: cache off, or
+    # nothing earlier in the text)
+    cache_prob: float | None = None
+    cache_weight: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +91,7 @@ def explain_scored(
         ]
 
     targets = scored.lm.targets
+    followed, cache_lp, cache_w = scored.followed, scored.cache_log_prob, scored.cache_weight
     for j in range(len(scored)):
         near: list[Neighbour] = []
         for col, pid in enumerate(shown[j]):
@@ -110,4 +119,7 @@ def explain_scored(
             lm_top=top_tokens(scored.lm.lm_log_probs[j]),
             knn_top=top_tokens(scored.knn_log_probs[j]),
             neighbours=near,
+            followed=followed is not None and bool(followed[j]),
+            cache_prob=None if cache_lp is None else float(cache_lp[j].exp()),
+            cache_weight=0.0 if cache_w is None else float(cache_w[j]),
         )

@@ -4,14 +4,17 @@ Two ways in, one distribution: at every step both give what ``knnlm eval`` score
 
 - ``decode``: knnlm's own batched decoding loop (KV cache, left padding, per-row sampling
   and seeds). ``knnlm generate`` and the HTTP service use it, so a completion with a seed is
-  the same from either.
+  the same from either. It also carries pointer following and the document cache from step
+  to step, per row (``KnnLM.uses_memory``).
 - ``KnnLogitsProcessor``: puts the kNN-LM into transformers' own ``generate``:
 
     >>> with KnnLogitsProcessor(knn_lm) as knn:                          # doctest: +SKIP
     ...     out = knn_lm.lm.model.generate(ids, logits_processor=LogitsProcessorList([knn]))
 
   transformers applies a user's processors before its sampling warpers, so ``temperature``,
-  ``top_k`` and ``top_p`` of ``generate`` shape the interpolated distribution.
+  ``top_k`` and ``top_p`` of ``generate`` shape the interpolated distribution. It is
+  stateless: it never sees the prompt's positions, so it refuses a kNN-LM with pointer
+  following or a document cache (``ConfigError``).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import torch
 from transformers import LogitsProcessor
 
 from knn_store.errors import ConfigError
-from knn_store.knn_lm import KnnLM
+from knn_store.knn_lm import DecodeMemory, KnnLM, lm_summary
 from knn_store.lm import KeyCapture
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -106,11 +109,17 @@ class Step:
     log_prob: its ln p under the distribution sampled from, before temperature and top_p
         reshape it (the interpolated one, or the LM's where ``Sampling.knn`` is False).
     top: the ``top_logprobs`` likeliest tokens there, (token, ln p), likeliest first.
+    followed: whether the step took its neighbours from followed pointers instead of a
+        search; None where pointer following is off (or the row does not use the kNN-LM).
+    searched: whether the step searched the datastore (False: the gate skipped it, or
+        pointers served); None where the row does not use the kNN-LM.
     """
 
     token: int
     log_prob: float
     top: tuple[tuple[int, float], ...] = ()
+    followed: bool | None = None
+    searched: bool | None = None
 
 
 # on_token(row, step) -> False ends that row now (a stop string, a client gone, a deadline)
@@ -139,6 +148,13 @@ def decode(
     otherwise), and the others go on. ``top_logprobs`` likeliest tokens are reported per
     step. Returns the new tokens per prompt (an end-of-text token included, which ends its
     row).
+
+    With pointer following or a document cache on (``KnnLM.uses_memory``), each row keeps
+    its own memory (``KnnLM.decode_memory``): the first forward's keys of every prompt
+    position feed it (``KnnLM.read_prompts``), each step scores from it
+    (``KnnLM.step_log_probs``) and then records the token drawn (``KnnLM.advance``), so a
+    step's distribution is what ``KnnLM.score`` gives at that position of prompt plus
+    tokens so far. Rows never see each other's memory.
     """
     lm = knn_lm.lm
     if len(prompts) != len(sampling) or not prompts:
@@ -164,6 +180,11 @@ def decode(
         None if s.seed is None else torch.Generator().manual_seed(s.seed) for s in sampling
     ]
     wants_knn = np.array([s.knn for s in sampling])
+    memory = (
+        knn_lm.decode_memory([len(p) for p in prompts])
+        if knn_lm.uses_memory and wants_knn.any()
+        else None
+    )
     stop = set(lm.stop_ids)
     out: list[list[int]] = [[] for _ in range(b)]
     active = np.ones(b, dtype=bool)
@@ -174,7 +195,8 @@ def decode(
         else ("past_key_values")
     )
     cache: Any = None
-    with lm.capture_keys(last_only=True) as capture, torch.inference_mode():
+    # with a memory, the first forward's keys of every prompt position are kept
+    with lm.capture_keys(last_only=memory is None) as capture, torch.inference_mode():
         while active.any():
             result = lm.model(
                 input_ids=ids.to(lm.device),
@@ -183,14 +205,28 @@ def decode(
                 use_cache=True,
                 **{cache_name: cache},
             )
+            keys = capture.pop()  # [b, dim], each row's newest position ([b, t, dim]: all)
+            if memory is not None:
+                if cache is None:  # the first forward: the prompts' own positions
+                    _read_prompts(knn_lm, memory, prompts, wants_knn, keys, result.logits)
+                keys = keys[:, -1]
             cache = getattr(result, cache_name)
-            keys = capture.pop()  # [b, dim], each row's newest position
             log_probs = torch.log_softmax(result.logits[:, -1].float(), dim=-1)  # [b, V]
             knn_rows = np.flatnonzero(active & wants_knn)
+            searched = np.zeros(b, dtype=bool)  # [b], the rows whose step searched
             if len(knn_rows):  # one batched search for every row that wants retrieval
                 index = torch.from_numpy(knn_rows).to(log_probs.device)
-                log_probs[index] = knn_lm.next_token_log_probs(log_probs[index], keys[index])
+                if on_token is not None:  # the gate's decision, reported per step
+                    allowed = knn_lm.search_mask(*lm_summary(log_probs[index])).cpu().numpy()
+                    searched[knn_rows] = allowed
+                if memory is None:
+                    log_probs[index] = knn_lm.next_token_log_probs(log_probs[index], keys[index])
+                else:
+                    log_probs[index] = knn_lm.step_log_probs(
+                        memory, knn_rows, log_probs[index], keys[index]
+                    )
             log_probs = log_probs.cpu()
+            came = np.full(b, -1, dtype=np.int64)  # the token each row drew (-1: none)
             top_values = top_ids = None
             if top_logprobs:  # [b, t], one topk for the whole batch
                 top_values, top_ids = log_probs.topk(min(top_logprobs, log_probs.shape[-1]))
@@ -205,7 +241,7 @@ def decode(
                     on_error(int(row), exc)
                     continue
                 out[row].append(token)
-                step[row, 0] = token
+                step[row, 0] = came[row] = token
                 go_on = True
                 if on_token is not None:
                     top: tuple[tuple[int, float], ...] = ()
@@ -213,14 +249,60 @@ def decode(
                         top = tuple(
                             zip(top_ids[row].tolist(), top_values[row].tolist(), strict=True)
                         )
-                    reported = Step(token, float(log_probs[row, token]), top)
+                    followed = None
+                    if memory is not None and memory.pointers is not None and wants_knn[row]:
+                        followed = bool(memory.followed[row])
+                    reported = Step(
+                        token,
+                        float(log_probs[row, token]),
+                        top,
+                        followed,
+                        bool(searched[row]) and not followed if wants_knn[row] else None,
+                    )
                     go_on = on_token(int(row), reported) is not False
                 if not go_on or token in stop or len(out[row]) >= sampling[row].max_new_tokens:
                     active[row] = False
+            if memory is not None:
+                knn_lm.advance(memory, came)
             ids = step
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
             position = position[:, -1:] + 1
     return out
+
+
+def _read_prompts(
+    knn_lm: KnnLM,
+    memory: DecodeMemory,
+    prompts: Sequence[np.ndarray],
+    wants_knn: np.ndarray,
+    keys: torch.Tensor,
+    logits: torch.Tensor,
+) -> None:
+    """Feed the prompt positions of the rows that use the kNN-LM (bool [b] ``wants_knn``)
+    into ``memory``, from the first forward's keys [b, width, dim] and logits [b, width, V]
+    over the left-padded prompts. Position j < n - 1 of a prompt of n tokens sits in column
+    width - n + j, and the prompt's token j + 1 came after it."""
+    width = keys.shape[1]
+    rows = [r for r in np.flatnonzero(wants_knn) if len(prompts[r]) > 1]
+    if not rows:
+        return
+    lengths = np.array([len(prompts[r]) - 1 for r in rows])  # [r], positions with a target
+    sequence = np.repeat(rows, lengths)  # [m]
+    position = np.concatenate([np.arange(n) for n in lengths])  # [m]
+    column = torch.from_numpy(width - 1 - np.repeat(lengths, lengths) + position)  # [m]
+    at = torch.from_numpy(sequence).to(keys.device), column.to(keys.device)
+    targets = np.concatenate([prompts[r][1:] for r in rows]).astype(np.int64)  # [m]
+    lm_log_probs = None
+    if knn_lm.pointer_min:  # the gate decides at each prompt position, as eval's does
+        lm_log_probs = torch.log_softmax(logits[at].float(), dim=-1)  # [m, V]
+    knn_lm.read_prompts(
+        memory,
+        sequence=sequence,
+        position=position,
+        keys=keys[at],
+        targets=targets,
+        lm_log_probs=lm_log_probs,
+    )
 
 
 class KnnLogitsProcessor(LogitsProcessor):
@@ -231,6 +313,12 @@ class KnnLogitsProcessor(LogitsProcessor):
     """
 
     def __init__(self, knn_lm: KnnLM) -> None:
+        if knn_lm.uses_memory:
+            raise ConfigError(
+                "pointer following and the document cache need knnlm's own decode "
+                "(knnlm generate, the service); KnnLogitsProcessor cannot see the prompt's "
+                "positions: turn them off (pointer_min 0, cache_weight 0) to use it"
+            )
         self.knn_lm = knn_lm
         self._context: AbstractContextManager[KeyCapture] | None = None
         self._capture: KeyCapture | None = None

@@ -20,8 +20,39 @@ import math
 
 import torch
 
+Temperature = float | torch.Tensor  # one T, or float [b]: one per query (row)
 
-def neighbour_log_weights(sq_distances: torch.Tensor, temperature: float) -> torch.Tensor:
+
+def row_temperatures(temperature: Temperature, sq_distances: torch.Tensor) -> float | torch.Tensor:
+    """``temperature`` checked, ready to divide float [b, k] ``sq_distances`` by: the float
+    itself, or a per-row tensor as float [b, 1] in the distances' dtype and device.
+
+    Raises:
+        ValueError: an entry that is not finite or not positive, or a tensor that is not
+            one T per row ([b]).
+    """
+    if not isinstance(temperature, torch.Tensor):
+        if not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"`temperature` must be finite and positive, got {temperature}")
+        return float(temperature)
+    rows = sq_distances.shape[0]
+    if temperature.shape != (rows,) or not temperature.is_floating_point():
+        raise ValueError(
+            f"a per-query `temperature` must be float [{rows}] (one T per row), got "
+            f"{temperature.dtype} {tuple(temperature.shape)}"
+        )
+    bad = ~(torch.isfinite(temperature) & (temperature > 0))  # [b]; NaN fails both
+    if bad.any():
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"`temperature` must be finite and positive, got {temperature[row].item()} in row {row}"
+        )
+    # [b] -> [b, 1]. Cast after the check: a float64 T below float32's range becomes 0 and
+    # one above it inf, which the division below handles as the limits they stand for.
+    return temperature.to(device=sq_distances.device, dtype=sq_distances.dtype)[:, None]
+
+
+def neighbour_log_weights(sq_distances: torch.Tensor, temperature: Temperature) -> torch.Tensor:
     """log softmax_i(-d_i^2 / T) over each row's valid neighbours.
 
     Computed relative to each row's nearest neighbour (whose logit is exactly 0), so any
@@ -31,20 +62,25 @@ def neighbour_log_weights(sq_distances: torch.Tensor, temperature: float) -> tor
     Args:
         sq_distances: float [b, k], squared L2 distances; +inf or NaN marks a missing
             neighbour.
-        temperature: finite T > 0.
+        temperature: finite T > 0, or float [b] of them, one per row.
 
     Returns:
         float [b, k]; -inf for missing neighbours (and for every entry of an empty row).
+
+    Example (a per-row T equals each row with its own scalar T):
+        >>> d2 = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+        >>> neighbour_log_weights(d2, torch.tensor([1.0, 0.5])).exp()
+        tensor([[0.7311, 0.2689],
+                [0.8808, 0.1192]])
     """
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"`temperature` must be finite and positive, got {temperature}")
+    t = row_temperatures(temperature, sq_distances)  # float, or [b, 1]
     d = sq_distances.masked_fill(torch.isnan(sq_distances), float("inf"))  # [b, k]; NaN = missing
     valid = torch.isfinite(d)  # [b, k]
     nearest = d.min(dim=-1, keepdim=True).values  # [b, 1]; +inf for empty rows
     shift = torch.where(torch.isfinite(nearest), nearest, torch.zeros_like(nearest))
     # The nearest (and its ties) get exactly 0: a T below the dtype's smallest number rounds
     # to 0, and 0 / 0 would be NaN where the limit (all weight on the nearest) is meant.
-    logits = torch.where(d == nearest, torch.zeros_like(d), (shift - d) / temperature)  # [b, k]
+    logits = torch.where(d == nearest, torch.zeros_like(d), (shift - d) / t)  # [b, k]
     logits = torch.where(valid, logits, torch.full_like(logits, float("-inf")))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [b, 1]; >= 0, or -inf if empty
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # avoid -inf - -inf
@@ -56,7 +92,7 @@ def knn_log_probs(
     token_ids: torch.Tensor,
     *,
     vocab_size: int,
-    temperature: float,
+    temperature: Temperature,
 ) -> torch.Tensor:
     """log p_kNN over the whole vocabulary: neighbour weights scatter-added per token.
 
@@ -64,7 +100,7 @@ def knn_log_probs(
         sq_distances: float [b, k], squared L2 (+inf = missing).
         token_ids: int64 [b, k], each neighbour's value (-1 = missing).
         vocab_size: V.
-        temperature: softmax temperature T.
+        temperature: softmax temperature T, or float [b]: one per query.
 
     Returns:
         float32 [b, V]; -inf for tokens no neighbour voted for.
@@ -91,7 +127,7 @@ def knn_target_log_probs(
     token_ids: torch.Tensor,
     targets: torch.Tensor,
     *,
-    temperature: float,
+    temperature: Temperature,
 ) -> torch.Tensor:
     """log p_kNN(target) for one target per query, without building [b, V].
 
@@ -102,7 +138,7 @@ def knn_target_log_probs(
         sq_distances: float [b, k], squared L2 (+inf = missing).
         token_ids: int64 [b, k] (-1 = missing).
         targets: int64 [b].
-        temperature: softmax temperature T.
+        temperature: softmax temperature T, or float [b]: one per query.
 
     Returns:
         float32 [b]; -inf where no neighbour has the target as its value.

@@ -77,9 +77,40 @@ class Scored:
     # token that came (top-1 accuracy); None unless asked for (``score(top1=True)``)
     lm_correct: torch.Tensor | None = None
     correct: torch.Tensor | None = None
+    # float32 [m] each, with the document cache on: log p_cache(target) (-inf where the
+    # cache holds nothing) and the weight it got (0 at a text's first position); else None
+    cache_log_prob: torch.Tensor | None = None
+    cache_weight: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.lm.targets)
+
+
+@dataclass(frozen=True)
+class _PendingFollow:
+    """One generation step's neighbours, kept until the sampled token says whom to follow."""
+
+    rows: np.ndarray  # int64 [L], the generation's rows that stepped
+    position: np.ndarray  # int64 [L], the position each scored
+    neighbours: Neighbours  # [L, w]
+    nexts: np.ndarray  # int64 [L, w], their successors' values (``pointers.follow``)
+    allowed: np.ndarray  # bool [L], the gate's decisions
+
+
+@dataclass
+class DecodeMemory:
+    """What one generation carries from step to step, per row (each row one text): the
+    pointers (``pointers``) and the document cache (``cache``) of each row, keyed by row,
+    so that rows never see each other's. Make one per generation with
+    ``KnnLM.decode_memory``; not thread-safe.
+    """
+
+    position: np.ndarray  # int64 [b], each row's newest position: the next step's query
+    pointers: PointerState | None  # None: pointer following off
+    cache: CacheState | None  # None: no document cache
+    followed: np.ndarray  # bool [b], whether each row's last step followed pointers
+    pending: _PendingFollow | None = None  # the last step's, until ``advance``
+    cache_rows: np.ndarray | None = None  # the rows the last step put into the cache
 
 
 @dataclass(frozen=True)
@@ -236,6 +267,12 @@ class KnnLM:
             return torch.ones(len(lm_entropy), dtype=torch.bool, device=lm_entropy.device)
         return self.gate(lm_entropy, lm_max_log_prob)
 
+    def knn_temperature(self, features: QueryFeatures) -> float | torch.Tensor:
+        """The kNN softmax temperature at each position: ``self.temperature``, or float32
+        [b] when the policy has a temperature head (T(x) = ``self.temperature`` * exp(g(x)),
+        ``LearnedLambda``)."""
+        return self.policy.temperatures(features, self.temperature)
+
     def neighbours(
         self,
         keys: torch.Tensor,
@@ -305,17 +342,172 @@ class KnnLM:
         if searched is not None and not searched.any():
             return lm_log_probs
         neighbours = self.neighbours(keys, searched=searched)
+        return self._mix_neighbours(lm_log_probs, neighbours, entropy, max_log_prob, searched)
+
+    def _mix_neighbours(
+        self,
+        lm_log_probs: torch.Tensor,
+        neighbours: Neighbours,
+        entropy: torch.Tensor,
+        max_log_prob: torch.Tensor,
+        searched: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The kNN-LM's log p float [b, V] of b positions from the LM's log p [b, V], their
+        ``neighbours`` [b, w] and the LM's entropy and max log-prob [b]; rows where
+        ``searched`` (bool [b]; None: all) is False keep the LM's distribution exactly."""
         features = self.features(neighbours, lm_entropy=entropy, lm_max_log_prob=max_log_prob)
         knn = knn_log_probs(
             features.sq_distances,
             features.token_ids,
             vocab_size=lm_log_probs.shape[-1],
-            temperature=self.temperature,
+            temperature=self.knn_temperature(features),
         )  # [b, V]
         mixed = interpolate(lm_log_probs, knn, self.policy(features))
         if searched is None:
             return mixed
         return torch.where(searched[:, None], mixed, lm_log_probs)
+
+    # --- stateful generation: pointers and the document cache across decoding steps --------
+
+    @property
+    def uses_memory(self) -> bool:
+        """Whether a position's distribution depends on the text before it beyond the LM's
+        context: pointer following or the document cache is on. Generation then goes
+        through ``decode_memory``, ``read_prompts``, ``step_log_probs`` and ``advance``."""
+        return bool(self.pointer_min) or self.cache is not None
+
+    def decode_memory(self, prompt_lengths: Sequence[int]) -> DecodeMemory:
+        """A fresh memory for one generation of ``len(prompt_lengths)`` texts (rows); each
+        row's first query is its prompt's last position. Rows never share pointers or cache."""
+        return DecodeMemory(
+            position=np.asarray(prompt_lengths, dtype=np.int64) - 1,
+            pointers=PointerState() if self.pointer_min else None,
+            cache=CacheState() if self.cache is not None else None,
+            followed=np.zeros(len(prompt_lengths), dtype=bool),
+        )
+
+    def read_prompts(
+        self,
+        memory: DecodeMemory,
+        *,
+        sequence: np.ndarray,
+        position: np.ndarray,
+        keys: torch.Tensor,
+        targets: np.ndarray,
+        lm_log_probs: torch.Tensor | None,
+        use_gate: bool = True,
+    ) -> None:
+        """Feed the prompts' own positions into ``memory``, as eval walks a text's positions
+        before the one it scores: the cache takes each position's key and next token, and
+        pointer following walks them (searching or following, then following the prompt's
+        true next token), so the first generated step starts from the state eval has there.
+
+        Args:
+            memory: from ``decode_memory``.
+            sequence, position: int64 [m], each prompt position's row and absolute position
+                (0 .. prompt length - 2 of each row: those whose next token is known).
+            keys: float [m, dim] of those positions.
+            targets: int64 [m], the prompt token after each.
+            lm_log_probs: float [m, V], the LM's log p there, for the gate (with pointers
+                only; None when pointers are off).
+        """
+        if not len(sequence):
+            return
+        if memory.pointers is not None:
+            ok = np.ones(len(sequence), dtype=bool)
+            if use_gate and self.gate is not None:
+                assert lm_log_probs is not None, "the gate needs the prompts' LM log-probs"
+                ok = self.search_mask(*lm_summary(lm_log_probs)).cpu().numpy()
+            queries = keys.detach().float().cpu().numpy()  # [m, dim]
+            self._walk(memory.pointers, sequence, position, queries, targets, ok)
+        if self.cache is not None and memory.cache is not None:
+            self.cache.target_log_probs(
+                memory.cache,
+                sequence=sequence,
+                position=position,
+                keys=keys,
+                targets=torch.as_tensor(targets, device=keys.device),
+                vocab_size=self.lm.vocab_size,
+            )
+
+    def step_log_probs(
+        self,
+        memory: DecodeMemory,
+        rows: np.ndarray,
+        lm_log_probs: torch.Tensor,
+        keys: torch.Tensor,
+        *,
+        use_gate: bool = True,
+    ) -> torch.Tensor:
+        """The kNN-LM's log p float [L, V] at the newest position of ``rows`` (int [L]) of a
+        generation, from the LM's log p [L, V] and keys [L, dim] there: what ``score`` with
+        ``full`` gives at that position of the text (prompt plus tokens so far). Pointer
+        following takes each row's pointers, or searches (one batched search); the cache
+        looks at the row's earlier positions. Call ``advance`` with the tokens that came
+        before the next step. Without pointers and cache this is ``next_token_log_probs``.
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        state = memory.pointers
+        if state is None:
+            mixed = self.next_token_log_probs(lm_log_probs, keys, use_gate=use_gate)
+        else:
+            entropy, max_log_prob = lm_summary(lm_log_probs)
+            allowed = (
+                self.search_mask(entropy, max_log_prob)
+                if use_gate
+                else torch.ones(len(rows), dtype=torch.bool, device=lm_log_probs.device)
+            )
+            ok = allowed.cpu().numpy()  # [L]
+            queries = keys.detach().float().cpu().numpy()  # [L, dim]
+            position = memory.position[rows]  # [L]
+            neighbours, nexts, _, followed = self._pointer_step(state, rows, position, queries, ok)
+            memory.pending = _PendingFollow(rows, position, neighbours, nexts, ok)
+            memory.followed[rows] = followed
+            if self.policy.needs_cosine:
+                neighbours = replace(neighbours, cosine=self._nearest_cosine(queries, neighbours))
+            mixed = self._mix_neighbours(lm_log_probs, neighbours, entropy, max_log_prob, allowed)
+        if self.cache is not None and memory.cache is not None:
+            # the rows join the cache now with a placeholder value; ``advance`` writes in
+            # the token that came (a position's own value never weighs in its distribution)
+            cached = self.cache.target_log_probs(
+                memory.cache,
+                sequence=rows,
+                position=memory.position[rows],
+                keys=keys,
+                targets=torch.zeros(len(rows), dtype=torch.long, device=keys.device),
+                vocab_size=lm_log_probs.shape[-1],
+                full=True,
+            )
+            assert cached.log_probs is not None
+            mixed = self.cache.mix(mixed, cached.log_probs, cached.has_memory)
+            memory.cache_rows = rows
+        return mixed
+
+    def advance(self, memory: DecodeMemory, tokens: np.ndarray) -> None:
+        """Move ``memory`` past the last ``step_log_probs``: ``tokens`` int64 [b] holds the
+        token each row drew (< 0: the row drew none and ends). Pointer following follows
+        the neighbours whose value is that token; the cache records it as the value of the
+        position it followed. Every stepped row's position moves on by one."""
+        tokens = np.asarray(tokens, dtype=np.int64)
+        pending, memory.pending = memory.pending, None
+        if pending is not None and memory.pointers is not None:
+            came = tokens[pending.rows]  # [L]
+            self._advance_pointers(
+                memory.pointers,
+                pending.rows,
+                pending.position,
+                pending.neighbours,
+                pending.nexts,
+                came,
+                pending.allowed & (came >= 0),
+            )
+        cache_rows, memory.cache_rows = memory.cache_rows, None
+        if cache_rows is not None and memory.cache is not None:
+            for row in cache_rows[tokens[cache_rows] >= 0]:  # one write per row
+                memory.cache.values[int(row)][-1] = int(tokens[row])
+        stepped = pending.rows if pending is not None else cache_rows
+        if stepped is not None:
+            memory.position[stepped] += 1
 
     # --- the pipeline ----------------------------------------------------------------------
 
@@ -382,8 +574,9 @@ class KnnLM:
             neighbours, lm_entropy=view.lm_entropy, lm_max_log_prob=view.lm_max_log_prob
         )
         lmbda = self.policy(features)  # [m]; 0 where nothing was found or searched
+        knn_t = self.knn_temperature(features)  # T, or float [m] with a temperature head
         knn_lp = knn_target_log_probs(
-            features.sq_distances, features.token_ids, view.targets, temperature=self.temperature
+            features.sq_distances, features.token_ids, view.targets, temperature=knn_t
         )
         knn_full = mixed_full = None
         if full or top1:
@@ -392,10 +585,11 @@ class KnnLM:
                 features.sq_distances,
                 features.token_ids,
                 vocab_size=view.lm_log_probs.shape[-1],
-                temperature=self.temperature,
+                temperature=knn_t,
             )
             mixed_full = interpolate(view.lm_log_probs, knn_full, lmbda)
         log_prob = interpolate(view.lm_target_log_prob, knn_lp, lmbda)
+        cache_lp = cache_weight = None
         if self.cache is not None and cache_state is not None:
             cached = self.cache.target_log_probs(
                 cache_state,
@@ -409,6 +603,8 @@ class KnnLM:
             log_prob = self.cache.mix(log_prob, cached.target_log_prob, cached.has_memory)
             if mixed_full is not None and cached.log_probs is not None:
                 mixed_full = self.cache.mix(mixed_full, cached.log_probs, cached.has_memory)
+            cache_lp = cached.target_log_prob
+            cache_weight = torch.where(cached.has_memory, self.cache.weight, 0.0).float()
         lm_correct = correct = None
         if top1:
             assert view.lm_log_probs is not None and mixed_full is not None
@@ -431,6 +627,8 @@ class KnnLM:
             followed=followed,
             lm_correct=lm_correct,
             correct=correct,
+            cache_log_prob=cache_lp,
+            cache_weight=cache_weight,
         )
 
     def _search_or_follow(
@@ -441,79 +639,19 @@ class KnnLM:
         *,
         with_cosine: bool | None,
     ) -> tuple[Neighbours, torch.Tensor, torch.Tensor]:
-        """Neighbours of a view's positions with pointer following: each position takes
-        the pointers its text's previous position left, if at least ``pointer_min``, and is
-        searched otherwise, scoring the search's neighbours united with the pointers it had
-        (``pointers.union_neighbours``, as RetoMaton does). Positions where ``allowed``
-        (bool [m], the gate) is False get neither, and their text's pointers are dropped.
-
-        A text's positions depend on each other, so they go one step at a time; each step
-        takes the next position of every text in the view at once (one search, one or two
-        lookups). Returns the neighbours [m, w] and the bool [m] masks searched, followed;
-        w >= k is the widest row (a union, or all the pointers followed), the rest padded.
+        """Neighbours of a view's positions with pointer following (``_walk``); positions
+        where ``allowed`` (bool [m], the gate) is False get none, and their text's pointers
+        are dropped. Returns the neighbours [m, w] and the bool [m] masks searched, followed.
         """
-        m = len(view.targets)
         queries = view.keys.detach().float().cpu().numpy()  # [m, dim]
-        targets = view.targets.cpu().numpy()  # [m]
-        ok = allowed.cpu().numpy()  # [m]
-        out = Neighbours.empty(m, self.k)
-        nexts = np.full((m, self.k), UNKNOWN, dtype=np.int64)  # [m, k], see pointers.follow
-        searched = np.zeros(m, dtype=bool)
-        followed = np.zeros(m, dtype=bool)
-        # each text's rows in position order; ``step`` is a row's rank within its text
-        order = np.lexsort((view.position, view.sequence))  # [m]
-        text = view.sequence[order]
-        starts = np.flatnonzero(np.r_[True, text[1:] != text[:-1]])  # first row of each text
-        step = np.arange(m) - np.repeat(starts, np.diff(np.r_[starts, m]))  # [m]
-        for s in range(int(step.max()) + 1 if m else 0):
-            rows = order[step == s]  # [L], one per text
-            ready = [
-                state.ready(int(view.sequence[r]), int(view.position[r])) or _NO_POINTERS
-                for r in rows
-            ]
-            enough = np.array([len(p) >= self.pointer_min for p in ready])
-            use = enough & ok[rows]  # [L]
-            if use.any():
-                mine = [p for p, u in zip(ready, use, strict=True) if u]
-                found, found_next = pointer_neighbours(
-                    queries[rows[use]], mine, k=max(self.k, *(len(p) for p in mine))
-                )
-                out, nexts = _place(out, nexts, found, found_next, rows[use])
-                followed[rows[use]] = True
-            look = ~use & ok[rows]  # [L]
-            if look.any():
-                found = self.store.search(
-                    queries[rows[look]], k=self.k, options=self.search, filter=self.filter
-                )
-                mine = [p for p, u in zip(ready, look, strict=True) if u]
-                most = max(len(p) for p in mine)
-                found_next = np.full(found.token_ids.shape, UNKNOWN, dtype=np.int64)
-                if most:  # fewer than pointer_min pointers, but some: score the union
-                    before = int((found.token_ids >= 0).sum())
-                    found, found_next = union_neighbours(
-                        queries[rows[look]], found, mine, width=self.k + most
-                    )
-                    state.united += sum(1 for p in mine if len(p))
-                    state.added += int((found.token_ids >= 0).sum()) - before
-                out, nexts = _place(out, nexts, found, found_next, rows[look])
-                searched[rows[look]] = True
-            active = rows[ok[rows]]
-            assert out.point_ids is not None
-            successors = follow(
-                self.store,
-                positions=view.position[active],
-                point_ids=out.point_ids[active],
-                token_ids=out.token_ids[active],
-                nexts=nexts[active],
-                targets=targets[active],
-                state=state,
-            )
-            for r, pointers in zip(active, successors, strict=True):
-                state.by_sequence[int(view.sequence[r])] = pointers
-            for r in rows[~ok[rows]]:
-                state.by_sequence.pop(int(view.sequence[r]), None)
-        state.followed += int(followed.sum())
-        state.searched += int(searched.sum())
+        out, searched, followed = self._walk(
+            state,
+            view.sequence,
+            view.position,
+            queries,
+            view.targets.cpu().numpy(),
+            allowed.cpu().numpy(),
+        )
         if self.policy.needs_cosine if with_cosine is None else with_cosine:
             out = replace(out, cosine=self._nearest_cosine(queries, out))
         device = view.keys.device
@@ -522,6 +660,165 @@ class KnnLM:
             torch.from_numpy(searched).to(device),
             torch.from_numpy(followed).to(device),
         )
+
+    def _walk(
+        self,
+        state: PointerState,
+        sequence: np.ndarray,
+        position: np.ndarray,
+        queries: np.ndarray,
+        targets: np.ndarray,
+        allowed: np.ndarray,
+    ) -> tuple[Neighbours, np.ndarray, np.ndarray]:
+        """RetoMaton over m positions of some texts whose next tokens are known: each
+        position takes its neighbours (``_pointer_step``), then its text follows the token
+        that came (``_advance_pointers``).
+
+        A text's positions depend on each other, so they go one step at a time; each step
+        takes the next position of every text at once (one engine scoring of the pointers,
+        one search, and after the search one lookup of the matches' ``next``).
+
+        Args:
+            state: the pointers each text's earlier positions left; updated.
+            sequence, position: int64 [m], each row's text and absolute position.
+            queries: float32 [m, dim]; targets: int64 [m], the token after each position.
+            allowed: bool [m], False where the gate skips (no neighbours, pointers dropped).
+
+        Returns:
+            The neighbours [m, w] (w >= k the widest row: a union, or all the pointers
+            followed; the rest padded) and the bool [m] masks searched, followed.
+        """
+        m = len(sequence)
+        out = Neighbours.empty(m, self.k)
+        nexts = np.full((m, self.k), UNKNOWN, dtype=np.int64)  # [m, k], see pointers.follow
+        searched = np.zeros(m, dtype=bool)
+        followed = np.zeros(m, dtype=bool)
+        # each text's rows in position order; ``step`` is a row's rank within its text
+        order = np.lexsort((position, sequence))  # [m]
+        text = sequence[order]
+        starts = np.flatnonzero(np.r_[True, text[1:] != text[:-1]])  # first row of each text
+        step = np.arange(m) - np.repeat(starts, np.diff(np.r_[starts, m]))  # [m]
+        for s in range(int(step.max()) + 1 if m else 0):
+            rows = order[step == s]  # [L], one per text
+            found, found_next, searched[rows], followed[rows] = self._pointer_step(
+                state, sequence[rows], position[rows], queries[rows], allowed[rows]
+            )
+            out, nexts = _place(out, nexts, found, found_next, rows)
+            self._advance_pointers(
+                state,
+                sequence[rows],
+                position[rows],
+                found,
+                found_next,
+                targets[rows],
+                allowed[rows],
+            )
+        return out, searched, followed
+
+    def _pointer_step(
+        self,
+        state: PointerState,
+        sequence: np.ndarray,
+        position: np.ndarray,
+        queries: np.ndarray,
+        allowed: np.ndarray,
+    ) -> tuple[Neighbours, np.ndarray, np.ndarray, np.ndarray]:
+        """Neighbours of one position of each of L texts: the pointers its text's previous
+        position left, scored by the engine (one batched request for every row that has
+        any), if at least ``pointer_min`` of them are in the store; else one batched search
+        for all such rows, scoring the search's neighbours united with the pointers the row
+        had (``pointers.union_neighbours``, as RetoMaton does). Rows where ``allowed`` is
+        False get neither.
+
+        Args:
+            state: the pointers of each text (read; its counts are updated).
+            sequence, position: int64 [L], each row's text and absolute position.
+            queries: float32 [L, dim].
+            allowed: bool [L], the gate's decisions.
+
+        Returns:
+            ``Neighbours`` [L, w] (w >= k), their ``next`` values int64 [L, w] (for
+            ``_advance_pointers``), and the bool [L] masks searched, followed.
+        """
+        n = len(sequence)
+        ready = [
+            state.ready(int(s), int(p)) or _NO_POINTERS
+            for s, p in zip(sequence, position, strict=True)
+        ]
+        has = allowed & np.array([len(p) > 0 for p in ready], dtype=bool)  # [L]
+        out = Neighbours.empty(n, self.k)
+        nexts = np.full((n, self.k), UNKNOWN, dtype=np.int64)  # [L, k]
+        # every row's pointers scored at once: those that remain decide, and a row that
+        # searches anyway unites them with its search's neighbours
+        pointed = Neighbours.empty(n, 1)  # [L, P], rows without pointers empty
+        pointed_next = np.full((n, 1), -1, dtype=np.int64)
+        if has.any():
+            mine = [p for p, h in zip(ready, has, strict=True) if h]
+            width = max(self.k, *(len(p) for p in mine))
+            found, found_next = pointer_neighbours(
+                self.store, queries[has], mine, k=width, state=state
+            )
+            pointed, pointed_next = _place(
+                Neighbours.empty(n, width),
+                np.full((n, width), -1, dtype=np.int64),
+                found,
+                found_next,
+                has,
+            )
+        present = (pointed.token_ids >= 0).sum(axis=1)  # [L], pointers in the store
+        use = allowed & (present >= self.pointer_min)  # [L]; pointer_min >= 1
+        look = allowed & ~use  # [L]
+        if use.any():
+            out, nexts = _place(out, nexts, *_rows(pointed, pointed_next, use), use)
+        if look.any():
+            found = self.store.search(
+                queries[look], k=self.k, options=self.search, filter=self.filter
+            )
+            found_next = np.full(found.token_ids.shape, UNKNOWN, dtype=np.int64)
+            most = int(present[look].max())
+            if most:  # fewer than pointer_min pointers, but some: score the union
+                before = int((found.token_ids >= 0).sum())
+                found, found_next = union_neighbours(
+                    found, *_rows(pointed, pointed_next, look), width=self.k + most
+                )
+                state.united += int((present[look] > 0).sum())
+                state.added += int((found.token_ids >= 0).sum()) - before
+            out, nexts = _place(out, nexts, found, found_next, look)
+        state.followed += int(use.sum())
+        state.searched += int(look.sum())
+        return out, nexts, look, use
+
+    def _advance_pointers(
+        self,
+        state: PointerState,
+        sequence: np.ndarray,
+        position: np.ndarray,
+        neighbours: Neighbours,
+        nexts: np.ndarray,
+        came: np.ndarray,
+        allowed: np.ndarray,
+    ) -> None:
+        """After one position of each of L texts (``_pointer_step``'s ``neighbours`` and
+        ``nexts`` [L, w]): each text keeps the successors of the neighbours whose value is
+        the token that came (``came`` int64 [L]: the true one in eval, the sampled one in
+        generation) for its next position. Rows where ``allowed`` (bool [L]) is False
+        drop their text's pointers."""
+        active = np.flatnonzero(allowed)
+        if len(active):
+            assert neighbours.point_ids is not None
+            successors = follow(
+                self.store,
+                positions=position[active],
+                point_ids=neighbours.point_ids[active],
+                token_ids=neighbours.token_ids[active],
+                nexts=nexts[active],
+                targets=came[active],
+                state=state,
+            )
+            for text, pointers in zip(sequence[active], successors, strict=True):
+                state.by_sequence[int(text)] = pointers
+        for text in sequence[~allowed]:
+            state.by_sequence.pop(int(text), None)
 
     def score(
         self,
@@ -616,12 +913,23 @@ class KnnLM:
         )
 
 
+def _rows(
+    neighbours: Neighbours, nexts: np.ndarray, rows: np.ndarray
+) -> tuple[Neighbours, np.ndarray]:
+    """Rows ``rows`` (int [b] or bool [m]) of ``neighbours`` [m, w] and ``nexts`` [m, w]."""
+    assert neighbours.point_ids is not None
+    return Neighbours(
+        neighbours.token_ids[rows], neighbours.sq_distances[rows], neighbours.point_ids[rows]
+    ), nexts[rows]
+
+
 def _place(
     out: Neighbours, nexts: np.ndarray, found: Neighbours, found_next: np.ndarray, rows: np.ndarray
 ) -> tuple[Neighbours, np.ndarray]:
-    """``found`` [b, w] and its ``next`` values [b, w] written into rows ``rows`` (int [b])
-    of ``out`` and ``nexts`` [m, w'], in place when w <= w'; when w > w' (a union, or more
-    pointers than k) both are first widened with missing neighbours. Returns the two."""
+    """``found`` [b, w] and its ``next`` values [b, w] written into rows ``rows`` (int [b],
+    or bool [m] with b True) of ``out`` and ``nexts`` [m, w'], in place when w <= w'; when
+    w > w' (a union, or more pointers than k) both are first widened with missing
+    neighbours. Returns the two."""
     width, have = found.token_ids.shape[1], out.token_ids.shape[1]
     if width > have:  # pad every row to the new width: -1 / inf / None, next -1
         wider = Neighbours.empty(len(out), width)
@@ -640,13 +948,7 @@ def _place(
 
 
 # No pointers: a text's first position, or one after a gap or a skipped search (immutable).
-_NO_POINTERS = Pointers(
-    position=-1,
-    ids=[],
-    keys=np.zeros((0, 0), dtype=np.float32),
-    values=np.zeros(0, dtype=np.int64),
-    nexts=np.zeros(0, dtype=np.int64),
-)
+_NO_POINTERS = Pointers(position=-1, ids=[], values=np.zeros(0, dtype=np.int64))
 
 
 def perplexity(nll: float, tokens: int) -> float:

@@ -7,10 +7,13 @@ at the same position. Three kinds:
 - ``FixedLambda``: one lambda everywhere (Khandelwal et al.);
 - ``BucketLambda``: equal-population buckets of one feature, one lambda each (Drozdov et
   al. use the nearest squared distance ``d_min``; ``cosine`` is the other choice here);
-- ``LearnedLambda``: a small logistic or MLP model of several cheap features.
+- ``LearnedLambda``: a small logistic or MLP model of several cheap features; optionally
+  with a second head that sets the kNN temperature per position from the same features.
 
 Every policy gives lambda = 0 to a query without any neighbour, which keeps the LM's
-distribution there. ``policy_from_dict`` reads back what ``to_dict`` wrote.
+distribution there. ``policy.temperatures(features, base)`` is the kNN temperature at each
+position: ``base`` (the collection's T) for every policy but a learned one with a
+temperature head. ``policy_from_dict`` reads back what ``to_dict`` wrote.
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import torch
 FEATURES = ("d_min", "cosine", "lm_entropy", "lm_max_prob", "agreement")
 MAX_LAMBDA = 0.99  # the largest lambda a tuned policy gives (the grid's top)
 AGREEMENT_TOP = 16  # "agreement": share of the nearest 16 neighbours voting like the nearest
+# A temperature head scales T by exp(g), g within +-ln(1000): a bound, so that features far
+# outside the tuning data (a linear head is unbounded) cannot send T to 0 or infinity.
+MAX_LOG_TEMPERATURE_SCALE = math.log(1000.0)
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,11 @@ class LambdaPolicy(Protocol):
         """Lambdas in [0, 1], float32 [b]."""
         ...
 
+    def temperatures(self, features: QueryFeatures, base: float) -> float | torch.Tensor:
+        """The kNN temperature: ``base`` everywhere, or float32 [b], one finite T > 0 per
+        query."""
+        ...
+
     def to_dict(self) -> dict[str, Any]: ...
 
 
@@ -120,6 +131,9 @@ class FixedLambda:
 
     def __call__(self, features: QueryFeatures) -> torch.Tensor:
         return torch.where(features.has_neighbour, self.lmbda, 0.0).to(torch.float32)
+
+    def temperatures(self, features: QueryFeatures, base: float) -> float:
+        return base
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "fixed", "lambda": self.lmbda}
@@ -166,6 +180,9 @@ class BucketLambda:
         lmbda = self._lambdas.to(features.sq_distances.device)[self.buckets(features)]
         return torch.where(features.has_neighbour, lmbda, 0.0)
 
+    def temperatures(self, features: QueryFeatures, base: float) -> float:
+        return base
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": "buckets",
@@ -178,14 +195,66 @@ class BucketLambda:
         return f"BucketLambda({self.feature!r}, {len(self.lambdas)} buckets)"
 
 
+Layers = list[tuple[list[list[float]], list[float]]]  # [(weight [out, in], bias [out]), ...]
+
+
+def _checked_layers(
+    name: str, layers: Layers, width: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``layers`` as float32 tensors, checked to chain from ``width`` inputs to one output
+    with finite weights: a damaged saved policy fails when it is read, not in the middle of
+    an eval with a matrix error."""
+    out = [
+        (torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+        for w, b in layers
+    ]
+    for i, (w, b) in enumerate(out):
+        if w.dim() != 2 or b.dim() != 1 or w.shape != (b.shape[0], width):
+            raise ValueError(
+                f"{name} layer {i} has weight {tuple(w.shape)} and bias {tuple(b.shape)}; "
+                f"expected (n, {width}) and (n,)"
+            )
+        if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
+            raise ValueError(f"{name} layer {i} has weights that are not finite float32 numbers")
+        width = b.shape[0]
+    if width != 1:
+        raise ValueError(f"the last {name} layer must give one output, not {width}")
+    return out
+
+
+def _mlp(layers: list[tuple[torch.Tensor, torch.Tensor]], h: torch.Tensor) -> torch.Tensor:
+    """float [b, f] through linear layers with tanh between them -> [b]."""
+    for i, (w, b) in enumerate(layers):
+        h = h @ w.to(h.device).T + b.to(h.device)
+        if i < len(layers) - 1:
+            h = torch.tanh(h)
+    return h.squeeze(-1)
+
+
+def bounded_log_scale(raw: torch.Tensor) -> torch.Tensor:
+    """A temperature head's raw output [b] -> g = log(T / base) [b], within
+    +-``MAX_LOG_TEMPERATURE_SCALE``: a soft bound, the identity near 0 (so a head at zero
+    keeps the base T exactly) and smooth everywhere, so training sees a gradient."""
+    return MAX_LOG_TEMPERATURE_SCALE * torch.tanh(raw / MAX_LOG_TEMPERATURE_SCALE)
+
+
 class LearnedLambda:
     """lambda = sigmoid(MLP(standardized features)); no hidden layer is logistic regression.
+
+    With ``temperature_layers``, a second small MLP of the same standardized features sets
+    the kNN temperature per position: T(x) = base * exp(g(x)), where base is the
+    collection's T and g the head's output, softly bounded to +-ln(1000). The scale is
+    multiplicative because T divides squared distances: the right T differs by factors
+    between kinds of positions, and g = 0 is exactly the global T the head was trained
+    from. A ``--temperature`` given at eval time moves the base, and every position with it.
 
     Args:
         features: names from ``FEATURES``.
         mean, std: per-feature standardization, fit on the tuning data.
         layers: ``[(weight [out, in], bias [out]), ...]`` as nested lists; tanh between
             layers, one output.
+        temperature_layers: the temperature head, in the same form; None: the base T
+            everywhere (a policy saved before the head existed).
     """
 
     def __init__(
@@ -193,13 +262,16 @@ class LearnedLambda:
         features: list[str],
         mean: list[float],
         std: list[float],
-        layers: list[tuple[list[list[float]], list[float]]],
+        layers: Layers,
+        temperature_layers: Layers | None = None,
     ) -> None:
         unknown = set(features) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown features {sorted(unknown)}; known: {', '.join(FEATURES)}")
         if not layers or len(mean) != len(features) or len(std) != len(features):
             raise ValueError("a learned policy needs layers and one mean/std per feature")
+        if temperature_layers is not None and not temperature_layers:
+            raise ValueError("a temperature head needs at least one layer")
         mean = finite_numbers("feature means", mean)
         if any(s <= 0 for s in finite_numbers("feature scales", std)):
             raise ValueError("feature scales must be positive")
@@ -207,27 +279,22 @@ class LearnedLambda:
         self.mean = [float(x) for x in mean]
         self.std = [float(x) for x in std]
         self.layers = [(w, b) for w, b in layers]
+        self.temperature_layers = (
+            None if temperature_layers is None else [(w, b) for w, b in temperature_layers]
+        )
         self.needs_cosine = "cosine" in self.features
         self._mean = torch.tensor(self.mean)
         self._std = torch.tensor(self.std)
-        self._layers = [
-            (torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
-            for w, b in layers
-        ]
-        # Shapes are checked here, so a damaged saved policy fails when it is read, not in
-        # the middle of an eval with a matrix error.
-        width = len(self.features)
-        for i, (w, b) in enumerate(self._layers):
-            if w.dim() != 2 or b.dim() != 1 or w.shape != (b.shape[0], width):
-                raise ValueError(
-                    f"layer {i} has weight {tuple(w.shape)} and bias {tuple(b.shape)}; "
-                    f"expected (n, {width}) and (n,)"
-                )
-            if not (torch.isfinite(w).all() and torch.isfinite(b).all()):
-                raise ValueError(f"layer {i} has weights that are not finite float32 numbers")
-            width = b.shape[0]
-        if width != 1:
-            raise ValueError(f"the last layer must give one output, not {width}")
+        self._layers = _checked_layers("lambda", self.layers, len(self.features))
+        self._temperature_layers = (
+            None
+            if self.temperature_layers is None
+            else _checked_layers("temperature", self.temperature_layers, len(self.features))
+        )
+
+    @property
+    def learns_temperature(self) -> bool:
+        return self._temperature_layers is not None
 
     @staticmethod
     def inputs(features: QueryFeatures, names: list[str]) -> torch.Tensor:
@@ -239,14 +306,18 @@ class LearnedLambda:
         ]
         return torch.stack(cols, dim=-1)
 
+    def _standardized(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self._mean.to(x.device)) / self._std.to(x.device)
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-sigmoid output for raw inputs float [b, f] -> [b]."""
-        h = (x - self._mean.to(x.device)) / self._std.to(x.device)
-        for i, (w, b) in enumerate(self._layers):
-            h = h @ w.to(x.device).T + b.to(x.device)
-            if i < len(self._layers) - 1:
-                h = torch.tanh(h)
-        return h.squeeze(-1)
+        return _mlp(self._layers, self._standardized(x))
+
+    def log_temperature_scales(self, x: torch.Tensor) -> torch.Tensor:
+        """g = log(T / base) for raw inputs float [b, f] -> [b]; zeros without a head."""
+        if self._temperature_layers is None:
+            return torch.zeros(len(x), dtype=torch.float32, device=x.device)
+        return bounded_log_scale(_mlp(self._temperature_layers, self._standardized(x)))
 
     def __call__(self, features: QueryFeatures) -> torch.Tensor:
         # At most the grid's 0.99: a saturated sigmoid rounds to 1.0 in float32, which would
@@ -256,18 +327,37 @@ class LearnedLambda:
         )
         return torch.where(features.has_neighbour, lmbda, 0.0)
 
+    def temperatures(self, features: QueryFeatures, base: float) -> float | torch.Tensor:
+        """``base`` without a temperature head; with one, float32 [b]: base * exp(g(x)),
+        computed in float64 and kept within float32's positive finite range, so every
+        position gets a T the kNN math accepts."""
+        if self._temperature_layers is None:
+            return base
+        if not math.isfinite(base) or base <= 0:
+            raise ValueError(f"the base temperature must be finite and positive, got {base}")
+        g = self.log_temperature_scales(self.inputs(features, self.features))  # [b]
+        t = (g.double() + math.log(base)).exp()  # [b]
+        tiny = torch.finfo(torch.float32).tiny
+        return t.clamp(min=tiny, max=_FLOAT32_MAX).float()
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": "learned",
             "features": self.features,
             "mean": self.mean,
             "std": self.std,
             "layers": [[w, b] for w, b in self.layers],
         }
+        if self.temperature_layers is not None:  # absent: what a policy without one wrote
+            out["temperature_layers"] = [[w, b] for w, b in self.temperature_layers]
+        return out
 
     def __repr__(self) -> str:
         hidden = [len(b) for _, b in self.layers[:-1]]
-        return f"LearnedLambda({self.features}, hidden={hidden})"
+        head = ""
+        if self.temperature_layers is not None:
+            head = f", temperature_hidden={[len(b) for _, b in self.temperature_layers[:-1]]}"
+        return f"LearnedLambda({self.features}, hidden={hidden}{head})"
 
 
 def policy_from_dict(data: dict[str, Any]) -> LambdaPolicy:
@@ -279,5 +369,12 @@ def policy_from_dict(data: dict[str, Any]) -> LambdaPolicy:
         return BucketLambda(data["feature"], data["edges"], data["lambdas"])
     if kind == "learned":
         layers = [(w, b) for w, b in data["layers"]]
-        return LearnedLambda(data["features"], data["mean"], data["std"], layers)
+        head = data.get("temperature_layers")  # absent: saved before the temperature head
+        return LearnedLambda(
+            data["features"],
+            data["mean"],
+            data["std"],
+            layers,
+            None if head is None else [(w, b) for w, b in head],
+        )
     raise ValueError(f"unknown lambda policy kind {kind!r}")

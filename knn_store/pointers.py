@@ -4,17 +4,23 @@ of searching again.
 A neighbour of position t is a datastore point (document d, position p) whose value is the
 token that followed p. When the token that really comes after t equals that value, the text
 and the stored document agree for one more token, so the stored successor (d, p + 1) is a
-likely neighbour of position t + 1. ``follow`` collects those successors, with their keys, in
-one batched lookup; the next position then scores them against its own query
-(``pointer_neighbours``: exact squared distances to the successors' keys, no search). When
-fewer than a threshold remain, the caller searches, and scores the search's neighbours
-united with the pointers it has (``union_neighbours``), as the paper does.
+likely neighbour of position t + 1. ``follow`` names those successors (their ids are
+computable, see below); the next position then has the engine score them against its own
+query (``pointer_neighbours``: ``KnnStore.score_ids``, an exact search restricted to them, no
+key read into Python). When fewer than a threshold remain, the caller searches, and scores
+the search's neighbours united with the pointers it has (``union_neighbours``), as the paper
+does.
 
 The successor's id needs its value, which the id of the point at p does not hold (see
-``store.point_ids``): it is the payload field ``next``. A followed point brings its ``next``
-along with its key, so a step that followed pointers costs one lookup; after a search, the
-matching neighbours' ``next`` is read first (a payload-only lookup of just those), then the
-successors, two lookups.
+``store.point_ids``): it is the payload field ``next``. The scoring of the pointers reads it
+with them (``next`` only), so a step that followed pointers costs one engine request; after a
+search, ``follow`` reads it for the matching neighbours only (a payload-only lookup of just
+those), two requests. Leaving the pointers' ``next`` unread, for ``follow`` to look up for
+the matching ones, was measured too (30k-point Edge collection, k = 1024, 300 pointers a
+position): reading ``next`` with the scoring costs ~3 us a pointer, the lookup ~9 us a
+matching one, so it wins once a third of the pointers match; on a run of followed
+positions most of them do (the text copies a stored document), and on a server it also
+saves a round trip.
 
 Everything is vectorised over the texts of a batch (rows); a scoring run walks the positions
 of each text in order and keeps the pointers per text in a ``PointerState``.
@@ -23,13 +29,14 @@ of each text in order and keeps the pointers per text in a ``PointerState``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 
-from knn_store.store.base import NEXT_FIELD, KnnStore, Neighbours
+from knn_store.store.base import KnnStore, Neighbours
 from knn_store.store.point_ids import successor_ids
 
-UNKNOWN = -2  # a neighbour's ``next`` not read yet (it came from a search)
+UNKNOWN = -2  # a neighbour's ``next`` not read yet (``follow`` reads it if it matches)
 
 
 @dataclass(frozen=True)
@@ -37,15 +44,14 @@ class Pointers:
     """The successors followed from one position of a text: candidates for the next one.
 
     position: the text position whose neighbours they succeed; they serve position + 1.
-    ids: point ids [n]; keys: float32 [n, dim]; values: int64 [n] (each point's next token);
-    nexts: int64 [n], each point's own successor's value (-1 where it has none).
+    ids: point ids [n], each once (a successor the store lacks, as a filtered copy may,
+        goes unscored: ``score_ids`` leaves it out); values: int64 [n], each point's value
+        (its next token, which its id holds too).
     """
 
     position: int
     ids: list[str]
-    keys: np.ndarray
     values: np.ndarray
-    nexts: np.ndarray
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -59,8 +65,8 @@ class PointerState:
     by_sequence: dict[int, Pointers] = field(default_factory=dict)
     followed: int = 0  # positions scored from followed pointers
     searched: int = 0  # positions searched
-    lookups: int = 0  # batched by-id lookups made
-    looked_up: int = 0  # points read by those lookups
+    lookups: int = 0  # batched by-id requests made: ``next`` lookups and pointer scorings
+    looked_up: int = 0  # points those requests named
     united: int = 0  # searched positions that had pointers, scored as the union
     added: int = 0  # pointers those unions added (not among the search's neighbours)
 
@@ -72,51 +78,40 @@ class PointerState:
 
 
 def pointer_neighbours(
-    queries: np.ndarray, pointers: list[Pointers], *, k: int
+    store: KnnStore,
+    queries: np.ndarray,
+    pointers: list[Pointers],
+    *,
+    k: int,
+    state: PointerState | None = None,
 ) -> tuple[Neighbours, np.ndarray]:
     """Neighbours of each query among its own followed pointers, as a search would report
-    them: squared L2 to each pointer's key, ascending, padded to k.
+    them: the engine's squared L2 to each pointer's key (``KnnStore.score_ids``, one batched
+    request, the original keys), ascending, ties by token, padded to k. A point both
+    searched and followed gets the same distance either way: the same engine arithmetic.
 
     Args:
+        store: the collection the pointers point into.
         queries: float32 [b, dim].
         pointers: b sets of pointers, one per query (each at most k; more are cut to the k
             nearest).
         k: the row width.
+        state: counts the request, when given.
 
     Returns:
-        ``Neighbours`` [b, k] with point ids, and the pointers' ``next`` values int64 [b, k]
-        (-1 where there is no pointer), in the same order.
+        ``Neighbours`` [b, k] with point ids, and the pointers' ``next`` values int64
+        [b, k] (read with them; -1 where there is no pointer or no successor), in the same
+        order.
     """
-    b = len(pointers)
-    sizes = np.array([len(p) for p in pointers], dtype=np.int64)  # [b]
-    token_ids = np.full((b, k), -1, dtype=np.int64)
-    sq_distances = np.full((b, k), np.inf, dtype=np.float32)
-    point_ids = np.full((b, k), None, dtype=object)
-    nexts = np.full((b, k), -1, dtype=np.int64)
-    if sizes.sum() == 0:
-        return Neighbours(token_ids, sq_distances, point_ids), nexts
-    row = np.repeat(np.arange(b), sizes)  # [N], each pointer's query
-    keys = np.concatenate([p.keys for p in pointers if len(p)])  # [N, dim]
-    diff = keys.astype(np.float64) - queries[row].astype(np.float64)  # [N, dim]
-    d2 = np.einsum("nd,nd->n", diff, diff).astype(np.float32)  # [N]
-    values = np.concatenate([p.values for p in pointers if len(p)])  # [N]
-    nxt = np.concatenate([p.nexts for p in pointers if len(p)])  # [N]
-    ids = np.array([i for p in pointers for i in p.ids], dtype=object)  # [N]
-    # ascending distance per row, ties by token, as neighbours_from_hits orders a search
-    order = np.lexsort((values, d2, row))  # [N], grouped by row
-    start = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # [b], first pointer of each row
-    rank = np.arange(len(order)) - start[row[order]]  # [N], place within its row
-    keep = rank < k
-    r, c, src = row[order][keep], rank[keep], order[keep]
-    token_ids[r, c] = values[src]
-    sq_distances[r, c] = d2[src]
-    point_ids[r, c] = ids[src]
-    nexts[r, c] = nxt[src]
-    return Neighbours(token_ids, sq_distances, point_ids), nexts
+    named = sum(len(p) for p in pointers)
+    found, nexts = store.score_ids(queries, [p.ids for p in pointers], k=k)
+    if named:
+        _count(state, named)
+    return found, nexts
 
 
 def union_neighbours(
-    queries: np.ndarray, searched: Neighbours, pointers: list[Pointers], *, width: int
+    searched: Neighbours, followed: Neighbours, followed_next: np.ndarray, *, width: int
 ) -> tuple[Neighbours, np.ndarray]:
     """A search's neighbours joined with the pointers followed to the same positions, as
     RetoMaton does where too few pointers remain to skip the search (Alon et al. 2022,
@@ -124,38 +119,40 @@ def union_neighbours(
 
     All of the union is kept, as in the paper, not its k nearest: a row holds at most the
     search's k plus the fewer than ``pointer_min`` pointers that made it search, so the
-    caller sizes ``width`` to k + pointer_min - 1. A point both found and followed appears
-    once, with the exact distance to its key (a quantized search's distance is approximate).
+    caller sizes ``width`` to k + the most pointers of a row. A point both found and
+    followed appears once, with the distance its scoring gave (exact; a quantized search's
+    is approximate).
 
     Args:
-        queries: float32 [b, dim].
         searched: the search's ``Neighbours`` [b, k] with point ids.
-        pointers: b sets of pointers (possibly empty), one per query.
-        width: the output row width; at least k + the largest set of pointers.
+        followed: the same rows' pointers as ``pointer_neighbours`` scored them [b, P] (rows
+            without pointers empty); ids as the same engine returns them, so one point's
+            ids compare equal.
+        followed_next: their ``next`` values int64 [b, P].
+        width: the output row width; at least k + the most pointers of a row.
 
     Returns:
         ``Neighbours`` [b, width] ascending (ties by token), and the ``next`` values int64
         [b, width]: ``UNKNOWN`` for the search's points, the pointers' own otherwise.
     """
-    assert searched.point_ids is not None
+    assert searched.point_ids is not None and followed.point_ids is not None
     b, k = searched.token_ids.shape
-    most = max((len(p) for p in pointers), default=0)
+    counts = (followed.token_ids >= 0).sum(axis=1)  # [b], pointers scored per row
+    most = int(counts.max(initial=0))
     if k + most > width:
         raise ValueError(f"`width` {width} cannot hold k={k} neighbours and {most} pointers")
-    near, near_next = pointer_neighbours(queries, pointers, k=max(most, 1))  # [b, P]
-    assert near.point_ids is not None
     tokens = searched.token_ids.copy()  # [b, k]
     d2 = searched.sq_distances.copy()
     ids = searched.point_ids.copy()
-    for r, p in enumerate(pointers):  # drop the search's copy of a followed point
-        if len(p):
-            # ids as text: an engine's UUID objects and a lookup's strings compare equal
-            dup = np.isin(ids[r].astype(str), np.asarray(p.ids, dtype=str))  # [k]
-            tokens[r, dup], d2[r, dup], ids[r, dup] = -1, np.inf, None
-    tokens = np.concatenate([tokens, near.token_ids], axis=1)  # [b, k + P]
-    d2 = np.concatenate([d2, near.sq_distances], axis=1)
-    ids = np.concatenate([ids, near.point_ids], axis=1)
-    nexts = np.concatenate([np.full((b, k), UNKNOWN, dtype=np.int64), near_next], axis=1)
+    for r in np.flatnonzero(counts):  # drop the search's copy of a followed point
+        mine = set(followed.point_ids[r, : counts[r]].tolist())
+        dup = np.fromiter((i in mine for i in ids[r]), dtype=bool, count=k)  # [k]
+        tokens[r, dup], d2[r, dup], ids[r, dup] = -1, np.inf, None
+    tokens = np.concatenate([tokens, followed.token_ids[:, :most]], axis=1)  # [b, k + most]
+    d2 = np.concatenate([d2, followed.sq_distances[:, :most]], axis=1)
+    ids = np.concatenate([ids, followed.point_ids[:, :most]], axis=1)
+    searched_next = np.full((b, k), UNKNOWN, dtype=np.int64)
+    nexts = np.concatenate([searched_next, followed_next[:, :most]], axis=1)
     # ascending distance, ties by token (as a search orders them); missing ones (inf) last
     order = np.lexsort((tokens, d2), axis=-1)[:, :width]  # [b, <= width]
     out = Neighbours.empty(b, width)
@@ -181,15 +178,17 @@ def follow(
     targets: np.ndarray,
     state: PointerState | None = None,
 ) -> list[Pointers]:
-    """The successors of the neighbours whose value is the token that came.
+    """The successors of the neighbours whose value is the token that came: their ids and
+    values, computed from the neighbours' ids and ``next`` values, with no key read.
 
     Args:
         store: the collection (with ``meta.successors``).
         positions: int64 [b], the text position each row scored.
         point_ids: object [b, k], the neighbours of each row (None = missing).
         token_ids: int64 [b, k], their values.
-        nexts: int64 [b, k], their successors' values where known, ``UNKNOWN`` where they
-            came from a search (read here), -1 where they have no successor.
+        nexts: int64 [b, k], their successors' values where known, ``UNKNOWN`` where not
+            read yet (read here, for the matching neighbours only), -1 where they have no
+            successor.
         targets: int64 [b], the token that came after each row's position.
         state: counts the lookups, when given.
 
@@ -197,57 +196,24 @@ def follow(
         b ``Pointers``, those of row i for position positions[i] + 1 (possibly empty).
     """
     b, _ = token_ids.shape
-    hit = (token_ids == targets[:, None]) & (point_ids != None)  # noqa: E711  [b, k]
-    nexts = nexts.copy()
-    unknown = hit & (nexts == UNKNOWN)  # [b, k]
-    if unknown.any():  # neighbours from a search: read their `next` (payload only)
-        wanted = point_ids[unknown].tolist()
-        found = store.retrieve(wanted, with_keys=False, with_payload=[NEXT_FIELD])
-        nexts[unknown] = [_next_of(found.get(str(i))) for i in wanted]
+    # a missing neighbour's value is -1, which no target is: only the matches' ids are checked
+    rows, cols = np.nonzero(token_ids == targets[:, None])  # [M] each, row-major
+    real = np.fromiter((p is not None for p in point_ids[rows, cols]), dtype=bool, count=len(rows))
+    rows, cols = rows[real], cols[real]
+    succ_values = nexts[rows, cols]  # [M], int64 (a copy)
+    unknown = succ_values == UNKNOWN  # [M]
+    if unknown.any():  # read the matches' `next` (payload only)
+        wanted = point_ids[rows[unknown], cols[unknown]].tolist()
+        succ_values[unknown] = store.retrieve_arrays(wanted).nexts
         _count(state, len(wanted))
-    live = hit & (nexts >= 0)  # [b, k], matched and with a successor
-    rows, cols = np.nonzero(live)  # [N] each
-    dim = store.meta.dim if store.meta is not None else 0
-    if len(rows) == 0:
-        return [_empty(int(p), dim) for p in positions]
-    succ = successor_ids(point_ids[rows, cols].tolist(), nexts[rows, cols])  # [N]
-    found = store.retrieve(succ, with_keys=True, with_payload=[NEXT_FIELD])
-    _count(state, len(succ))
-    present = np.array([s in found for s in succ], dtype=bool)  # [N]; a filtered copy lacks some
-    rows, succ_values = rows[present], nexts[rows, cols][present]
-    kept = [s for s, p in zip(succ, present, strict=True) if p]
-    keys = np.asarray([found[s].key for s in kept], dtype=np.float32).reshape(len(kept), dim)
-    succ_nexts = np.array([_next_of(found[s]) for s in kept], dtype=np.int64)
-    out = []
-    for r in range(b):  # one slice per text, not per neighbour
-        sel = np.flatnonzero(rows == r)
-        out.append(
-            Pointers(
-                position=int(positions[r]),
-                ids=[kept[i] for i in sel],
-                keys=keys[sel],
-                values=succ_values[sel],
-                nexts=succ_nexts[sel],
-            )
-        )
-    return out
-
-
-def _next_of(point: object) -> int:
-    """A stored point's ``next`` field; -1 when it is absent (a point written without it)."""
-    payload = getattr(point, "payload", None) or {}
-    value = payload.get(NEXT_FIELD, -1)
-    return int(value) if isinstance(value, int) else -1
-
-
-def _empty(position: int, dim: int) -> Pointers:
-    return Pointers(
-        position=position,
-        ids=[],
-        keys=np.zeros((0, dim), dtype=np.float32),
-        values=np.zeros(0, dtype=np.int64),
-        nexts=np.zeros(0, dtype=np.int64),
-    )
+    live = succ_values >= 0  # [M], with a successor
+    rows, cols, succ_values = rows[live], cols[live], succ_values[live]  # [N] each
+    succ = successor_ids(point_ids[rows, cols].tolist(), succ_values)  # [N]
+    bounds = np.searchsorted(rows, np.arange(b + 1))  # [b + 1]: rows are ascending
+    return [
+        Pointers(position=int(positions[r]), ids=succ[lo:hi], values=succ_values[lo:hi])
+        for r, (lo, hi) in enumerate(pairwise(bounds))
+    ]
 
 
 def _count(state: PointerState | None, points: int) -> None:

@@ -176,4 +176,6 @@ def verify_policy(raw: dict[str, Any], store: KnnStore) -> str:
         gate += f", cache {saved.cache_weight:g} at T={t:.4g}"
     if saved.pointer_min:
         gate += f", pointers >= {saved.pointer_min}"
-    return f"{saved.to_dict()['policy']['kind']}, T={saved.temperature:.4g}{gate}"
+    policy = saved.to_dict()["policy"]
+    per_position = " per position" if policy.get("temperature_layers") is not None else ""
+    return f"{policy['kind']}, T={saved.temperature:.4g}{per_position}{gate}"

@@ -9,7 +9,9 @@ nearest key. Everything after that is tensor math on the cache:
 - buckets (Drozdov et al. 2022): equal-population buckets of d_min (or cosine) on the tuning
   tokens, and per bucket the lambda of the grid with the lowest loss;
 - a learned policy: a small MLP of several features, fit by gradient descent on the
-  interpolated log-likelihood itself.
+  interpolated log-likelihood itself;
+- the learned policy with a temperature head (``learned-t``): T per position from the same
+  features, trained jointly with lambda, starting from the learned policy at its global T.
 
 Policies are scored with the same callables that eval and generation use, so a perplexity
 computed here is the one ``knnlm eval`` reports on the same text.
@@ -31,8 +33,8 @@ import torch
 
 from knn_store.errors import ConfigError, CorpusError
 from knn_store.gate import RetrievalGate
-from knn_store.knn import interpolate
-from knn_store.knn_lm import KnnLM
+from knn_store.knn import Temperature, interpolate, row_temperatures
+from knn_store.knn_lm import KnnLM, LMView
 from knn_store.lambdas import (
     FEATURES,
     BucketLambda,
@@ -40,12 +42,14 @@ from knn_store.lambdas import (
     LambdaPolicy,
     LearnedLambda,
     QueryFeatures,
+    bounded_log_scale,
 )
 from knn_store.progress import Progress, no_progress
 
 LAMBDA_GRID = torch.arange(100, dtype=torch.float32) / 100  # 0.00 .. 0.99
 _ROWS = 8192  # rows per chunk of [n, k] work: bounds memory at ~4 * 8192 * k bytes
 _MIN_EXPONENT = -87.0  # exp(-87) = 1.6e-38, the smallest normal float32 is 1.2e-38
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @dataclass
@@ -66,8 +70,9 @@ class TuningData:
     def base_nll(self) -> float:
         return -self.lm_target_log_probs.double().mean().item()
 
-    def knn_log_probs(self, temperature: float) -> torch.Tensor:
-        """log p_kNN(target), float32 [n], memoized per temperature.
+    def knn_log_probs(self, temperature: Temperature) -> torch.Tensor:
+        """log p_kNN(target), float32 [n], at one T (memoized per T) or at float [n], one T
+        per position.
 
         The sweep's inner loop, so it works in place on row chunks: with rows sorted
         ascending, exp((d_0 - d_i) / T) is at most 1 and the nearest term is exactly 1, so
@@ -77,10 +82,34 @@ class TuningData:
         -87 - log(total) instead of ``knn_target_log_probs``'s smaller value, and either
         way the interpolated probability is the LM's to float precision.
         """
-        if temperature in self._knn:
+        per_row = isinstance(temperature, torch.Tensor)
+        if not per_row and temperature in self._knn:
             return self._knn[temperature]
-        if temperature <= 0:
-            raise ValueError(f"`temperature` must be positive, got {temperature}")
+        out, _ = self._knn_pass(temperature, slope=False)
+        if not per_row:
+            self._knn[temperature] = out
+        return out
+
+    def knn_log_probs_and_slope(
+        self, temperatures: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p_kNN(target) at float [n] per-position temperatures, and its derivative
+        with respect to log T at each position (float32 [n] each), for training a
+        temperature head without an autograd graph over [n, k].
+
+        With w_i = exp(-delta_i / T): d/dlog T of log(sum_hit w) - log(sum_all w) is
+        (E_hit[delta] - E_all[delta]) / T, the w-weighted means of delta = d_i - d_0 over
+        the neighbours voting for the target and over all of them. Entries clamped at -87
+        have derivative 0 there, and count as 0; a position with no neighbour voting for
+        its target has log p = -inf and slope 0.
+        """
+        out, slope = self._knn_pass(temperatures, slope=True)
+        assert slope is not None
+        return out, slope
+
+    def _knn_pass(
+        self, temperature: Temperature, *, slope: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._delta is None:  # T-independent parts, computed once per sweep
             sq = self.features.sq_distances
             nearest = sq[:, :1]
@@ -90,22 +119,50 @@ class TuningData:
             self._hits = (ids == self.targets[:, None].to(ids.dtype)).float()  # [n, k]
         delta, hits = self._delta, self._hits
         assert hits is not None
-        out = torch.empty(len(self), dtype=torch.float32)
-        buf = torch.empty((min(_ROWS, len(self)), delta.shape[1]), dtype=torch.float32)
-        for lo in range(0, len(self), _ROWS):
-            w = buf[: len(delta[lo : lo + _ROWS])]
-            torch.mul(delta[lo : lo + _ROWS], -1.0 / temperature, out=w)  # <= 0; -inf missing
+        t = row_temperatures(temperature, delta)  # a float, or float32 [n, 1]
+        # -1/T, kept finite (a T under float32's range would give -inf, and 0 * -inf is NaN
+        # at the nearest): every other neighbour still gets exponent -inf, the limit
+        neg_inv: float | torch.Tensor = (
+            max(-1.0 / t, -_FLOAT32_MAX)
+            if isinstance(t, float)
+            else (-1.0 / t).clamp(min=-_FLOAT32_MAX)
+        )  # float, or [n, 1]
+        n = len(self)
+        out = torch.empty(n, dtype=torch.float32)
+        grad = torch.empty(n, dtype=torch.float32) if slope else None
+        buf = torch.empty((min(_ROWS, n), delta.shape[1]), dtype=torch.float32)
+        for lo in range(0, n, _ROWS):
+            rows = slice(lo, lo + _ROWS)
+            w = buf[: len(delta[rows])]  # [c, k]
+            scale = neg_inv if isinstance(neg_inv, float) else neg_inv[rows]  # float or [c, 1]
+            torch.mul(delta[rows], scale, out=w)  # <= 0; -inf missing
+            live = w > _MIN_EXPONENT if slope else None  # [c, k]; where the clamp is off
             w.clamp_(min=_MIN_EXPONENT).exp_()
-            total = w.sum(1)  # >= 1, or ~0 for a row without neighbours
-            on_target = w.mul_(hits[lo : lo + _ROWS]).sum(1)
+            total = w.sum(1)  # [c]; >= 1, or ~0 for a row without neighbours
+            if live is not None and grad is not None:
+                wd = torch.where(live, w * delta[rows], 0.0)  # [c, k]; w * delta, finite
+                all_mean = wd.sum(1) / total  # [c]
+                hit_wd = wd.mul_(hits[rows]).sum(1)  # [c]
+            on_target = w.mul_(hits[rows]).sum(1)  # [c]
             out[lo : lo + len(w)] = on_target.log() - total.log()  # -inf if no hit
-        self._knn[temperature] = out
-        return out
+            if live is not None and grad is not None:
+                row_t = t if isinstance(t, float) else t[rows, 0]  # float or [c]
+                g = (hit_wd / on_target - all_mean) / row_t  # [c]; NaN where no hit
+                grad[lo : lo + len(w)] = torch.where(on_target > 0, g, 0.0)
+        return out, grad
+
+    def policy_knn_log_probs(self, policy: LambdaPolicy, temperature: float) -> torch.Tensor:
+        """log p_kNN(target), float32 [n], at the temperatures ``policy`` gives on base
+        ``temperature`` (the global T, or one per position with a temperature head)."""
+        return self.knn_log_probs(policy.temperatures(self.features, temperature))
 
     def nll(self, policy: LambdaPolicy, temperature: float) -> float:
-        """Mean negative log-likelihood (nats/token) of the kNN-LM under ``policy``."""
+        """Mean negative log-likelihood (nats/token) of the kNN-LM under ``policy``, whose
+        kNN temperature is ``temperature`` or, with a temperature head, scaled from it."""
         mixed = interpolate(
-            self.lm_target_log_probs, self.knn_log_probs(temperature), policy(self.features)
+            self.lm_target_log_probs,
+            self.policy_knn_log_probs(policy, temperature),
+            policy(self.features),
         )
         return -mixed.double().mean().item()
 
@@ -261,6 +318,15 @@ def sweep_temperatures(
     return {name: best(name) for name in names}
 
 
+def _mlp(stack: list[torch.nn.Linear], h: torch.Tensor) -> torch.Tensor:
+    """float [n, f] -> [n]: the layers with tanh between them, as ``LearnedLambda`` runs them."""
+    for i, layer in enumerate(stack):
+        h = layer(h)
+        if i < len(stack) - 1:
+            h = torch.tanh(h)
+    return h.squeeze(-1)
+
+
 def fit_learned(
     data: TuningData,
     temperature: float,
@@ -300,17 +366,9 @@ def fit_learned(
         params, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
     )
 
-    def logit(inp: torch.Tensor) -> torch.Tensor:
-        h = inp
-        for i, layer in enumerate(layers):
-            h = layer(h)
-            if i < len(layers) - 1:
-                h = torch.tanh(h)
-        return h.squeeze(-1)
-
     def closure() -> torch.Tensor:
         optim.zero_grad()
-        s = logit(z)
+        s = _mlp(layers, z)
         # log(lambda) = logsigmoid(s), log(1 - lambda) = logsigmoid(-s)
         nll = -torch.logaddexp(
             torch.nn.functional.logsigmoid(-s) + lm, torch.nn.functional.logsigmoid(s) + knn
@@ -331,6 +389,89 @@ def fit_learned(
     return Tuned(name, policy, temperature, data.nll(policy, temperature))
 
 
+def fit_learned_temperature(
+    data: TuningData,
+    start: Tuned,
+    *,
+    hidden: int = 16,
+    steps: int = 100,
+    weight_decay: float = 1e-4,
+    seed: int = 1,
+) -> Tuned:
+    """``start`` (a fitted ``LearnedLambda``) with a temperature head: T(x) = T0 * exp(g(x))
+    from the same standardized features, T0 = ``start.temperature``; g and lambda trained
+    jointly on the interpolated log-likelihood, by full-batch L-BFGS as ``fit_learned``.
+
+    The head's last layer starts at zero, so training starts exactly at ``start`` (g = 0:
+    the global T), and the result is never worse on the tuning data: if training ends with
+    a higher NLL, ``start``'s policy is kept. Each step is one pass over the [n, k] cache,
+    in chunks (``TuningData.knn_log_probs_and_slope`` gives the derivative with respect to
+    log T in closed form), so memory stays that of the sweep.
+    """
+    policy = start.policy
+    if not isinstance(policy, LearnedLambda):
+        raise ValueError(f"a temperature head extends a learned policy, not {policy!r}")
+    names = policy.features
+    base = start.temperature
+    has = data.features.has_neighbour
+    x = LearnedLambda.inputs(data.features, names)  # [n, f]
+    z = (x - torch.tensor(policy.mean)) / torch.tensor(policy.std)  # as the policy does
+    lm = data.lm_target_log_probs[has]
+
+    def linear(weight: list[list[float]], bias: list[float]) -> torch.nn.Linear:
+        w = torch.tensor(weight, dtype=torch.float32)
+        layer = torch.nn.Linear(w.shape[1], w.shape[0])
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+        return layer
+
+    lam_layers = [linear(w, b) for w, b in policy.layers]  # from the fitted lambda
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [len(names), *([hidden] if hidden else []), 1]
+    t_layers = [torch.nn.Linear(a, b) for a, b in itertools.pairwise(sizes)]
+    with torch.no_grad():
+        for layer in t_layers:
+            layer.weight.copy_(
+                torch.randn(layer.weight.shape, generator=gen) / math.sqrt(layer.in_features)
+            )
+            layer.bias.zero_()
+        t_layers[-1].weight.zero_()  # g = 0: the global T, where training starts
+    layers = [*lam_layers, *t_layers]
+    params = [p for layer in layers for p in layer.parameters()]
+    optim = torch.optim.LBFGS(
+        params, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure() -> torch.Tensor:
+        optim.zero_grad()
+        s = _mlp(lam_layers, z[has])  # [m]
+        g = bounded_log_scale(_mlp(t_layers, z))  # [n], log(T / T0)
+        temps = (g.detach().double() + math.log(base)).exp()
+        temps = temps.clamp(min=torch.finfo(torch.float32).tiny, max=_FLOAT32_MAX).float()
+        knn, slope = data.knn_log_probs_and_slope(temps)  # [n] each, no graph
+        # value log p_kNN, gradient d log p_kNN / d g: first order is all L-BFGS uses
+        knn = (knn + (g - g.detach()) * slope)[has]
+        nll = -torch.logaddexp(
+            torch.nn.functional.logsigmoid(-s) + lm, torch.nn.functional.logsigmoid(s) + knn
+        ).mean()
+        loss = nll + weight_decay * sum(layer.weight.pow(2).sum() for layer in layers)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optim.step(closure)
+
+    def lists(stack: list[torch.nn.Linear]) -> list[tuple[list[list[float]], list[float]]]:
+        return [(layer.weight.detach().tolist(), layer.bias.detach().tolist()) for layer in stack]
+
+    fitted = LearnedLambda(names, policy.mean, policy.std, lists(lam_layers), lists(t_layers))
+    nll = data.nll(fitted, base)
+    if not nll <= start.nll:  # also NaN: keep the start, which it began from
+        return Tuned("learned-t", policy, base, start.nll)
+    return Tuned("learned-t", fitted, base, nll)
+
+
 # --- the whole tuning run ------------------------------------------------------------------
 
 
@@ -349,10 +490,15 @@ class TuneResult:
 
 
 def tune(
-    validation: TuningData, test: TuningData | None = None, *, buckets: int = 64
+    validation: TuningData,
+    test: TuningData | None = None,
+    *,
+    buckets: int = 64,
+    learn_temperature: bool = False,
 ) -> TuneResult:
-    """Fit every policy (fixed, buckets of d_min and of cosine, learned) on ``validation``;
-    score each on both splits."""
+    """Fit every policy (fixed, buckets of d_min and of cosine, learned; with
+    ``learn_temperature`` also ``learned-t``, T per position) on ``validation``; score each
+    on both splits."""
     started = time.perf_counter()
     by_feature = [_Buckets(validation, f, buckets) for f in ("d_min", "cosine")]
 
@@ -370,6 +516,8 @@ def tune(
     fitted = sweep_temperatures(validation, fit_at)
     # One T for the learned policy: the buckets' (an MLP fit per T would cost minutes).
     fitted["learned"] = fit_learned(validation, fitted["buckets"].temperature)
+    if learn_temperature:
+        fitted["learned-t"] = fit_learned_temperature(validation, fitted["learned"])
     curves = dict(sorted(curves.items()))
     sweep_seconds = time.perf_counter() - started
 
@@ -411,7 +559,7 @@ def retrieval_gains(data: TuningData, tuned: Tuned) -> torch.Tensor:
     the search at each position would lose (negative: it would gain)."""
     mixed = interpolate(
         data.lm_target_log_probs,
-        data.knn_log_probs(tuned.temperature),
+        data.policy_knn_log_probs(tuned.policy, tuned.temperature),
         tuned.policy(data.features),
     )
     return (mixed.double() - data.lm_target_log_probs.double()).nan_to_num()
@@ -493,6 +641,7 @@ def fit_gate(
 MIN_TOKENS_PER_BUCKET = 32  # each lambda of an equal-population bucket fitted to this many
 MIN_FIXED_TOKENS = 64  # one lambda and T; also the least text tune reports on
 MIN_LEARNED_TOKENS = 256  # the MLP's 113 weights: two tokens or more each
+MIN_LEARNED_T_TOKENS = 512  # with the temperature head's 113 more
 MAX_HELD_SHARE = 0.5  # validation tokens that find their own key in the store, at most
 HELD_COSINE = 0.9999  # a nearest key this close in direction is the query's own (distance 0)
 NOISE_ERRORS = 2.0  # a validation gain under this many standard errors is noise ...
@@ -506,6 +655,8 @@ def tokens_needed(kind: str, *, buckets: int) -> int:
         return MIN_TOKENS_PER_BUCKET * buckets
     if kind == "learned":
         return MIN_LEARNED_TOKENS
+    if kind == "learned-t":
+        return MIN_LEARNED_T_TOKENS
     return MIN_FIXED_TOKENS
 
 
@@ -523,8 +674,11 @@ def check_tuning_size(tokens: int, kind: str, *, buckets: int) -> None:
             f"({MIN_TOKENS_PER_BUCKET} per bucket); give more validation text{fewer}, "
             "or --save fixed"
         )
-    what = "the learned policy" if kind == "learned" else "a fixed lambda and T"
-    other = " or --save fixed" if kind == "learned" else ""
+    what = {
+        "learned": "the learned policy",
+        "learned-t": "the learned policy with a temperature per position",
+    }.get(kind, "a fixed lambda and T")
+    other = " or --save fixed" if kind in ("learned", "learned-t") else ""
     raise CorpusError(
         f"{have}, too few to fit {what}: it needs at least {needed:,}; give more "
         f"validation text{other}"
@@ -611,9 +765,9 @@ class LeverFit:
     """The document cache and pointer threshold fitted for one policy on validation.
 
     ``cache_nll`` [T, W] is the mean NLL of every cache temperature and weight of the grid
-    (no pointers); ``pointer_nll`` and ``pointer_saved`` give, per threshold tried (0 first:
-    pointers off), the mean NLL with the chosen cache and the share of positions scored
-    from followed pointers instead of a search.
+    (no pointers); ``pointer_nll`` and ``pointer_saved`` give, per threshold tried
+    (ascending, 0 first: pointers off), the mean NLL with the chosen cache and the share of
+    positions scored from followed pointers instead of a search.
     """
 
     cache_temperature: float | None  # None: the cache is off (weight 0 won)
@@ -648,14 +802,20 @@ def fit_levers(
     """Fit the document cache (temperature and weight) and the pointer threshold for
     ``knn_lm``, which carries the fitted policy, T and gate, on validation ``sequences``.
 
-    Pointer following is a walk from position to position, so unlike T and lambda it cannot
-    be swept on cached evidence: one LM pass feeds every threshold's own run, batch by batch
-    in ``score``'s order, so each run is the one ``knnlm eval`` makes. The cache is
-    position-wise, mixed after the kNN-LM, so its grid is tensor math on each candidate
-    temperature's log p_cache(target). The cache is fitted first (by perplexity, without
-    pointers); then the threshold that saves the most searches while the validation
-    perplexity with that cache rises by at most ``max_cost`` (0.005 = 0.5%) over no
-    pointers. ``pointers=False`` (a collection without successor links) tries none.
+    One LM pass keeps each batch's view (keys and LM summaries, not the [m, V]
+    distributions) and scores it without pointers and under every cache temperature. The
+    cache is position-wise, mixed after the kNN-LM, so its grid is tensor math on each
+    temperature's log p_cache(target); it is fitted first, by perplexity, without pointers.
+
+    Pointer following is a walk from position to position, so a threshold cannot be swept
+    on cached evidence: each threshold tried is a run over the kept views, in ``score``'s
+    order, the one ``knnlm eval`` makes. A lower threshold follows more and saves more
+    searches, and costs more perplexity, so the threshold that saves the most searches
+    while the validation perplexity (with the cache) rises by at most ``max_cost`` (0.005 =
+    0.5%) over no pointers is found by bisection over ``POINTER_THRESHOLDS``: about
+    log2(11) runs instead of 11 (it assumes the cost does not rise with the threshold, as
+    measured on kernel docs). ``pointers=False`` (a collection without successor links)
+    tries none.
     """
     from knn_store.doc_cache import CacheState, DocumentCache
     from knn_store.pointers import PointerState
@@ -663,28 +823,26 @@ def fit_levers(
 
     if not 0 <= max_cost < math.inf:
         raise ValueError(f"`max_cost` must be finite and >= 0, got {max_cost}")
-    thresholds = [0, *(t for t in POINTER_THRESHOLDS if pointers and t <= knn_lm.k)]
-    runs = [knn_lm.with_options(pointer_min=t, cache=None) for t in thresholds]
-    states = [PointerState() for _ in thresholds]
     temps = [knn_lm.temperature * f for f in CACHE_TEMPERATURE_FACTORS]
     caches = [DocumentCache(temperature=t, weight=0.0) for t in temps]
     cache_states = [CacheState() for _ in temps]
+    plain = knn_lm.with_options(pointer_min=0, cache=None)
     jobs = [
         (i, seq, w)
         for i, seq in enumerate(sequences)
         for w in sliding_windows(len(seq), window=knn_lm.window, stride=knn_lm.stride)
     ]
     total = sum(len(w.positions) for _, _, w in jobs)
-    log_probs: list[list[torch.Tensor]] = [[] for _ in thresholds]  # float32 [m] per batch
+    views: list[LMView] = []
+    plain_lp: list[torch.Tensor] = []  # float32 [m] per batch, no pointers
     cache_lp: list[list[torch.Tensor]] = [[] for _ in temps]
     has_memory: list[torch.Tensor] = []
     done = 0
     on_progress("levers", done, total)
     for lo in range(0, len(jobs), knn_lm.batch_size):
         view = knn_lm.lm_view(jobs[lo : lo + knn_lm.batch_size])
-        for run, state, out in zip(runs, states, log_probs, strict=True):
-            scored = run.finish(view, pointers=state if run.pointer_min else None)
-            out.append(scored.log_prob.cpu())
+        views.append(view)
+        plain_lp.append(plain.finish(view).log_prob.cpu())
         for cache, state, out in zip(caches, cache_states, cache_lp, strict=True):
             got = cache.target_log_probs(
                 state,
@@ -700,7 +858,6 @@ def fit_levers(
         on_progress("levers", done, total)
     if not done:
         raise CorpusError("nothing to tune on: every text is shorter than 2 tokens")
-    knn = [torch.cat(parts) for parts in log_probs]  # [n] per threshold
     cached = torch.stack([torch.cat(parts) for parts in cache_lp])  # [T, n]
     has = torch.cat(has_memory)  # [n]
 
@@ -708,25 +865,47 @@ def fit_levers(
         w = torch.where(has, weight, 0.0).float()  # as DocumentCache.mix
         return -interpolate(lp, cache_row, w).double().mean().item()
 
-    grid = [[mixed_nll(knn[0], cached[ti], w) for w in CACHE_WEIGHTS] for ti in range(len(temps))]
+    base = torch.cat(plain_lp)  # [n]
+    grid = [[mixed_nll(base, cached[ti], w) for w in CACHE_WEIGHTS] for ti in range(len(temps))]
     flat = torch.tensor(grid, dtype=torch.float64)  # [T, W]
     ti, wi = divmod(int(flat.argmin()), len(CACHE_WEIGHTS))  # the first of ties
     weight = CACHE_WEIGHTS[wi]
     row = cached[ti]
-    pointer_nll = [mixed_nll(lp, row, weight) for lp in knn]
-    saved = [s.followed / done for s in states]
-    budget = pointer_nll[0] + math.log1p(max_cost)
-    fits = [i for i in range(1, len(thresholds)) if pointer_nll[i] <= budget and saved[i] > 0]
-    best = max(fits, key=lambda i: (saved[i], -pointer_nll[i]), default=0)
+    tried: dict[int, tuple[float, float]] = {0: (mixed_nll(base, row, weight), 0.0)}
+    budget = tried[0][0] + math.log1p(max_cost)
+
+    def run(threshold: int) -> tuple[float, float]:
+        """Validation NLL (with the cache) and share of positions followed at a threshold."""
+        if threshold not in tried:
+            follower = knn_lm.with_options(pointer_min=threshold, cache=None)
+            state = PointerState()
+            stage, scored, parts = f"pointers >= {threshold}", 0, []
+            on_progress(stage, scored, total)
+            for view in views:
+                parts.append(follower.finish(view, pointers=state).log_prob.cpu())
+                scored += len(view.targets)
+                on_progress(stage, scored, total)
+            tried[threshold] = (mixed_nll(torch.cat(parts), row, weight), state.followed / done)
+        return tried[threshold]
+
+    # from the least following down, while each fits: the lowest of that unbroken run
+    best = 0
+    for threshold in reversed([t for t in POINTER_THRESHOLDS if pointers and t <= knn_lm.k]):
+        nll, saved = run(threshold)
+        if nll > budget:
+            break
+        if saved > 0:  # a threshold that never follows changes nothing: walk on
+            best = threshold
+    thresholds = sorted(tried)
     return LeverFit(
         cache_temperature=temps[ti] if weight else None,
         cache_weight=weight,
         cache_temperatures=temps,
         cache_weights=list(CACHE_WEIGHTS),
         cache_nll=grid,
-        pointer_min=thresholds[best],
+        pointer_min=best,
         thresholds=thresholds,
-        pointer_nll=pointer_nll,
-        pointer_saved=saved,
+        pointer_nll=[tried[t][0] for t in thresholds],
+        pointer_saved=[tried[t][1] for t in thresholds],
         tokens=done,
     )

@@ -10,6 +10,7 @@ import click
 
 from knn_store.errors import ConfigError
 from knnlm.options import (
+    LEVER_OPTIONS,
     MODEL_OPTIONS,
     SEARCH_OPTIONS,
     STORE_OPTIONS,
@@ -21,6 +22,7 @@ from knnlm.progress import Bars
 
 if TYPE_CHECKING:
     from knn_store.generation import Step
+    from knn_store.knn_lm import KnnLM
 
 _QUERY_OPTIONS = (*[o for o in MODEL_OPTIONS if o not in ("window", "stride")], *STORE_OPTIONS)
 
@@ -59,7 +61,7 @@ _QUERY_OPTIONS = (*[o for o in MODEL_OPTIONS if o not in ("window", "stride")], 
 )
 @click.option("--no-knn", is_flag=True, help="Generate with the base LM alone, to compare.")
 @search_domain_option
-@options(*_QUERY_OPTIONS, *SEARCH_OPTIONS)
+@options(*_QUERY_OPTIONS, *SEARCH_OPTIONS, *LEVER_OPTIONS)
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object at the end instead of streaming."
 )
@@ -79,7 +81,9 @@ def generate(
 
     Every step searches the datastore with the newest position's key and interpolates
     with the LM exactly as `knnlm eval` does, using the collection's tuned policy unless
-    --lambda/--temperature say otherwise.
+    --lambda/--temperature say otherwise. So do pointer following (--pointer-min: a step
+    follows the last one's neighbours instead of searching) and the document cache
+    (--cache-weight: the prompt's and the generated text's own earlier positions).
 
     \b
     Examples:
@@ -101,14 +105,18 @@ def generate(
     with open_session(settings, search_domains=search_domains) as session:
         lm = session.lm
         prompt_ids = lm.encode(prompt)
+        knn_lm = session.knn_lm
         streamer = None if as_json else _Streamer(lm.tokenizer, prompt)
+        followed = 0  # steps scored from followed pointers (with --pointer-min)
+
+        def on_token(row: int, step: Step) -> None:
+            nonlocal followed
+            followed += bool(step.followed)
+            if streamer is not None:
+                streamer.add(row, step)
+
         started = time.perf_counter()
-        (new,) = decode(
-            session.knn_lm,
-            [prompt_ids],
-            [sampling],
-            on_token=None if streamer is None else streamer.add,
-        )
+        (new,) = decode(knn_lm, [prompt_ids], [sampling], on_token=on_token)
         seconds = time.perf_counter() - started
         if streamer is not None:
             streamer.end()
@@ -124,12 +132,27 @@ def generate(
                     "knn": not no_knn,
                     "policy": session.resolved.policy.to_dict(),
                     "temperature": session.resolved.temperature,
+                    **_levers(knn_lm, followed, no_knn),
                 }
             )
         )
         return
     source = "base LM only" if no_knn else session.describe()
+    if knn_lm.pointer_min and not no_knn:
+        source += f"; {followed} of {len(new)} tokens from followed pointers"
     click.echo(f"[{len(new)} tokens in {seconds:.1f}s; {source}]", err=True)
+
+
+def _levers(knn_lm: KnnLM, followed: int, no_knn: bool) -> dict[str, Any]:
+    """The JSON fields of pointer following and the document cache, where they are on (as
+    ``knnlm eval`` reports them), with the steps that followed pointers."""
+    out: dict[str, Any] = {}
+    if knn_lm.pointer_min and not no_knn:
+        out["pointer_min"] = knn_lm.pointer_min
+        out["followed_pointers"] = followed
+    if knn_lm.cache is not None and not no_knn:
+        out["cache"] = {"weight": knn_lm.cache.weight, "temperature": knn_lm.cache.temperature}
+    return out
 
 
 class _Streamer:
@@ -178,7 +201,7 @@ class _Streamer:
     help="Nearest neighbours shown per token.",
 )
 @search_domain_option
-@options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS)
+@options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS, *LEVER_OPTIONS)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines, one per token.")
 def explain(
     text: str,
@@ -192,7 +215,9 @@ def explain(
 
     For each token: its probability under the kNN-LM, the LM and the kNN distribution,
     lambda, the top predictions of both, and the nearest neighbours with the source,
-    position and text they were memorized from.
+    position and text they were memorized from. With the levers of `knnlm tune
+    --fit-levers` on, a token served by followed pointers (no search) says so, and the
+    document cache's probability and weight are shown.
 
     \b
     Example:
@@ -215,11 +240,17 @@ def explain(
                 if as_json:
                     click.echo(json.dumps(row.to_dict()))
                     continue
-                skipped = "" if row.searched else ", search skipped by the gate"
+                how = (
+                    ", from followed pointers (no search)"
+                    if row.followed
+                    else ("" if row.searched else ", search skipped by the gate")
+                )
+                if row.cache_weight and row.cache_prob is not None:
+                    how += f", cache {row.cache_prob:.3f} weight {row.cache_weight:.2f}"
                 click.echo(
                     f"\n{row.position:4d} {row.token!r:16} p={row.prob:.3f}  "
                     f"(LM {row.lm_prob:.3f}, kNN {row.knn_prob:.3f}, "
-                    f"lambda {row.lmbda:.2f}{skipped})"
+                    f"lambda {row.lmbda:.2f}{how})"
                 )
                 click.echo(f"     LM : {_tops(row.lm_top)}")
                 click.echo(f"     kNN: {_tops(row.knn_top)}")

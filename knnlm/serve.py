@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from knnlm.options import (
+    LEVER_OPTIONS,
     MODEL_OPTIONS,
     SEARCH_OPTIONS,
     STORE_OPTIONS,
@@ -129,7 +130,7 @@ if TYPE_CHECKING:
     "duration_ms, bytes, request_id, client; never a header or body), or none.",
 )
 @search_domain_option
-@options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS)
+@options(*MODEL_OPTIONS, *STORE_OPTIONS, *SEARCH_OPTIONS, *LEVER_OPTIONS)
 def serve(
     host: str,
     port: int,

@@ -25,7 +25,7 @@ from knnlm.options import (
 )
 from knnlm.progress import Bars
 
-POLICY_CHOICES = ("fixed", "buckets", "cosine-buckets", "learned")
+POLICY_CHOICES = ("fixed", "buckets", "cosine-buckets", "learned", "learned-t")
 LABELS = {
     "base": "base LM",
     "paper": "lambda 0.25, T 1",
@@ -33,6 +33,7 @@ LABELS = {
     "buckets": "d_min buckets",
     "cosine-buckets": "cosine buckets",
     "learned": "learned (MLP)",
+    "learned-t": "learned, T per pos",
 }
 
 
@@ -61,6 +62,13 @@ LABELS = {
     help="Which fitted policy to save with the collection for eval and generate.",
 )
 @click.option(
+    "--learn-temperature",
+    is_flag=True,
+    help="Also fit learned-t: the learned policy with the kNN temperature set per position "
+    "from the same features, T(x) = T * exp(g(x)), trained jointly with lambda starting from "
+    "the global T; reported beside the others (implied by --save learned-t).",
+)
+@click.option(
     "--plots",
     type=click.Path(path_type=Path, file_okay=False),
     help="Folder for PNG charts: perplexity vs lambda per T, lambda per bucket.",
@@ -87,7 +95,8 @@ LABELS = {
     show_default=True,
     type=click.FloatRange(0.0, 100.0),
     help="With --fit-levers: the pointer threshold that saves the most searches while the "
-    "validation perplexity rises by at most this many percent over no pointers.",
+    "validation perplexity rises by at most this many percent over no pointers (tried "
+    "from 1024 down, stopping at the first over the budget).",
 )
 @search_domain_option
 @options(*MODEL_OPTIONS, *STORE_OPTIONS, *RETRIEVAL_OPTIONS)
@@ -100,6 +109,7 @@ def tune(
     test_paths: tuple[str, ...],
     buckets: int,
     save_kind: str,
+    learn_temperature: bool,
     plots: Path | None,
     gate_max_cost: float,
     fit_levers: bool,
@@ -122,7 +132,7 @@ def tune(
     \b
     It refuses, and saves nothing:
       - validation text too small for the policy: 32 tokens per bucket (--buckets 64:
-        2,048), 256 for learned, 64 for fixed (and with --save none);
+        2,048), 256 for learned, 512 for learned-t, 64 for fixed (and with --save none);
       - text the datastore already holds: over 50% of its tokens find their own key
         (cosine to the nearest key >= 0.9999);
       - a policy worse than the base LM on validation;
@@ -199,7 +209,12 @@ def tune(
                 else None
             )
         retrieve_seconds = time.perf_counter() - started
-        result = fit_all(validation, test, buckets=buckets)
+        result = fit_all(
+            validation,
+            test,
+            buckets=buckets,
+            learn_temperature=learn_temperature or save_kind == "learned-t",
+        )
         summary = _summary(result, retrieve_seconds)
         if save_kind != "none":
             chosen = result.policies[save_kind]
@@ -317,7 +332,7 @@ def _summary(result: Any, retrieve_seconds: float) -> dict[str, Any]:
         return None if nll is None else math.exp(nll)
 
     rows: dict[str, dict[str, Any]] = {}
-    for name in ("base", "paper", *POLICY_CHOICES):
+    for name in ("base", "paper", *(p for p in POLICY_CHOICES if p in result.policies)):
         fitted = result.policies.get(name)
         rows[name] = {
             "temperature": 1.0 if name == "paper" else (fitted.temperature if fitted else None),

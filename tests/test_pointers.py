@@ -142,8 +142,9 @@ def test_followed_pointers_equal_a_full_knn_over_the_same_candidates(
         targets=targets,
         state=state,
     )
-    assert state.lookups == 2  # the matches' `next`, then the successors' keys
-    near, nexts = pointer_neighbours(q1, pointers, k=k)
+    assert state.lookups == 1  # the matches' `next`; no key is read
+    near, nexts = pointer_neighbours(store, q1, pointers, k=k, state=state)
+    assert state.lookups == 2  # the engine scored every row's pointers (and read `next`)
     got = (
         knn_log_probs(
             torch.from_numpy(near.sq_distances),
@@ -165,13 +166,34 @@ def test_followed_pointers_equal_a_full_knn_over_the_same_candidates(
         d2 = ((keys[cand].astype(np.float64) - q1[i]) ** 2).sum(-1)
         ref = knn_probs(d2[None], values[cand][None], VOCAB, 2.0)[0]
         np.testing.assert_allclose(got[i], ref, atol=1e-5)
+        # the engine's float32 distances against float64 ones
         np.testing.assert_allclose(
             np.sort(near.sq_distances[i][: len(cand)]), np.sort(d2), rtol=1e-5
         )
-        # each pointer knows its own successor's value, so the next step needs one lookup
+        # the scoring read each pointer's own successor's value with it
         succ_next = [values[j + 1] if not last[j] else -1 for j in cand]
         assert sorted(nexts[i][: len(cand)].tolist()) == sorted(succ_next)
+        assert (nexts[i][len(cand) :] == -1).all()
     assert sum(len(p) for p in pointers) > 0  # the test followed something
+
+    # one step further: the pointers' `next` is known, so following needs no lookup
+    targets2 = np.array([1, 2, 3, 4])
+    further = follow(
+        store,
+        positions=np.arange(b) + 1,
+        point_ids=near.point_ids,
+        token_ids=near.token_ids,
+        nexts=nexts,
+        targets=targets2,
+        state=state,
+    )
+    for i in range(b):
+        cand = [j + 1 for j in idx[i] if values[j] == targets[i] and not last[j]]
+        want = [j + 1 for j in cand if values[j] == targets2[i] and not last[j]]
+        assert sorted(further[i].values.tolist()) == sorted(values[want].tolist())
+        named = store.retrieve(further[i].ids, with_keys=False, with_payload=False)
+        assert len(named) == len(want)  # every successor named exists
+    assert state.lookups == 2
     source.close()
     store.close()
 
@@ -251,6 +273,60 @@ def test_a_search_with_pointers_scores_the_union_as_a_full_knn_over_it(
     assert unions > 0 and widest > k  # some search was united with pointers
     assert state.united > 0 and state.added > 0  # and counted
     assert any(got_followed[0]) and not all(got_followed[0])
+    source.close()
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["edge", "local"])
+def test_pointers_the_store_lacks_do_not_count(
+    kind: str, tmp_path: Path, tiny_models, settings_factory
+) -> None:
+    """Successors named but not stored (as in a filtered copy) are left out of the scoring,
+    and the threshold counts only the stored ones: too few, and the position searches,
+    united with those it has."""
+    from knn_store.pointers import Pointers
+
+    source, docs = _filled(kind, tmp_path)
+    store = _open(kind, tmp_path, "linked")
+    copy_collection(source, store, successors=True)
+    h, keys, tokens = docs[0]
+    real = make_point_ids(h, np.arange(2), tokens[:2])
+    absent = make_point_ids(document_hash("dom", "never stored"), np.arange(2), np.arange(2))
+    pointers = Pointers(position=4, ids=[*real, *absent], values=np.array([*tokens[:2], 0, 1]))
+    query = keys[:1] + 0.1  # near the first stored pointer
+    k = 4
+    lm = load_language_model(settings_factory(tiny_models["gpt2"]))  # unused but for vocab
+    for pointer_min, follows in ((2, True), (3, False)):
+        knn_lm = KnnLM(
+            lm,
+            store,
+            k=k,
+            temperature=2.0,
+            policy=FixedLambda(0.5),
+            search=SearchOptions(exact=True),
+            window=16,
+            stride=8,
+            pointer_min=pointer_min,
+        )
+        state = PointerState(by_sequence={0: pointers})
+        found, nexts, searched, followed = knn_lm._pointer_step(
+            state, np.array([0]), np.array([5]), query, np.array([True])
+        )
+        assert followed.tolist() == [follows] and searched.tolist() == [not follows]
+        assert found.point_ids is not None
+        present = {str(i) for i in found.point_ids[0] if i is not None}
+        assert set(real) <= present and not present & set(absent)
+        searched_ids = store.search(query, k=k, options=SearchOptions(exact=True)).point_ids
+        assert searched_ids is not None
+        union = {str(i) for i in searched_ids[0]} | set(real)
+        assert present == (set(real) if follows else union)
+        ref = ((keys[:2].astype(np.float64) - query.astype(np.float64)) ** 2).sum(-1)
+        got = {str(i): d for i, d in zip(found.point_ids[0], found.sq_distances[0], strict=True)}
+        np.testing.assert_allclose([got[i] for i in real], ref, rtol=1e-5)
+        # the pointers' own `next` came with their scoring (the search's points: unknown)
+        next_of = {str(i): n for i, n in zip(found.point_ids[0], nexts[0], strict=True)}
+        assert [next_of[i] for i in real] == tokens[1:3].tolist()
+        assert all(next_of[i] == UNKNOWN for i in present - set(real))
     source.close()
     store.close()
 

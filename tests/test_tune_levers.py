@@ -75,10 +75,16 @@ def test_fitted_levers_are_the_brute_force_choice_and_eval_uses_them(
     cache = {"cache_weight": w_best, "cache_temperature": t_best}
     runs = {t: evaluate(pointer_min=t, **cache) for t in POINTER_THRESHOLDS if t <= 8}
     budget = best_nll + math.log1p(BUDGET / 100)
-    fits = {t: r for t, r in runs.items() if r[0] <= budget and r[1] > 0}
-    chosen = max(fits, key=lambda t: (fits[t][1], -fits[t][0]), default=0)
+    # tune walks down from the highest threshold and stops at the first over the budget;
+    # the lowest it passed that followed any pointer wins
+    walked = []
+    for t in sorted(runs, reverse=True):
+        walked.append(t)
+        if runs[t][0] > budget:
+            break
+    chosen = min((t for t in walked if runs[t][0] <= budget and runs[t][1] > 0), default=0)
     assert levers["pointer_min"] == chosen
-    assert [c["pointer_min"] for c in levers["pointer_candidates"]] == [0, *runs]
+    assert [c["pointer_min"] for c in levers["pointer_candidates"]] == [0, *sorted(walked)]
     for c in levers["pointer_candidates"][1:]:
         nll, saved = runs[c["pointer_min"]]
         assert c["searches_saved_share"] == pytest.approx(saved)

@@ -2,9 +2,9 @@
 their boundary.
 
 Qdrant types never leave a backend module: callers see ``Neighbours``, ``PointBatch``,
-``StoredPoint``, ``PointFilter`` and ``CollectionMeta`` only. ``KnnStore`` holds everything
-the two engines do alike (meta checks, the ef rule, record mapping, counting by facet); a
-backend implements the few ``_``-prefixed primitives below.
+``StoredPoint``, ``PointArrays``, ``PointFilter`` and ``CollectionMeta`` only. ``KnnStore``
+holds everything the two engines do alike (meta checks, the ef rule, record mapping, counting
+by facet); a backend implements the few ``_``-prefixed primitives below.
 """
 
 from __future__ import annotations
@@ -110,6 +110,22 @@ class StoredPoint:
     id: str
     key: np.ndarray | None  # float32 [dim]
     payload: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class PointArrays:
+    """Points read back by id as arrays, row i for the i-th id asked for (see
+    ``KnnStore.retrieve_arrays``).
+
+    found: bool [n], whether the point exists.
+    nexts: int64 [n], its ``next`` payload field; -1 where it has none or is not found.
+    """
+
+    found: np.ndarray
+    nexts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.found)
 
 
 @dataclass(frozen=True)
@@ -271,6 +287,12 @@ def _said(flag: str, value: Any) -> str:
     return _typed(flag, value) or f"no {flag} (the default)"
 
 
+def int_field(payload: dict[str, Any] | None, field: str) -> int:
+    """An integer payload field; -1 where the payload lacks it or holds something else."""
+    value = (payload or {}).get(field, -1)
+    return int(value) if isinstance(value, int) else -1
+
+
 def neighbours_from_hits(
     ids: Sequence[Sequence[object]], scores: Sequence[Sequence[float]], *, k: int
 ) -> Neighbours:
@@ -279,10 +301,23 @@ def neighbours_from_hits(
     A non-finite or negative score (a damaged vector) becomes a missing neighbour, so the
     kNN distribution never sees NaN.
     """
+    return _rows_from_hits(ids, scores, None, k=k)[0]
+
+
+def _rows_from_hits(
+    ids: Sequence[Sequence[object]],
+    scores: Sequence[Sequence[float]],
+    nexts: Sequence[Sequence[int]] | None,
+    *,
+    k: int,
+) -> tuple[Neighbours, np.ndarray]:
+    """``neighbours_from_hits``, carrying each hit's ``next`` value (``nexts``, in the hits'
+    order) along: int64 [b, k], -1 where missing (all -1 without ``nexts``)."""
     b = len(ids)
     token_ids = np.full((b, k), -1, dtype=np.int64)
     sq_distances = np.full((b, k), np.inf, dtype=np.float32)
     point_ids = np.full((b, k), None, dtype=object)
+    next_values = np.full((b, k), -1, dtype=np.int64)
     counts = np.fromiter((len(row) for row in ids), dtype=np.int64, count=b)  # [b]
     if counts.sum():
         mask = np.arange(k)[None, :] < counts[:, None]  # [b, k], True where a hit exists
@@ -291,9 +326,12 @@ def neighbours_from_hits(
         point_ids[mask] = flat_ids
         dist = np.fromiter((s for row in scores for s in row), dtype=np.float64)
         sq_distances[mask] = (dist * dist).astype(np.float32)
+        if nexts is not None:
+            next_values[mask] = np.fromiter((n for row in nexts for n in row), dtype=np.int64)
         bad = ~np.isfinite(sq_distances) & mask  # [b, k]
         if bad.any():
             token_ids[bad], sq_distances[bad], point_ids[bad] = -1, np.inf, None
+            next_values[bad] = -1
         # Rows must ascend (the nearest first): a row where a damaged vector was dropped does
         # not, nor do quantized scores that are not distances (unrescored binary codes).
         # Equal distances come in the order the engine met them, which differs between the
@@ -306,7 +344,9 @@ def neighbours_from_hits(
             token_ids[rows] = np.take_along_axis(token_ids[rows], order, 1)
             sq_distances[rows] = np.take_along_axis(sq_distances[rows], order, 1)
             point_ids[rows] = np.take_along_axis(point_ids[rows], order, 1)
-    return Neighbours(token_ids=token_ids, sq_distances=sq_distances, point_ids=point_ids)
+            next_values[rows] = np.take_along_axis(next_values[rows], order, 1)
+    found = Neighbours(token_ids=token_ids, sq_distances=sq_distances, point_ids=point_ids)
+    return found, next_values
 
 
 class KnnStore(abc.ABC):
@@ -432,6 +472,50 @@ class KnnStore(abc.ABC):
     ) -> tuple[list[list[Any]], list[list[float]]]:
         """Per query, the ids and plain L2 scores of its hits, nearest first."""
 
+    def score_ids(
+        self, queries: np.ndarray, ids: Sequence[Sequence[Any]], *, k: int
+    ) -> tuple[Neighbours, np.ndarray]:
+        """Each query's neighbours among the points named for it: row i of ``queries``
+        (float32 [b, dim]) against the points ``ids[i]`` only, as an exact search restricted
+        to them reports them (the engine's squared L2 to the original keys, whatever the
+        quantization; ascending, ties by token; the k nearest, padded to k), with each
+        one's ``next`` payload field.
+
+        Pointer following scores the successors it followed this way: one batched engine
+        request for all rows; no key crosses into Python, and of the payload only ``next``
+        (what following them one step further needs). Ids are as ``Neighbours.point_ids``
+        holds them, or their text; one that does not exist is missing from its row, a
+        repeated one counts once, and an empty row stays empty.
+
+        Returns:
+            ``Neighbours`` [b, k] with point ids, and their ``next`` values int64 [b, k]
+            (-1 where a point has none, or where there is no point).
+        """
+        if k < 1:
+            raise ValueError(f"`k` must be positive, got {k}")
+        if len(ids) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(ids)} rows of ids")
+        b = len(queries)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        rows = np.fromiter((i for i, row in enumerate(ids) if len(row)), dtype=np.int64)  # [r]
+        if len(rows) == 0 or self._meta is None:
+            return Neighbours.empty(b, k), np.full((b, k), -1, dtype=np.int64)
+        hits, scores, nexts = self._score_ids(queries[rows], [ids[r] for r in rows], k=k)
+        found, next_values = _rows_from_hits(hits, scores, nexts, k=k)
+        if len(rows) == b:
+            return found, next_values
+        every = np.full((b, k), -1, dtype=np.int64)
+        every[rows] = next_values
+        return found.scatter(rows, b), every
+
+    @abc.abstractmethod
+    def _score_ids(
+        self, queries: np.ndarray, ids: list[Sequence[Any]], *, k: int
+    ) -> tuple[list[list[Any]], list[list[float]], list[list[int]]]:
+        """Per query, the ids, plain L2 scores and ``next`` fields (-1 where absent) of its
+        hits among its own ids (each row non-empty), nearest first, from the original keys:
+        one batched request that reads ``next`` only of the payload."""
+
     def retrieve(
         self, ids: Sequence[Any], *, with_keys: bool, with_payload: bool | list[str]
     ) -> dict[str, StoredPoint]:
@@ -454,6 +538,50 @@ class KnnStore(abc.ABC):
     ) -> list[Any]:
         """Engine records (``.id``, ``.vector``, ``.payload``) of the points that exist."""
 
+    def retrieve_arrays(self, ids: Sequence[Any]) -> PointArrays:
+        """The ``next`` field of points by id (as ``Neighbours.point_ids`` holds them, or
+        their text), in one batched lookup that reads no key.
+
+        The bulk form of ``retrieve`` that pointer following reads with: arrays in the order
+        of ``ids`` rather than an object per point, and only the ``next`` field of the
+        payload. An id may repeat; one that does not exist reads as not found.
+        """
+        n = len(ids)
+        found = np.zeros(n, dtype=bool)  # [n]
+        nexts = np.full(n, -1, dtype=np.int64)  # [n]
+        if n == 0 or self._meta is None:
+            return PointArrays(found, nexts)
+        records = self._retrieve(list(ids), with_keys=False, with_payload=[NEXT_FIELD])
+        # the engine may reorder, drop the missing and merge repeats: match records by id
+        record_of = {str(r.id): j for j, r in enumerate(records)}
+        src = np.fromiter((record_of.get(str(i), -1) for i in ids), dtype=np.int64, count=n)
+        found = src >= 0  # [n]
+        src = src[found]  # [f], the record of each found id
+        record_nexts = np.fromiter(
+            (int_field(r.payload, NEXT_FIELD) for r in records), dtype=np.int64, count=len(records)
+        )  # [m]
+        nexts[found] = record_nexts[src]
+        return PointArrays(found, nexts)
+
+    def _record_keys(self, records: Sequence[Any], *, what: str) -> np.ndarray:
+        """float32 [m, dim]: the keys of engine records read with their vectors, as one array;
+        ``StoreDamaged`` where the engine lost one or returns the wrong shape."""
+        assert self._meta is not None
+        vectors = [r.vector for r in records]  # each read converts anew: read once
+        missing = sum(1 for v in vectors if not isinstance(v, (list, np.ndarray)))
+        if missing:  # the engine lost the key of a point it still lists
+            raise StoreDamaged(
+                f"collection {self.name!r} has {missing:,} points without a key in "
+                f"{what}: its key files are damaged"
+            )
+        keys = np.asarray(vectors, dtype=np.float32)  # [m, dim]
+        if keys.ndim != 2 or keys.shape[1] != self._meta.dim:
+            raise StoreDamaged(
+                f"collection {self.name!r} returned keys of shape {keys.shape}, "
+                f"expected [n, {self._meta.dim}]"
+            )
+        return keys
+
     def scroll(
         self,
         *,
@@ -470,18 +598,7 @@ class KnnStore(abc.ABC):
                 filter=filter or PointFilter(), limit=batch, offset=offset
             )
             if records:
-                missing = sum(1 for r in records if not isinstance(r.vector, (list, np.ndarray)))
-                if missing:  # the engine lost the key of a point it still lists
-                    raise StoreDamaged(
-                        f"collection {self.name!r} has {missing:,} points without a key in "
-                        "one page of its points: its key files are damaged"
-                    )
-                keys = np.asarray([r.vector for r in records], dtype=np.float32)
-                if keys.ndim != 2 or keys.shape[1] != self._meta.dim:
-                    raise StoreDamaged(
-                        f"collection {self.name!r} returned keys of shape {keys.shape}, "
-                        f"expected [n, {self._meta.dim}]"
-                    )
+                keys = self._record_keys(records, what="one page of its points")
                 points = PointBatch(
                     ids=[str(r.id) for r in records],
                     keys=keys,

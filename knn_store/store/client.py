@@ -14,7 +14,7 @@ import ssl
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,10 +34,12 @@ from knn_store.store.base import (
     DOMAIN_FIELD,
     FACET_LIMIT,
     INDEXED_FIELDS,
+    NEXT_FIELD,
     CollectionMeta,
     KnnStore,
     PointBatch,
     PointFilter,
+    int_field,
 )
 from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
 from knn_store.store.records import seal, unseal
@@ -471,6 +473,38 @@ class QdrantClientStore(KnnStore):
         return [[p.id for p in r.points] for r in results], [
             [p.score for p in r.points] for r in results
         ]
+
+    def _score_ids(
+        self, queries: np.ndarray, ids: list[Sequence[Any]], *, k: int
+    ) -> tuple[list[list[Any]], list[list[float]], list[list[int]]]:
+        from qdrant_client import models
+
+        assert self._meta is not None
+        params = None  # local mode scans the original keys, and warns about params
+        if not self.local:
+            quantization = None
+            if self._meta.storage.quantization != "none":
+                quantization = models.QuantizationSearchParams(ignore=True)  # the originals
+            params = models.SearchParams(exact=True, quantization=quantization)
+        requests = [
+            models.QueryRequest(
+                query=query.tolist(),
+                limit=min(k, len(row)),
+                params=params,
+                filter=models.Filter(must=[models.HasIdCondition(has_id=[str(i) for i in row])]),
+                with_payload=[NEXT_FIELD],
+                with_vector=False,
+            )
+            for query, row in zip(queries, ids, strict=True)
+        ]
+        results = self._call(
+            "score points", self._client.query_batch_points, self.name, requests=requests
+        )
+        return (
+            [[p.id for p in r.points] for r in results],
+            [[p.score for p in r.points] for r in results],
+            [[int_field(p.payload, NEXT_FIELD) for p in r.points] for r in results],
+        )
 
     def _retrieve(
         self, ids: list[Any], *, with_keys: bool, with_payload: bool | list[str]

@@ -16,7 +16,7 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,10 +34,12 @@ from knn_store.store.base import (
     DOMAIN_FIELD,
     FACET_LIMIT,
     INDEXED_FIELDS,
+    NEXT_FIELD,
     CollectionMeta,
     KnnStore,
     PointBatch,
     PointFilter,
+    int_field,
 )
 from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
 from knn_store.store.records import seal, unseal
@@ -326,6 +328,30 @@ class EdgeStore(KnnStore):
         return [[p.id for p in hits] for hits in results], [
             [p.score for p in hits] for hits in results
         ]
+
+    def _score_ids(
+        self, queries: np.ndarray, ids: list[Sequence[Any]], *, k: int
+    ) -> tuple[list[list[Any]], list[list[float]], list[list[int]]]:
+        shard = self._require_shard()
+        exact = SearchOptions(exact=True)
+        params = qe.SearchParams(exact=True, quantization=self._quantization(exact))
+        requests = [
+            qe.QueryRequest(
+                limit=min(k, len(row)),
+                query=qe.Query.Nearest(query),
+                filter=qe.Filter(must=[qe.HasIdCondition(set(row))]),
+                with_payload=[NEXT_FIELD],
+                with_vector=False,
+                params=params,
+            )
+            for query, row in zip(queries, ids, strict=True)
+        ]
+        results = self._call("score points", shard.query_batch, qe.QueryBatchRequest(requests))
+        return (
+            [[p.id for p in hits] for hits in results],
+            [[p.score for p in hits] for hits in results],
+            [[int_field(p.payload, NEXT_FIELD) for p in hits] for hits in results],
+        )
 
     def _quantization(self, options: SearchOptions) -> qe.QuantizationSearchParams | None:
         assert self._meta is not None

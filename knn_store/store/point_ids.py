@@ -93,10 +93,32 @@ def successor_ids(ids: Sequence[object], next_tokens: np.ndarray) -> list[str]:
     """The ids of the successors of points ``ids`` [n], whose successors' values are
     ``next_tokens`` (int [n], each >= 0): same document, position + 1."""
     doc, position, _ = id_parts(ids)
-    if len(doc) != len(next_tokens):
+    tokens = np.asarray(next_tokens)
+    if len(doc) != len(tokens):
         raise ValueError("`ids` and `next_tokens` must have the same length")
-    out = np.empty(len(doc), dtype=object)  # [n]
-    for d in np.unique(doc):  # make_point_ids is vectorised per document
-        rows = np.flatnonzero(doc == d)
-        out[rows] = make_point_ids(int(d), position[rows] + 1, np.asarray(next_tokens)[rows])
-    return out.tolist()
+    if not len(doc):
+        return []
+    following = position + 1  # [n]
+    if following.max() > _MASK32:  # the checks of make_point_ids
+        raise ValueError("positions must fit in 32 bits")
+    if tokens.min() < 0 or tokens.max() > _MASK32:
+        raise ValueError("token ids must fit in 32 bits")
+    low = (following.astype(np.uint64) << np.uint64(32)) | tokens.astype(np.uint64)  # [n]
+    return _uuid_texts(doc, low)
+
+
+_HEX_DIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+# where the 32 hex digits go in the 36 characters of "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx"
+_DIGIT_COLUMNS = np.array([c for c in range(36) if c not in (8, 13, 18, 23)])
+
+
+def _uuid_texts(high: np.ndarray, low: np.ndarray) -> list[str]:
+    """UUID strings of the 128-bit ids ``high << 64 | low`` (uint64 [n] each), as
+    ``str(uuid.UUID(int=...))`` writes them, built for all n at once."""
+    n = len(high)
+    words = np.stack([high, low], axis=1).astype(">u8")  # [n, 2], most significant byte first
+    octets = words.view(np.uint8).reshape(n, 16)  # [n, 16]
+    nibbles = np.stack([octets >> 4, octets & 15], axis=-1).reshape(n, 32)  # [n, 32]
+    text = np.full((n, 36), ord("-"), dtype=np.uint8)  # [n, 36] ASCII
+    text[:, _DIGIT_COLUMNS] = _HEX_DIGITS[nibbles]
+    return text.view("S36").ravel().astype("U36").tolist()

@@ -47,7 +47,6 @@ if TYPE_CHECKING:
     import torch
 
     from knn_store.explain import TokenExplanation
-    from knn_store.gate import RetrievalGate
     from knn_store.generation import Sampling, Step
     from knn_store.knn_lm import KnnLM
     from knn_store.session import Session
@@ -138,12 +137,19 @@ class BatchStats:
     tokens: Counter[str] = field(default_factory=Counter)  # positions scored, tokens generated
     searched: Counter[str] = field(default_factory=Counter)  # positions searched
     skipped: Counter[str] = field(default_factory=Counter)  # positions the gate did not search
+    followed: Counter[str] = field(default_factory=Counter)  # served by pointers, no search
 
-    def count_searches(self, kind: str, searched: torch.Tensor) -> None:
-        """Tally the gate's decisions, a bool tensor [m] (True: searched) of one call."""
+    def count_searches(
+        self, kind: str, searched: torch.Tensor, followed: torch.Tensor | None = None
+    ) -> None:
+        """Tally one call's positions: bool tensors [m], True where searched, and where
+        scored from followed pointers instead (None: pointer following off); the rest the
+        gate skipped."""
         n = int(searched.sum())
+        f = 0 if followed is None else int(followed.sum())
         self.searched[kind] += n
-        self.skipped[kind] += len(searched) - n
+        self.followed[kind] += f
+        self.skipped[kind] += len(searched) - n - f
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -513,7 +519,7 @@ class Batcher:
         for scored in runner.score([job.ids for job in batch], full=explain):
             self.stats.lm_forwards += scored.lm.forwards
             self.stats.tokens[batch[0].kind] += len(scored)
-            self.stats.count_searches(batch[0].kind, scored.searched)
+            self.stats.count_searches(batch[0].kind, scored.searched, scored.followed)
             sequence = scored.lm.sequence  # [m], index into the batch
             if explain:
                 top, neighbours = batch[0].args
@@ -549,6 +555,13 @@ class Batcher:
             got[row].append(step.token)
             # counted here, not after decode: the row's answer may go out with this token
             self.stats.tokens["complete"] += 1
+            if step.searched is not None:  # a kNN-LM step: searched, followed or skipped
+                counter = (
+                    self.stats.searched
+                    if step.searched
+                    else (self.stats.followed if step.followed else self.stats.skipped)
+                )
+                counter["complete"] += 1
             if len(got[row]) > steps:  # the first row to report a step: one more forward
                 steps = len(got[row])
                 self.stats.lm_forwards += 1
@@ -576,9 +589,8 @@ class Batcher:
             log.warning("sampling failed for one request of a batch: %s", error)
             _settle(batch[row].future, error=error)
 
-        knn_lm = self.session.knn_lm  # its gate tallies, as decode does not report searches
         out = decode(
-            knn_lm.with_options(gate=_TalliedGate(knn_lm.gate, self.stats)),
+            self.session.knn_lm,
             [job.ids for job in batch],
             [job.args for job in batch],
             on_token=on_token,
@@ -587,25 +599,6 @@ class Batcher:
         )
         for job, tokens in zip(batch, out, strict=True):
             _settle(job.future, result=tokens)
-
-
-class _TalliedGate:
-    """A kNN-LM's retrieval gate (None: search everywhere) that counts its decisions into
-    ``stats`` as ``complete`` searches, for GET /metrics; it decides exactly as the gate."""
-
-    def __init__(self, gate: RetrievalGate | None, stats: BatchStats) -> None:
-        self.gate = gate
-        self.stats = stats
-
-    def __call__(self, lm_entropy: torch.Tensor, lm_max_log_prob: torch.Tensor) -> torch.Tensor:
-        import torch
-
-        if self.gate is None:
-            searched = torch.ones(len(lm_entropy), dtype=torch.bool, device=lm_entropy.device)
-        else:
-            searched = self.gate(lm_entropy, lm_max_log_prob)
-        self.stats.count_searches("complete", searched)
-        return searched
 
 
 def _token_scores(parts: list[tuple[np.ndarray, ...]]) -> TokenScores:

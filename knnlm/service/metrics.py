@@ -23,9 +23,10 @@ Metrics (label sets in braces; every counter also has Prometheus' ``_created``):
   batcher's ``requests``, ``batches`` and ``lm_forwards``;
 - ``knnlm_batch_jobs{kind}`` and ``knnlm_batch_rows{kind}`` histograms: jobs per batch, and
   windows (``score``, ``explain``) or prompts (``complete``) per batch;
-- ``knnlm_searches_total{kind}`` and ``knnlm_searches_skipped_total{kind}`` counters: positions
-  searched, and positions the retrieval gate decided not to search; the skipped share is
-  ``rate(skipped) / (rate(searches) + rate(skipped))``;
+- ``knnlm_searches_total{kind}``, ``knnlm_searches_skipped_total{kind}`` and
+  ``knnlm_searches_followed_total{kind}`` counters: positions searched, positions the
+  retrieval gate decided not to search, and positions scored from followed pointers (pointer
+  following on); the saved share is ``(rate(skipped) + rate(followed)) / rate(all three)``;
 - ``knnlm_tokens_scored_total{kind}`` (``score``, ``explain``) and
   ``knnlm_tokens_generated_total`` counters: tokens/s is their ``rate()``;
 - ``knnlm_worker_busy_seconds_total`` counter: the worker's time inside batches.
@@ -131,6 +132,7 @@ class BatcherCollector(Collector):
         # copies: the worker thread adds keys meanwhile (a dict copy is one step under the GIL)
         shapes = dict(stats.shapes)  # (kind, jobs, rows) -> batches
         tokens, searched, skipped = dict(stats.tokens), dict(stats.searched), dict(stats.skipped)
+        followed = dict(stats.followed)
         kinds = sorted(set(KINDS) | {kind for kind, _, _ in shapes})
 
         yield GaugeMetricFamily(
@@ -167,6 +169,9 @@ class BatcherCollector(Collector):
             ("knnlm_searches", "Positions searched in the datastore, by job kind.", searched),
             ("knnlm_searches_skipped",
              "Positions the retrieval gate decided not to search, by job kind.", skipped),
+            ("knnlm_searches_followed",
+             "Positions scored from followed pointers (RetoMaton) instead of a search.",
+             followed),
         ):  # fmt: skip
             family = CounterMetricFamily(name, doc, labels=["kind"])
             for kind in kinds:

@@ -126,10 +126,17 @@ class TokenExplanation(BaseModel):
     lm_prob: float
     knn_prob: float
     lmbda: float
-    searched: bool
+    searched: bool = Field(description="False where the gate skipped it or pointers served.")
     lm_top: list[tuple[str, float]]
     knn_top: list[tuple[str, float]]
     neighbours: list[Neighbour]
+    followed: bool = Field(
+        default=False, description="Scored from pointers the last token left, no search."
+    )
+    cache_prob: float | None = Field(
+        default=None, description="The document cache's p(token); null with the cache off."
+    )
+    cache_weight: float = Field(default=0.0, description="The cache's weight in `prob`.")
 
 
 class ExplainResponse(BaseModel):
