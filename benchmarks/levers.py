@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import sysconfig
@@ -147,7 +148,19 @@ def main() -> None:
             knnlm(env, linked, report, "eval", splits["test"], *glob, *flags)
         rows.append((label, flags, json.loads(report.read_text())))
     tune = json.loads(tune_report.read_text())
-    write_table(out, args, rows, tune, json.loads((work / "splits.json").read_text()))
+    write_table(out, args, work, rows, tune, json.loads((work / "splits.json").read_text()))
+
+
+def env_shown(args: argparse.Namespace, work: Path) -> dict[str, str]:
+    """The settings every command of a run gets through the environment (paths relative)."""
+    return {
+        "KNNLM_DATA_DIR": relative(str(work / "data")),
+        "KNNLM_WINDOW": str(args.window),
+        "KNNLM_STRIDE": str(args.stride),
+        "KNNLM_TOP_K": str(args.top_k),
+        "KNNLM_EXACT": "true",
+        "KNNLM_KEY_TYPE": "ffn_input",
+    }
 
 
 def slug(label: str) -> str:
@@ -159,7 +172,7 @@ def knnlm(env: dict[str, str], collection: str, report: Path | None, *args: str)
     command = [str(ROOT / ".venv/bin/knnlm"), *args, "--collection", collection, "-q"]
     if report is not None:
         command.append("--json")
-    shown = [relative(a) if a.startswith("/") else a for a in command[1:]]
+    shown = [relative(a) if a.startswith("/") else shlex.quote(a) for a in command[1:]]
     print("$ knnlm", " ".join(shown), file=sys.stderr, flush=True)
     started = time.perf_counter()
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True, check=True)
@@ -171,8 +184,12 @@ def knnlm(env: dict[str, str], collection: str, report: Path | None, *args: str)
     return data
 
 
-def write_table(out: Path, args: argparse.Namespace, rows: list, tune: dict, splits: dict) -> None:
+def write_table(
+    out: Path, args: argparse.Namespace, work: Path, rows: list, tune: dict, splits: dict
+) -> None:
     tokens = splits["tokens"]
+    linked = tune["collection"]
+    source = linked.removesuffix("-succ")
     first = rows[0][2]
     lines = [
         f"# Levers of issue 16 on {args.corpus}",
@@ -181,7 +198,10 @@ def write_table(out: Path, args: argparse.Namespace, rows: list, tune: dict, spl
         f"{args.top_k}, exact search, window {args.window} / stride {args.stride}. Fitted on "
         f"{tokens['validation']:,} validation tokens; reported on {first['tokens']:,} test "
         f"tokens. Base LM: test perplexity {first['base_perplexity']:.3f}, top-1 "
-        f"{first['base_top1']:.4f}.",
+        f"{first['base_top1']:.4f}. Every eval uses the policy `tune` saved "
+        f"(`{tune.get('saved', args.save)}`) with its T; throughput is LM seconds over LM plus "
+        "retrieval seconds within each eval, a lower bound (retrieval overlaps the next "
+        "forward).",
         "",
         "| configuration | test ppl | change vs base | top-1 | searches saved | "
         "kNN-LM / LM throughput |",
@@ -214,8 +234,11 @@ def write_table(out: Path, args: argparse.Namespace, rows: list, tune: dict, spl
                 }
             ),
         ]
-    lines += ["", "Commands (from the repository root):", ""]
-    lines += ["```", f"python benchmarks/levers.py {args.corpus}"]
+    lines += ["", "Commands (from the repository root; `levers.py` runs the others with the"]
+    lines += ["environment of its second line):", "", "```"]
+    lines += [f"python benchmarks/levers.py {args.corpus}"]
+    lines += [" ".join(f"{k}={v}" for k, v in sorted(env_shown(args, work).items()))]
+    lines += [f"knnlm rebuild --to-collection {linked} --successors --collection {source}"]
     lines += [tune["command"], *(e["command"] for _, _, e in rows), "```", ""]
     (out / "results.md").write_text("\n".join(lines))
     print("\n".join(lines))

@@ -117,6 +117,9 @@ class _Blind:
             return torch.full((len(features.sq_distances),), 0.99)
         return torch.where(self.wrong, 0.99, 0.0)
 
+    def temperatures(self, features: Any, base: float) -> float:
+        return base  # one global T, as every policy but learned-t
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": "fixed", "lambda": 0.99}
 
