@@ -30,7 +30,7 @@ import torch
 from transformers import LogitsProcessor
 
 from knn_store.errors import ConfigError
-from knn_store.knn_lm import DecodeMemory, KnnLM, lm_summary
+from knn_store.knn_lm import DecodeMemory, KnnLM
 from knn_store.lm import KeyCapture
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -216,15 +216,13 @@ def decode(
             searched = np.zeros(b, dtype=bool)  # [b], the rows whose step searched
             if len(knn_rows):  # one batched search for every row that wants retrieval
                 index = torch.from_numpy(knn_rows).to(log_probs.device)
-                if on_token is not None:  # the gate's decision, reported per step
-                    allowed = knn_lm.search_mask(*lm_summary(log_probs[index])).cpu().numpy()
-                    searched[knn_rows] = allowed
                 if memory is None:
-                    log_probs[index] = knn_lm.next_token_log_probs(log_probs[index], keys[index])
+                    mixed, gated = knn_lm.next_token(log_probs[index], keys[index])
+                    searched[knn_rows] = gated.cpu().numpy()
                 else:
-                    log_probs[index] = knn_lm.step_log_probs(
-                        memory, knn_rows, log_probs[index], keys[index]
-                    )
+                    mixed = knn_lm.step_log_probs(memory, knn_rows, log_probs[index], keys[index])
+                    searched[knn_rows] = memory.searched[knn_rows]
+                log_probs[index] = mixed
             log_probs = log_probs.cpu()
             came = np.full(b, -1, dtype=np.int64)  # the token each row drew (-1: none)
             top_values = top_ids = None
@@ -257,7 +255,7 @@ def decode(
                         float(log_probs[row, token]),
                         top,
                         followed,
-                        bool(searched[row]) and not followed if wants_knn[row] else None,
+                        bool(searched[row]) if wants_knn[row] else None,
                     )
                     go_on = on_token(int(row), reported) is not False
                 if not go_on or token in stop or len(out[row]) >= sampling[row].max_new_tokens:

@@ -109,6 +109,7 @@ class DecodeMemory:
     pointers: PointerState | None  # None: pointer following off
     cache: CacheState | None  # None: no document cache
     followed: np.ndarray  # bool [b], whether each row's last step followed pointers
+    searched: np.ndarray  # bool [b], whether each row's last step searched the datastore
     pending: _PendingFollow | None = None  # the last step's, until ``advance``
     cache_rows: np.ndarray | None = None  # the rows the last step put into the cache
 
@@ -337,12 +338,24 @@ class KnnLM:
         """The kNN-LM's log p over the vocabulary, float [b, V], from the LM's log p [b, V]
         and the keys [b, dim] of the same positions (generation's step). A position the gate
         skips keeps the LM's distribution exactly."""
+        return self.next_token(lm_log_probs, keys, use_gate=use_gate)[0]
+
+    def next_token(
+        self, lm_log_probs: torch.Tensor, keys: torch.Tensor, *, use_gate: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``next_token_log_probs`` [b, V] and the bool [b] mask of the positions searched
+        (False where the gate skipped), for a caller that reports them."""
         entropy, max_log_prob = lm_summary(lm_log_probs)
-        searched = self.search_mask(entropy, max_log_prob) if use_gate else None
-        if searched is not None and not searched.any():
-            return lm_log_probs
-        neighbours = self.neighbours(keys, searched=searched)
-        return self._mix_neighbours(lm_log_probs, neighbours, entropy, max_log_prob, searched)
+        searched = (
+            self.search_mask(entropy, max_log_prob)
+            if use_gate
+            else torch.ones(len(lm_log_probs), dtype=torch.bool, device=lm_log_probs.device)
+        )
+        if not searched.any():
+            return lm_log_probs, searched
+        neighbours = self.neighbours(keys, searched=None if searched.all() else searched)
+        mixed = self._mix_neighbours(lm_log_probs, neighbours, entropy, max_log_prob, searched)
+        return mixed, searched
 
     def _mix_neighbours(
         self,
@@ -384,6 +397,7 @@ class KnnLM:
             pointers=PointerState() if self.pointer_min else None,
             cache=CacheState() if self.cache is not None else None,
             followed=np.zeros(len(prompt_lengths), dtype=bool),
+            searched=np.zeros(len(prompt_lengths), dtype=bool),
         )
 
     def read_prompts(
@@ -449,7 +463,8 @@ class KnnLM:
         rows = np.asarray(rows, dtype=np.int64)
         state = memory.pointers
         if state is None:
-            mixed = self.next_token_log_probs(lm_log_probs, keys, use_gate=use_gate)
+            mixed, searched = self.next_token(lm_log_probs, keys, use_gate=use_gate)
+            memory.searched[rows] = searched.cpu().numpy()
         else:
             entropy, max_log_prob = lm_summary(lm_log_probs)
             allowed = (
@@ -463,6 +478,7 @@ class KnnLM:
             neighbours, nexts, _, followed = self._pointer_step(state, rows, position, queries, ok)
             memory.pending = _PendingFollow(rows, position, neighbours, nexts, ok)
             memory.followed[rows] = followed
+            memory.searched[rows] = ok & ~followed
             if self.policy.needs_cosine:
                 neighbours = replace(neighbours, cosine=self._nearest_cosine(queries, neighbours))
             mixed = self._mix_neighbours(lm_log_probs, neighbours, entropy, max_log_prob, allowed)

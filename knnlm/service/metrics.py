@@ -26,7 +26,9 @@ Metrics (label sets in braces; every counter also has Prometheus' ``_created``):
 - ``knnlm_searches_total{kind}``, ``knnlm_searches_skipped_total{kind}`` and
   ``knnlm_searches_followed_total{kind}`` counters: positions searched, positions the
   retrieval gate decided not to search, and positions scored from followed pointers (pointer
-  following on); the saved share is ``(rate(skipped) + rate(followed)) / rate(all three)``;
+  following on); the saved share is ``(rate(skipped) + rate(followed)) / rate(all three)``.
+  For ``complete`` they count generated tokens; the prompt walk that pointer following makes
+  before the first token is not counted;
 - ``knnlm_tokens_scored_total{kind}`` (``score``, ``explain``) and
   ``knnlm_tokens_generated_total`` counters: tokens/s is their ``rate()``;
 - ``knnlm_worker_busy_seconds_total`` counter: the worker's time inside batches.
