@@ -327,6 +327,18 @@ def _mlp(stack: list[torch.nn.Linear], h: torch.Tensor) -> torch.Tensor:
     return h.squeeze(-1)
 
 
+def _mixed_nll(s: torch.Tensor, lm: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+    """Mean NLL of lambda = sigmoid(s) mixing log p_LM and log p_kNN (float [m] each):
+    log(lambda) = logsigmoid(s), log(1 - lambda) = logsigmoid(-s)."""
+    logsigmoid = torch.nn.functional.logsigmoid
+    return -torch.logaddexp(logsigmoid(-s) + lm, logsigmoid(s) + knn).mean()
+
+
+def _decay(layers: list[torch.nn.Linear], weight_decay: float) -> torch.Tensor:
+    """The L2 penalty on the layers' weights."""
+    return weight_decay * torch.stack([layer.weight.pow(2).sum() for layer in layers]).sum()
+
+
 def fit_learned(
     data: TuningData,
     temperature: float,
@@ -368,12 +380,7 @@ def fit_learned(
 
     def closure() -> torch.Tensor:
         optim.zero_grad()
-        s = _mlp(layers, z)
-        # log(lambda) = logsigmoid(s), log(1 - lambda) = logsigmoid(-s)
-        nll = -torch.logaddexp(
-            torch.nn.functional.logsigmoid(-s) + lm, torch.nn.functional.logsigmoid(s) + knn
-        ).mean()
-        loss = nll + weight_decay * sum(layer.weight.pow(2).sum() for layer in layers)
+        loss = _mixed_nll(_mlp(layers, z), lm, knn) + _decay(layers, weight_decay)
         loss.backward()
         return loss
 
@@ -452,10 +459,7 @@ def fit_learned_temperature(
         knn, slope = data.knn_log_probs_and_slope(temps)  # [n] each, no graph
         # value log p_kNN, gradient d log p_kNN / d g: first order is all L-BFGS uses
         knn = (knn + (g - g.detach()) * slope)[has]
-        nll = -torch.logaddexp(
-            torch.nn.functional.logsigmoid(-s) + lm, torch.nn.functional.logsigmoid(s) + knn
-        ).mean()
-        loss = nll + weight_decay * sum(layer.weight.pow(2).sum() for layer in layers)
+        loss = _mixed_nll(s, lm, knn) + _decay(layers, weight_decay)
         loss.backward()
         return loss
 
