@@ -753,10 +753,11 @@ def main() -> None:
         asyncio.run(wait_ready(base, proc, args.startup_timeout, log))
         every = [*(p for plan in plans for p in plan), *hostile_plan, *sigterm_plan]
         asyncio.run(solo_answers(base, headers, checker, every))
-        for clients, plan in zip(args.levels, plans, strict=True):
+
+        def measure(kind: str, clients: int, plan: Any) -> None:
             level = asyncio.run(
                 run_level(
-                    "clean",
+                    kind,
                     base,
                     headers,
                     clients,
@@ -769,22 +770,11 @@ def main() -> None:
             )
             levels.append(level)
             print(f"{args.label}: {level.to_dict()}", file=sys.stderr)
+
+        for clients, plan in zip(args.levels, plans, strict=True):
+            measure("clean", clients, plan)
         if args.hostile_clients:
-            level = asyncio.run(
-                run_level(
-                    "hostile",
-                    base,
-                    headers,
-                    args.hostile_clients,
-                    hostile_plan,
-                    checker,
-                    hostile,
-                    args.disconnect_events,
-                    args.max_completion_tokens,
-                )
-            )
-            levels.append(level)
-            print(f"{args.label}: {level.to_dict()}", file=sys.stderr)
+            measure("hostile", args.hostile_clients, hostile_plan)
         if args.sigterm_requests:
             exit_timeout = (shutdown_timeout or args.shutdown_timeout) + 60
             level, shutdown = asyncio.run(
