@@ -116,12 +116,19 @@ class KnnlmSettings(BaseSettings):
         "private CA or a self-signed certificate), over REST and gRPC. Default: the system's "
         "trusted CAs (REST also honours SSL_CERT_FILE).",
     )
-    timeout: int = Field(default=60, ge=1, le=86_400, description="Server request timeout, s.")
+    timeout: int = Field(
+        default=60,
+        ge=1,
+        le=86_400,
+        description="Seconds to wait for a Qdrant server: a call and its retries give up "
+        "together after this long without an answer.",
+    )
     retries: int = Field(
         default=3,
         ge=0,
         le=20,
-        description="Retries, with backoff, of a server call that got no answer.",
+        description="Retries, with backoff, of a server call that got no answer (all within "
+        "--timeout).",
     )
 
     # --- how a new collection stores its keys (fixed at creation; `knnlm rebuild` changes it)

@@ -137,6 +137,15 @@ def settings_from(
     of a copy is ``--to-collection``), for error messages.
     """
     given = {k: v for k, v in params.items() if k in KnnlmSettings.model_fields and v is not None}
+    backend = given.get("backend")
+    if backend is not None and backend != "qdrant":  # both said on this command line
+        for field in ("url", "prefer_grpc", "ca_cert"):
+            if given.get(field):
+                flag = flag_name(field)
+                raise ConfigError(
+                    f"{flag} is for a Qdrant server, but --backend is {backend!r}: drop "
+                    f"{flag}, or use --backend qdrant"
+                )
     given.update(changes)
     try:
         settings = KnnlmSettings(**given)

@@ -167,3 +167,35 @@ def qdrant_binary():
     if binary is None:
         pytest.skip(skip_reason() or "these tests start their own qdrant: put it on PATH")
     return binary
+
+
+# --- one line on the server tests ------------------------------------------------------------
+
+_SERVER_OUTCOMES: dict[str, list[str]] = {"passed": [], "failed": [], "skipped": []}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):
+    """Count each server-marked test once: its call, or the setup that skipped or broke it."""
+    report = yield
+    if item.get_closest_marker("server") is None:
+        return report
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        reason = ""
+        if report.skipped and isinstance(report.longrepr, tuple):
+            reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        _SERVER_OUTCOMES[report.outcome].append(reason)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Whether the server tests ran, or skipped and why, on one line (CI prints it)."""
+    passed, failed, skipped = (_SERVER_OUTCOMES[k] for k in ("passed", "failed", "skipped"))
+    if not (passed or failed or skipped):
+        return
+    line = f"server tests: {len(passed) + len(failed)} ran ({len(failed)} failed), "
+    line += f"{len(skipped)} skipped"
+    reasons = sorted(set(skipped), key=skipped.count, reverse=True)
+    if reasons:
+        line += ": " + "; ".join(f"{skipped.count(r)} as {r}" for r in reasons)
+    terminalreporter.write_line(line)

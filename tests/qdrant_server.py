@@ -2,7 +2,8 @@
 executable started here on free loopback ports.
 
 The binary is ``KNNLM_TEST_QDRANT_BIN`` or the first ``qdrant`` on PATH; without either (and
-without ``QDRANT_URL``) the server tests skip and say why. Every process is configured through
+without ``QDRANT_URL``) the server tests skip and say why, and where one is given, a server
+that cannot start fails them. Every process is configured through
 ``QDRANT__*`` variables only: all its ports (REST, gRPC, peer-to-peer) on 127.0.0.1, storage
 and snapshots in a temporary folder, telemetry off. A node can be killed (SIGKILL), stopped
 (SIGTERM) and started again on the same ports and storage, which the cluster tests need.
@@ -36,20 +37,25 @@ HOST = "127.0.0.1"
 
 
 def find_binary() -> Path | None:
-    """The qdrant executable the tests may start, or None."""
+    """The qdrant executable the tests may start, or None where none is named or on PATH.
+    One that is named (``KNNLM_TEST_QDRANT_BIN``) but cannot run fails the run instead."""
     if _BINARY_ENV:
         path = Path(_BINARY_ENV)
-        return path if path.is_file() and os.access(path, os.X_OK) else None
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise RuntimeError(
+                f"KNNLM_TEST_QDRANT_BIN={_BINARY_ENV} is not an executable file: the server "
+                "tests were asked to run and cannot"
+            )
+        return path
     found = shutil.which("qdrant")
     return Path(found) if found else None
 
 
 def skip_reason() -> str | None:
-    """Why no server test can run here, or None when one can."""
+    """Why no server test can run here, or None when one can: a server named (``QDRANT_URL``,
+    ``KNNLM_TEST_QDRANT_BIN``) or on PATH must run, and a test that cannot start it fails."""
     if EXTERNAL_URL or find_binary():
         return None
-    if _BINARY_ENV:
-        return f"KNNLM_TEST_QDRANT_BIN={_BINARY_ENV} is not an executable file"
     return (
         "no Qdrant server: set QDRANT_URL (and QDRANT_API_KEY), or put a `qdrant` executable "
         "on PATH (or name it in KNNLM_TEST_QDRANT_BIN)"

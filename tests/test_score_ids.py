@@ -129,10 +129,10 @@ def test_nothing_to_score(kind: str, tmp_path: Path) -> None:
 def test_next_values_follow_the_search_order() -> None:
     """Hits out of order, with a tie: the rows are put in search order (ascending, ties by
     token), and each hit's ``next`` moves with it."""
-    from knn_store.store.base import _rows_from_hits
+    from knn_store.store.base import Hits, _rows_from_hits
 
     ids = make_point_ids(document_hash("dom", "t"), np.arange(3), np.array([4, 3, 2]))
-    found, nexts = _rows_from_hits([ids], [[2.0, 1.0, 1.0]], [[10, 11, 12]], k=4)
+    found, nexts = _rows_from_hits(Hits.from_rows([ids], [[2.0, 1.0, 1.0]], [[10, 11, 12]]), k=4)
     assert found.token_ids.tolist() == [[2, 3, 4, -1]]
     assert found.sq_distances.tolist() == [[1.0, 1.0, 4.0, np.inf]]
     assert nexts.tolist() == [[12, 11, 10, -1]]

@@ -313,10 +313,10 @@ def test_policy_is_kept_with_the_collection(
 
 def test_hits_out_of_order_come_back_ascending() -> None:
     """Binary quantization without rescoring returns scores in no particular order."""
-    from knn_store.store.base import neighbours_from_hits
+    from knn_store.store.base import Hits, neighbours_from_hits
 
     ids = make_point_ids(document_hash("d", "t"), np.arange(3), np.array([5, 6, 7]))
-    got = neighbours_from_hits([ids], [[3.0, 1.0, 2.0]], k=4)
+    got = neighbours_from_hits(Hits.from_rows([ids], [[3.0, 1.0, 2.0]]), k=4)
     np.testing.assert_array_equal(got.sq_distances[0], [1.0, 4.0, 9.0, np.inf])
     np.testing.assert_array_equal(got.token_ids[0], [6, 7, 5, -1])
     assert got.point_ids is not None and got.point_ids[0, 0] == ids[1]

@@ -293,41 +293,82 @@ def int_field(payload: dict[str, Any] | None, field: str) -> int:
     return int(value) if isinstance(value, int) else -1
 
 
-def neighbours_from_hits(
-    ids: Sequence[Sequence[object]], scores: Sequence[Sequence[float]], *, k: int
-) -> Neighbours:
-    """Pad per-query hit lists to [b, k] arrays; Qdrant's Euclid score is plain L2, so square it.
+@dataclass(frozen=True)
+class Hits:
+    """The hits of a batch of searches as the engine answered them, flat and in its order
+    (each query's nearest first): what every backend's search primitive returns.
+
+    counts: int64 [b], hits per query (row i's hits follow rows 0..i-1's).
+    ids: n point ids, ``uuid.UUID`` objects or their text, as the engine gives them.
+    scores: float64 [n], Qdrant's Euclid score (the plain L2 distance).
+    nexts: int64 [n], each hit's ``next`` payload field (-1 where it has none); None where
+        the search did not read it.
+    """
+
+    counts: np.ndarray
+    ids: list[Any]
+    scores: np.ndarray
+    nexts: np.ndarray | None = None
+
+    @classmethod
+    def from_rows(
+        cls,
+        ids: Sequence[Sequence[Any]],
+        scores: Sequence[Sequence[float]],
+        nexts: Sequence[Sequence[int]] | None = None,
+    ) -> Hits:
+        """Hits from per-query lists (an engine that answers with an object per hit)."""
+        counts = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        n = int(counts.sum())
+        return cls(
+            counts=counts,
+            ids=[pid for row in ids for pid in row],
+            scores=np.fromiter((s for row in scores for s in row), dtype=np.float64, count=n),
+            nexts=None
+            if nexts is None
+            else np.fromiter((v for row in nexts for v in row), dtype=np.int64, count=n),
+        )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Hits]) -> Hits:
+        """The hits of consecutive query batches, as one batch."""
+        nexts = [p.nexts for p in parts]
+        return cls(
+            counts=np.concatenate([p.counts for p in parts]),
+            ids=[pid for p in parts for pid in p.ids],
+            scores=np.concatenate([p.scores for p in parts]),
+            nexts=None if any(n is None for n in nexts) else np.concatenate(nexts),  # type: ignore[arg-type]
+        )
+
+
+def neighbours_from_hits(hits: Hits, *, k: int) -> Neighbours:
+    """Pad per-query hits to [b, k] arrays; Qdrant's Euclid score is plain L2, so square it.
 
     A non-finite or negative score (a damaged vector) becomes a missing neighbour, so the
     kNN distribution never sees NaN.
     """
-    return _rows_from_hits(ids, scores, None, k=k)[0]
+    return _rows_from_hits(hits, k=k)[0]
 
 
-def _rows_from_hits(
-    ids: Sequence[Sequence[object]],
-    scores: Sequence[Sequence[float]],
-    nexts: Sequence[Sequence[int]] | None,
-    *,
-    k: int,
-) -> tuple[Neighbours, np.ndarray]:
-    """``neighbours_from_hits``, carrying each hit's ``next`` value (``nexts``, in the hits'
-    order) along: int64 [b, k], -1 where missing (all -1 without ``nexts``)."""
-    b = len(ids)
+def _rows_from_hits(hits: Hits, *, k: int) -> tuple[Neighbours, np.ndarray]:
+    """``neighbours_from_hits``, carrying each hit's ``next`` value along: int64 [b, k], -1
+    where missing (all -1 where the hits carry none)."""
+    counts = hits.counts  # [b]
+    b = len(counts)
+    if len(counts) and counts.max() > k:
+        raise StoreError(f"the engine answered {int(counts.max())} hits to a search for {k}")
     token_ids = np.full((b, k), -1, dtype=np.int64)
     sq_distances = np.full((b, k), np.inf, dtype=np.float32)
     point_ids = np.full((b, k), None, dtype=object)
     next_values = np.full((b, k), -1, dtype=np.int64)
-    counts = np.fromiter((len(row) for row in ids), dtype=np.int64, count=b)  # [b]
     if counts.sum():
         mask = np.arange(k)[None, :] < counts[:, None]  # [b, k], True where a hit exists
-        flat_ids = [pid for row in ids for pid in row]
-        token_ids[mask] = tokens_from_ids(flat_ids)
-        point_ids[mask] = flat_ids
-        dist = np.fromiter((s for row in scores for s in row), dtype=np.float64)
+        token_ids[mask] = tokens_from_ids(hits.ids)
+        point_ids[mask] = hits.ids
+        dist = np.asarray(hits.scores, dtype=np.float64)  # [n]
         sq_distances[mask] = (dist * dist).astype(np.float32)
-        if nexts is not None:
-            next_values[mask] = np.fromiter((n for row in nexts for n in row), dtype=np.int64)
+        if hits.nexts is not None:
+            next_values[mask] = hits.nexts
         bad = ~np.isfinite(sq_distances) & mask  # [b, k]
         if bad.any():
             token_ids[bad], sq_distances[bad], point_ids[bad] = -1, np.inf, None
@@ -461,16 +502,16 @@ class KnnStore(abc.ABC):
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if len(queries) == 0 or self._meta is None:
             return Neighbours.empty(len(queries), k)
-        ids, scores = self._search(
+        hits = self._search(
             queries, k=k, options=options or SearchOptions(), filter=filter or PointFilter()
         )
-        return neighbours_from_hits(ids, scores, k=k)
+        return neighbours_from_hits(hits, k=k)
 
     @abc.abstractmethod
     def _search(
         self, queries: np.ndarray, *, k: int, options: SearchOptions, filter: PointFilter
-    ) -> tuple[list[list[Any]], list[list[float]]]:
-        """Per query, the ids and plain L2 scores of its hits, nearest first."""
+    ) -> Hits:
+        """The hits of every query (ids and plain L2 scores), nearest first."""
 
     def score_ids(
         self, queries: np.ndarray, ids: Sequence[Sequence[Any]], *, k: int
@@ -500,8 +541,8 @@ class KnnStore(abc.ABC):
         rows = np.fromiter((i for i, row in enumerate(ids) if len(row)), dtype=np.int64)  # [r]
         if len(rows) == 0 or self._meta is None:
             return Neighbours.empty(b, k), np.full((b, k), -1, dtype=np.int64)
-        hits, scores, nexts = self._score_ids(queries[rows], [ids[r] for r in rows], k=k)
-        found, next_values = _rows_from_hits(hits, scores, nexts, k=k)
+        hits = self._score_ids(queries[rows], [ids[r] for r in rows], k=k)
+        found, next_values = _rows_from_hits(hits, k=k)
         if len(rows) == b:
             return found, next_values
         every = np.full((b, k), -1, dtype=np.int64)
@@ -509,11 +550,9 @@ class KnnStore(abc.ABC):
         return found.scatter(rows, b), every
 
     @abc.abstractmethod
-    def _score_ids(
-        self, queries: np.ndarray, ids: list[Sequence[Any]], *, k: int
-    ) -> tuple[list[list[Any]], list[list[float]], list[list[int]]]:
-        """Per query, the ids, plain L2 scores and ``next`` fields (-1 where absent) of its
-        hits among its own ids (each row non-empty), nearest first, from the original keys:
+    def _score_ids(self, queries: np.ndarray, ids: list[Sequence[Any]], *, k: int) -> Hits:
+        """The hits of every query among its own ids (each row non-empty): ids, plain L2
+        scores and ``next`` fields (-1 where absent), nearest first, from the original keys;
         one batched request that reads ``next`` only of the payload."""
 
     def retrieve(

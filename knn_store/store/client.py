@@ -16,6 +16,8 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
@@ -36,6 +38,7 @@ from knn_store.store.base import (
     INDEXED_FIELDS,
     NEXT_FIELD,
     CollectionMeta,
+    Hits,
     KnnStore,
     PointBatch,
     PointFilter,
@@ -43,6 +46,7 @@ from knn_store.store.base import (
 )
 from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
 from knn_store.store.records import seal, unseal
+from knn_store.store.wire import GrpcWire, RestWire, SearchSpec, Wire
 
 log = logging.getLogger(__name__)
 _META_KEY = "knnlm"
@@ -82,7 +86,10 @@ class QdrantClientStore(KnnStore):
         local: True for qdrant-client's local mode (no HNSW, no payload indexes).
         create: if False, a missing collection raises ``CollectionMissing``.
         retries: attempts after the first for a call that got no answer.
+        patience: seconds after which a call and its retries give up (None: no bound).
         search_threads: concurrent search requests per batch (server only).
+        wire: the lean transport for searches and upserts (a server); None: qdrant-client's
+            models (local mode).
     """
 
     def __init__(
@@ -94,10 +101,14 @@ class QdrantClientStore(KnnStore):
         local: bool,
         create: bool = True,
         retries: int = 5,
+        patience: float | None = None,
         search_threads: int | None = None,
+        wire: Wire | None = None,
     ) -> None:
         super().__init__(collection)
         self._client = client
+        self.wire = wire
+        self.patience = patience
         self._location = location
         self.local = local
         self.retries = retries
@@ -161,6 +172,12 @@ class QdrantClientStore(KnnStore):
                 check_compatibility=False,
                 **tls,
             )
+        wire: Wire
+        if prefer_grpc:
+            wire = GrpcWire(lambda: client.grpc_points, collection, timeout=timeout)
+        else:
+            http, base_url = rest_transport(client)
+            wire = RestWire(http, base_url, collection)
         return cls(
             client,
             collection=collection,
@@ -168,7 +185,9 @@ class QdrantClientStore(KnnStore):
             local=False,
             create=create,
             retries=retries,
+            patience=timeout,
             search_threads=search_threads,
+            wire=wire,
         )
 
     @classmethod
@@ -234,8 +253,10 @@ class QdrantClientStore(KnnStore):
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a client call. No answer (or a busy server) is retried with backoff, then
-        ``StoreUnavailable``; an error answer is ``StoreError`` at once."""
+        ``StoreUnavailable``; an error answer is ``StoreError`` at once. The call and its
+        retries give up together once ``patience`` seconds have gone by without an answer."""
         delay = 0.5
+        deadline = None if self.patience is None else time.monotonic() + self.patience
         for attempt in range(self.retries + 1):
             started = time.monotonic()
             try:
@@ -263,7 +284,8 @@ class QdrantClientStore(KnnStore):
                     raise StoreError(
                         f"Qdrant at {self._location} failed to {what}: {_describe(exc)}"
                     ) from exc
-                if attempt == self.retries:
+                out_of_time = deadline is not None and time.monotonic() + delay > deadline
+                if attempt == self.retries or out_of_time:
                     tries = f" after {attempt + 1} attempts" if attempt else ""
                     raise StoreUnavailable(
                         f"cannot reach Qdrant at {self._location} to {what}{tries}: "
@@ -371,6 +393,9 @@ class QdrantClientStore(KnnStore):
     def upsert(self, batch: PointBatch) -> None:
         from qdrant_client import models
 
+        if self.wire is not None:
+            self._call("upsert points", self.wire.upsert, batch)
+            return
         self._call(
             "upsert points",
             self._client.upsert,
@@ -428,79 +453,94 @@ class QdrantClientStore(KnnStore):
 
     def _search(
         self, queries: np.ndarray, *, k: int, options: SearchOptions, filter: PointFilter
-    ) -> tuple[list[list[Any]], list[list[float]]]:
+    ) -> Hits:
         from qdrant_client import models
 
         assert self._meta is not None
-        params = None  # local mode always scans exactly and warns about params it cannot use
-        if not self.local:
-            quantization = None
-            if self._meta.storage.quantization != "none":
-                quantization = models.QuantizationSearchParams(  # exact: the originals
-                    ignore=options.exact,
-                    rescore=options.rescores(self._meta.storage),
-                    oversampling=options.oversampling,
+        quantized = self._meta.storage.quantization != "none"
+        if self.wire is not None:
+            spec = SearchSpec(
+                limits=[k] * len(queries),
+                hnsw_ef=options.ef(k),
+                exact=options.exact,
+                quantization=(
+                    options.exact,
+                    options.rescores(self._meta.storage),
+                    options.oversampling,
                 )
-            params = models.SearchParams(
-                hnsw_ef=options.ef(k), exact=options.exact, quantization=quantization
+                if quantized
+                else None,
+                filter=filter,
             )
+            return self._wire_search(queries, spec, what="search")
+        # local mode: always an exact scan, and it warns about parameters it cannot use
         flt = _filter(filter)
-
-        def run(rows: np.ndarray) -> list[Any]:
-            requests = [
-                models.QueryRequest(
-                    query=row.tolist(),
-                    limit=k,
-                    params=params,
-                    filter=flt,
-                    with_payload=False,
-                    with_vector=False,
-                )
-                for row in rows
-            ]
-            return self._call(
-                "search", self._client.query_batch_points, self.name, requests=requests
-            )
-
-        threads = self.search_threads or 1
-        if threads > 1 and not self.local and len(queries) > 1:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="knnlm-search")
-            chunks = np.array_split(queries, min(threads, len(queries)))
-            results = [r for part in self._pool.map(run, chunks) for r in part]
-        else:
-            results = run(queries)
-        return [[p.id for p in r.points] for r in results], [
-            [p.score for p in r.points] for r in results
-        ]
-
-    def _score_ids(
-        self, queries: np.ndarray, ids: list[Sequence[Any]], *, k: int
-    ) -> tuple[list[list[Any]], list[list[float]], list[list[int]]]:
-        from qdrant_client import models
-
-        assert self._meta is not None
-        params = None  # local mode scans the original keys, and warns about params
-        if not self.local:
-            quantization = None
-            if self._meta.storage.quantization != "none":
-                quantization = models.QuantizationSearchParams(ignore=True)  # the originals
-            params = models.SearchParams(exact=True, quantization=quantization)
         requests = [
             models.QueryRequest(
+                query=row.tolist(), limit=k, filter=flt, with_payload=False, with_vector=False
+            )
+            for row in queries
+        ]
+        results = self._call(
+            "search", self._client.query_batch_points, self.name, requests=requests
+        )
+        return Hits.from_rows(
+            [[p.id for p in r.points] for r in results],
+            [[p.score for p in r.points] for r in results],
+        )
+
+    def _wire_search(self, queries: np.ndarray, spec: SearchSpec, *, what: str) -> Hits:
+        """One batch through the lean transport, split over ``search_threads`` concurrent
+        requests where set (the server searches one part while the last is decoded)."""
+        wire = self.wire
+        assert wire is not None
+
+        def run(rows: slice) -> Hits:
+            part = replace(
+                spec,
+                limits=spec.limits[rows],
+                ids=None if spec.ids is None else spec.ids[rows],
+            )
+            return self._call(what, wire.search, queries[rows], part)
+
+        threads = min(self.search_threads or 1, len(queries))
+        if threads <= 1:
+            return run(slice(None))
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.search_threads, thread_name_prefix="knnlm-search")
+        bounds = np.linspace(0, len(queries), threads + 1).astype(int).tolist()
+        parts = list(self._pool.map(run, [slice(a, b) for a, b in pairwise(bounds)]))
+        return Hits.concat(parts)
+
+    def _score_ids(self, queries: np.ndarray, ids: list[Sequence[Any]], *, k: int) -> Hits:
+        from qdrant_client import models
+
+        assert self._meta is not None
+        limits = [min(k, len(row)) for row in ids]
+        if self.wire is not None:  # the original keys, whatever the quantization
+            quantized = self._meta.storage.quantization != "none"
+            spec = SearchSpec(
+                limits=limits,
+                exact=True,
+                quantization=(True, None, None) if quantized else None,
+                ids=ids,
+                with_next=True,
+            )
+            return self._wire_search(queries, spec, what="score points")
+        requests = [  # local mode scans the original keys
+            models.QueryRequest(
                 query=query.tolist(),
-                limit=min(k, len(row)),
-                params=params,
+                limit=limit,
                 filter=models.Filter(must=[models.HasIdCondition(has_id=[str(i) for i in row])]),
                 with_payload=[NEXT_FIELD],
                 with_vector=False,
             )
-            for query, row in zip(queries, ids, strict=True)
+            for query, row, limit in zip(queries, ids, limits, strict=True)
         ]
         results = self._call(
             "score points", self._client.query_batch_points, self.name, requests=requests
         )
-        return (
+        return Hits.from_rows(
             [[p.id for p in r.points] for r in results],
             [[p.score for p in r.points] for r in results],
             [[int_field(p.payload, NEXT_FIELD) for p in r.points] for r in results],
@@ -601,15 +641,15 @@ class QdrantClientStore(KnnStore):
         made = self._call("create a snapshot", self._client.create_snapshot, self.name, wait=True)
         if made is None:
             raise StoreError(f"Qdrant at {self._location} made no snapshot of {self.name!r}")
-        rest = self._client.http.client  # the REST client: base URL, API key header, TLS
-        url = f"{rest.host.rstrip('/')}/collections/{quote(self.name, safe='')}/snapshots/"
+        http, base_url = rest_transport(self._client)
+        url = f"{base_url.rstrip('/')}/collections/{quote(self.name, safe='')}/snapshots/"
         url += quote(made.name, safe="")
 
         def fetch() -> str:
             digest = hashlib.sha256()
             # streamed through the REST client's own httpx client: a snapshot may not fit
             # in memory, which the generated `get_snapshot` would need
-            with rest._client.stream("GET", url) as response, path.open("wb") as out:
+            with http.stream("GET", url) as response, path.open("wb") as out:
                 if response.status_code != 200:
                     response.read()
                     raise UnexpectedResponse.for_response(response)
@@ -661,6 +701,26 @@ class QdrantClientStore(KnnStore):
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def rest_transport(client: Any) -> tuple[Any, str]:
+    """The ``httpx.Client`` under a server's ``QdrantClient`` (it sends the API key header
+    and verifies TLS as the client was told to) and the server's REST base URL.
+
+    qdrant-client exposes no public way to send a request body of our own, so this is the
+    one place that reaches into its REST client; a client version that moves it fails here,
+    in one line, rather than on some later call.
+    """
+    import httpx
+
+    rest = getattr(getattr(client, "http", None), "client", None)
+    http, host = getattr(rest, "_client", None), getattr(rest, "host", None)
+    if not isinstance(http, httpx.Client) or not isinstance(host, str):
+        raise StoreError(
+            "this qdrant-client version keeps its REST transport elsewhere; install a "
+            "qdrant-client that knnlm supports (see pyproject.toml)"
+        )
+    return http, host
 
 
 class _SharedLocalClients:

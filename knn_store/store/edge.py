@@ -36,6 +36,7 @@ from knn_store.store.base import (
     INDEXED_FIELDS,
     NEXT_FIELD,
     CollectionMeta,
+    Hits,
     KnnStore,
     PointBatch,
     PointFilter,
@@ -183,8 +184,12 @@ class EdgeStore(KnnStore):
             shard = qe.EdgeShard.load(str(self.path / SHARD_DIR))
             points = shard.count(qe.CountRequest(exact=True))
             shard.close()
-        except Exception:  # unreadable leftovers of a creation cut short
-            points = 0
+        except Exception as exc:  # never delete what could not be read
+            raise StoreDamaged(
+                f"{self.path / SHARD_DIR} has no {META_FILE} and cannot be read "
+                f"({_first_line(exc)}); it was left as it is: remove the folder yourself if "
+                "it holds nothing you need, or use another --collection"
+            ) from exc
         if points:
             raise StoreDamaged(
                 f"{self.path / SHARD_DIR} holds {points} points but no {META_FILE}; "
@@ -307,7 +312,7 @@ class EdgeStore(KnnStore):
 
     def _search(
         self, queries: np.ndarray, *, k: int, options: SearchOptions, filter: PointFilter
-    ) -> tuple[list[list[Any]], list[list[float]]]:
+    ) -> Hits:
         shard = self._require_shard()
         params = qe.SearchParams(
             hnsw_ef=options.ef(k), exact=options.exact, quantization=self._quantization(options)
@@ -325,13 +330,12 @@ class EdgeStore(KnnStore):
             for row in queries
         ]
         results = self._call("search", shard.query_batch, qe.QueryBatchRequest(requests))
-        return [[p.id for p in hits] for hits in results], [
-            [p.score for p in hits] for hits in results
-        ]
+        return Hits.from_rows(
+            [[p.id for p in hits] for hits in results],
+            [[p.score for p in hits] for hits in results],
+        )
 
-    def _score_ids(
-        self, queries: np.ndarray, ids: list[Sequence[Any]], *, k: int
-    ) -> tuple[list[list[Any]], list[list[float]], list[list[int]]]:
+    def _score_ids(self, queries: np.ndarray, ids: list[Sequence[Any]], *, k: int) -> Hits:
         shard = self._require_shard()
         exact = SearchOptions(exact=True)
         params = qe.SearchParams(exact=True, quantization=self._quantization(exact))
@@ -347,7 +351,7 @@ class EdgeStore(KnnStore):
             for query, row in zip(queries, ids, strict=True)
         ]
         results = self._call("score points", shard.query_batch, qe.QueryBatchRequest(requests))
-        return (
+        return Hits.from_rows(
             [[p.id for p in hits] for hits in results],
             [[p.score for p in hits] for hits in results],
             [[int_field(p.payload, NEXT_FIELD) for p in hits] for hits in results],

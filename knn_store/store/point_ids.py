@@ -61,8 +61,27 @@ def tokens_from_ids(ids: Sequence[object]) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if isinstance(ids[0], uuid.UUID):
         return np.fromiter((u.int & _MASK32 for u in ids), dtype=np.int64, count=len(ids))
-    # "xxxxxxxx-xxxx-xxxx-xxxx-xxxxPPPPTTTT": the token is the last 8 hex digits
-    return np.fromiter((int(s[-8:], 16) for s in ids), dtype=np.int64, count=len(ids))
+    return id_words(ids)[1].astype(np.int64) & _MASK32
+
+
+def id_words(ids: Sequence[object]) -> tuple[np.ndarray, np.ndarray]:
+    """The high and low 64 bits (uint64 [n] each) of UUID ids, as UUID objects or their
+    text (as Qdrant writes it, with dashes, or without), decoded all at once."""
+    n = len(ids)
+    if n and isinstance(ids[0], str):
+        try:  # one join and one hex decode for the whole batch: no object per id
+            raw = bytes.fromhex("".join(ids).replace("-", ""))  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raw = b""
+        if len(raw) == 16 * n:
+            words = np.frombuffer(raw, dtype=">u8").reshape(n, 2)  # [n, 2], big-endian
+            return words[:, 0].astype(np.uint64), words[:, 1].astype(np.uint64)
+    # UUID objects, a mix (a search's ids meet our own successor ids), or text of some
+    # other length: one id at a time
+    ints = [i.int if isinstance(i, uuid.UUID) else uuid.UUID(str(i)).int for i in ids]
+    high = np.fromiter((i >> 64 for i in ints), dtype=np.uint64, count=n)
+    low = np.fromiter((i & ((1 << 64) - 1) for i in ints), dtype=np.uint64, count=n)
+    return high, low
 
 
 # --- successors ------------------------------------------------------------------------------
@@ -79,11 +98,7 @@ def id_parts(ids: Sequence[object]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     if not ids:
         empty = np.zeros(0, dtype=np.int64)
         return np.zeros(0, dtype=np.uint64), empty, empty.copy()
-    # UUID objects or "dddddddd-dddd-dddd-pppp-pppptttttttt" strings, mixed (a search's and
-    # our own successor ids meet in one batch)
-    ints = [i.int if isinstance(i, uuid.UUID) else int(str(i).replace("-", ""), 16) for i in ids]
-    doc = np.fromiter((i >> 64 for i in ints), dtype=np.uint64, count=len(ints))
-    low = np.fromiter((i & ((1 << 64) - 1) for i in ints), dtype=np.uint64, count=len(ints))
+    doc, low = id_words(ids)
     position = (low >> np.uint64(32)).astype(np.int64)
     token = (low & np.uint64(_MASK32)).astype(np.int64)
     return doc, position, token

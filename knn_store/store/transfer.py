@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from knn_store.errors import ConfigError, StoreError
+from knn_store.errors import ConfigError, StoreDamaged, StoreError
 from knn_store.store.base import NEXT_FIELD, KnnStore, PointBatch, PointFilter
 from knn_store.store.config import StorageConfig
 from knn_store.store.point_ids import id_parts
@@ -61,7 +61,7 @@ def copy_collection(
     """
     if source.meta is None:
         raise StoreError(f"collection {source.name!r} is empty: nothing to copy")
-    source.require_complete()
+    source.require_sound()  # what every reader checks: a copy must not launder damage
     if source.name == target.name and _same_place(source.location, target.location):
         raise ConfigError(f"the copy's target is its source, {source.name!r} at {source.location}")
     flt = filter or PointFilter()
@@ -104,6 +104,7 @@ def copy_collection(
     if successors:
         pages = with_successor_tokens(pages)
     for sends, (points, next_offset) in enumerate(pages, start=1):
+        _require_finite(points, source)
         target.upsert(points)
         copied += len(points)
         if on_batch is not None:
@@ -131,6 +132,18 @@ def copy_collection(
             target.replace_meta(replace(target.meta, copying=False))
     state.clear()
     return CopyReport(expected, copied, offset, policy is not None, time.perf_counter() - started)
+
+
+def _require_finite(points: PointBatch, source: KnnStore) -> None:
+    """Refuse keys that are not numbers (``knnlm check`` flags them): a copy would carry
+    them into a collection that looks sound."""
+    bad = ~np.isfinite(points.keys).all(axis=1)  # [n]
+    if bad.any():
+        raise StoreDamaged(
+            f"collection {source.name!r} holds keys that are not finite numbers (point "
+            f"{points.ids[int(np.argmax(bad))]} and {int(bad.sum()) - 1:,} more in one page); "
+            "nothing damaged is copied: run `knnlm check`"
+        )
 
 
 class _Checkpoint:

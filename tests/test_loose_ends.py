@@ -1,0 +1,178 @@
+"""Loose ends a hostile user found in the store's edges, one test each (each failed before its
+fix): an unreadable shard deleted by the next ingest, a server flag taken silently beside
+``--backend edge``, and a server that never answers retried for minutes.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from knn_store.errors import StoreDamaged, StoreUnavailable
+from knn_store.store.client import QdrantClientStore
+from knn_store.store.edge import SHARD_DIR, EdgeStore
+from tests.test_cli import Knnlm, _one_line_error
+
+
+def test_an_unreadable_shard_without_its_record_is_refused_and_kept(tmp_path: Path) -> None:
+    """A shard folder that cannot be loaded (and has no meta.json) was taken as an empty
+    leftover, and the next ingest deleted it. Now it is refused, named, and left alone."""
+    folder = tmp_path / "docs"
+    (folder / SHARD_DIR / "segments").mkdir(parents=True)
+    precious = folder / SHARD_DIR / "segments" / "data.bin"
+    precious.write_bytes(b"\x00" * 4096)
+    (folder / SHARD_DIR / "edge_config.json").write_text("{not json")
+    store = EdgeStore(folder)
+    try:
+        from knn_store.store.base import CollectionMeta
+
+        meta = CollectionMeta("m", "f", "final", 4, 10, "t")
+        with pytest.raises(StoreDamaged, match="cannot be read") as caught:
+            store.ensure_collection(meta)
+    finally:
+        store.close()
+    assert str(folder / SHARD_DIR) in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert precious.read_bytes() == b"\x00" * 4096  # nothing deleted
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--url", "http://localhost:6333"), ("--prefer-grpc", None), ("--ca-cert", "ca.pem")],
+)
+def test_a_server_flag_beside_backend_edge_is_refused(
+    tmp_path: Path, tiny_models: dict[str, Path], flag: str, value: str | None
+) -> None:
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    (tmp_path / "ca.pem").write_text("x")
+    if value is None:
+        args = [flag]
+    else:
+        args = [flag, str(tmp_path / value) if flag == "--ca-cert" else value]
+    result = knnlm("info", *knnlm.store_args(), "--backend", "edge", *args)
+    _one_line_error(result, flag, "--backend is 'edge'")
+
+
+@pytest.fixture
+def mute_server() -> Iterator[str]:
+    """A TCP server on loopback that accepts every connection and never answers."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+
+
+def test_a_server_that_never_answers_is_given_up_within_the_timeout(mute_server: str) -> None:
+    """Each attempt waited the whole timeout: 4 attempts of 60 s and the backoff between
+    them kept a command waiting over 200 s. Now the call and its retries share the timeout."""
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match="cannot reach Qdrant"):
+        QdrantClientStore.server(mute_server, collection="c", timeout=2, retries=5)
+    waited = time.monotonic() - started
+    # one attempt's 2 s, where 6 attempts and their backoff took 27.5 s (a wide margin: the
+    # bound is what is tested, not the machine's speed)
+    assert waited < 10, waited
+
+
+# --- copies refuse what readers refuse -------------------------------------------------------
+
+
+def _edge_collection(folder: Path, *, n: int = 300, nan_rows: int = 0) -> None:
+    import numpy as np
+
+    from knn_store.store.base import CollectionMeta, PointBatch
+    from knn_store.store.point_ids import document_hash, make_point_ids
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((n, 8)).astype(np.float32)
+    keys[:nan_rows] = np.nan
+    tokens = rng.integers(0, 50, n)
+    ids = make_point_ids(document_hash("d", "t"), np.arange(n), tokens)
+    payloads = [{"domain": "d", "doc": "t", "offset": i} for i in range(n)]
+    store = EdgeStore(folder)
+    try:
+        store.ensure_collection(CollectionMeta("m", "f", "final", 8, 50, "t"))
+        store.upsert(PointBatch(ids=ids, keys=keys, payloads=payloads))
+        store.finalize()
+        store.save_state()
+    finally:
+        store.close()
+
+
+def test_a_copy_refuses_a_damaged_source(
+    tmp_path: Path, tiny_models: dict[str, Path], corpus_dir: Path
+) -> None:
+    """rebuild, push and snapshot copied what was left of a collection that eval refused
+    (points lost since its last completed write), said the counts agreed, and `check` found
+    the copy sound: the damage was laundered. Every copy now refuses what eval refuses."""
+    from knn_store.store.base import PointFilter
+    from tests.test_cli import _json_ok
+
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    _json_ok(knnlm.ingest(str(corpus_dir), "-q", "--json"))
+    store = EdgeStore(knnlm.data_dir / "test", create=False)
+    try:  # points gone behind the record's back, as a lost file or a bad disk loses them
+        import qdrant_edge as qe
+
+        from knn_store.store.edge import _filter
+
+        doc = sorted(store.doc_counts())[0]
+        lost = qe.UpdateOperation.delete_points_by_filter(_filter(PointFilter(docs=(doc,))))
+        store._require_shard().update(lost)  # the engine alone: the record is not told
+        store.flush()
+    finally:
+        store.close()
+    held = tmp_path / "held.txt"
+    held.write_text("def add(a, b):\n    return a + b\n")
+    evaluated = knnlm("eval", str(held), *knnlm.model_args(), *knnlm.store_args(), "-q")
+    assert evaluated.exit_code != 0, "eval must refuse this store, or there is nothing to test"
+    for command in (
+        ["rebuild", *knnlm.store_args(), "--to-collection", "rb", "-q"],
+        ["rebuild", *knnlm.store_args(), "--to-collection", "rb2", "--successors", "-q"],
+        ["push", *knnlm.store_args(), "--to-local", str(tmp_path / "local"), "-q"],
+        ["snapshot", "create", *knnlm.store_args(), "-q"],
+    ):
+        result = knnlm(*command)
+        _one_line_error(result, "knnlm check")
+    for copy in ("rb", "rb2"):
+        assert not (knnlm.data_dir / copy / "meta.json").exists()
+
+
+def test_a_copy_refuses_keys_that_are_not_numbers(tmp_path: Path) -> None:
+    from knn_store.store.transfer import copy_collection
+
+    _edge_collection(tmp_path / "src", nan_rows=3)
+    source = EdgeStore(tmp_path / "src", create=False)
+    target = EdgeStore(tmp_path / "dst")
+    try:
+        with pytest.raises(StoreDamaged, match=r"not finite.*knnlm check"):
+            copy_collection(source, target)
+        assert target.meta is None or target.meta.copying  # never marked a finished copy
+    finally:
+        source.close()
+        target.close()
