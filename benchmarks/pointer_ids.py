@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import qdrant_edge as qe
 
-from knn_store.store.base import neighbours_from_hits
+from knn_store.store.base import Hits, neighbours_from_hits
 from knn_store.store.point_ids import make_point_ids
 
 
@@ -73,7 +73,7 @@ def _search_ms(
         if isinstance(ids[0][0], int):  # integer ids: what ``neighbours_from_hits`` would do
             _int_neighbours(ids, scores, k)
         else:
-            neighbours_from_hits(ids, scores, k=k)
+            neighbours_from_hits(Hits.from_rows(ids, scores), k=k)
     return 1000 * (time.perf_counter() - started) / len(queries)
 
 

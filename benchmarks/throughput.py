@@ -25,7 +25,7 @@ import torch
 from ingest.corpus import Document, read_corpus
 from ingest.worker import IngestWorker
 from knn_store import KnnlmSettings, load_language_model, pack_windows, sliding_windows
-from knn_store.store.client import QdrantServerStore
+from knn_store.store.client import QdrantClientStore
 from knn_store.store.edge import EdgeStore
 
 
@@ -144,7 +144,7 @@ def main() -> None:
         {"engine": "Qdrant Edge, exact", "ms_per_query": ms_exact, "recall": _recall(exact, brute)},
         {"engine": "numpy brute force", "ms_per_query": ms_numpy, "recall": 1.0},
     ]
-    local = QdrantServerStore(":memory:", collection="bench")
+    local = QdrantClientStore.local(None, collection="bench")
     local.ensure_collection(edge.meta)
     for lo in range(0, len(keys), 2048):
         local.upsert(_batch(keys[lo : lo + 2048]))
