@@ -17,14 +17,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from knn_store.errors import ConfigError, StoreDamaged, UnknownDomain
 from knn_store.progress import Progress, no_progress
 from knn_store.saved_policy import Resolved, SavedPolicy, resolve_policy
 from knn_store.settings import KnnlmSettings
 from knn_store.store import KnnStore, open_store
-from knn_store.store.base import INDEXED_FIELDS
+from knn_store.store.base import INDEXED_FIELDS, CollectionMeta
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,26 +60,18 @@ class Session:
         temperature: float | None = None,
         top_k: int | None = None,
     ) -> KnnLM:
-        """This session's kNN-LM with some flags given again (a request's own), applied as
-        ``open_session`` applies them: an explicit lambda is a fixed lambda without the
-        gate; T alone keeps the tuned policy and its gate. No override: the session's own."""
-        if lmbda is None and temperature is None and top_k is None:
+        """This session's kNN-LM with some flags given again (a request's own), resolved as
+        ``open_session`` resolves the same flags (``resolve_knn``): an explicit lambda is a
+        fixed lambda without the gate and the tuned levers; T alone keeps the tuned policy,
+        its gate and its levers. No override: the session's own."""
+        given = {"lmbda": lmbda, "temperature": temperature, "top_k": top_k}
+        updates = {name: value for name, value in given.items() if value is not None}
+        if not updates:
             return self.knn_lm
         meta = self.store.meta
         assert meta is not None  # an open session has its collection's record
-        resolved = resolve_policy(
-            self.saved,
-            meta,
-            lmbda=self.settings.lmbda if lmbda is None else lmbda,
-            temperature=self.settings.temperature if temperature is None else temperature,
-            use_gate=self.settings.gate,
-        )
-        return self.knn_lm.with_options(
-            k=self.knn_lm.k if top_k is None else top_k,
-            temperature=resolved.temperature,
-            policy=resolved.policy,
-            gate=resolved.gate,
-        )
+        _, options = resolve_knn(self.settings.model_copy(update=updates), self.saved, meta)
+        return self.knn_lm.with_options(**options)
 
     def describe(self) -> str:
         """One line: which policy, T, gate, and where they came from."""
@@ -135,13 +127,7 @@ def open_session(
         domains = check_domains(store, search_domains)
         raw = store.load_policy()
         saved = None if raw is None else SavedPolicy.from_dict(raw, collection=store.name)
-        resolved = resolve_policy(
-            saved,
-            meta,
-            lmbda=settings.lmbda,
-            temperature=settings.temperature,
-            use_gate=settings.gate,
-        )
+        resolved, options = resolve_knn(settings, saved, meta)
         if resolved.source.startswith("tuned") and saved is not None:
             if saved.k != settings.top_k:
                 warnings.warn(
@@ -156,27 +142,44 @@ def open_session(
         knn_lm = KnnLM(
             lm,
             store,
-            k=settings.top_k,
-            temperature=resolved.temperature,
-            policy=resolved.policy,
-            gate=resolved.gate,
+            **options,
             search=settings.search_options(),
             domains=domains,
             window=window,
             stride=stride,
             batch_size=settings.batch_size,
             search_batch=settings.search_batch,
-            pointer_min=pointer_min_for(settings, saved, resolved),
-            cache=document_cache(
-                settings,
-                knn_temperature=resolved.temperature,
-                saved=saved if resolved.source.startswith("tuned") else None,
-            ),
         )
     except BaseException:
         store.close()
         raise
     return Session(settings, store, lm, knn_lm, resolved, saved)
+
+
+def resolve_knn(
+    settings: KnnlmSettings, saved: SavedPolicy | None, meta: CollectionMeta
+) -> tuple[Resolved, dict[str, Any]]:
+    """Every ``KnnLM`` argument that the settings, the collection's saved policy and its
+    record decide together (k, T, policy, gate, pointer threshold, document cache), by the
+    one rule that every caller shares: the CLI's commands, ``open_session``, and a service
+    request's overrides (``Session.with_overrides``). A flag given wins; the tuned levers
+    come only with the tuned policy."""
+    resolved = resolve_policy(
+        saved,
+        meta,
+        lmbda=settings.lmbda,
+        temperature=settings.temperature,
+        use_gate=settings.gate,
+    )
+    tuned = saved if resolved.source.startswith("tuned") else None
+    return resolved, {
+        "k": settings.top_k,
+        "temperature": resolved.temperature,
+        "policy": resolved.policy,
+        "gate": resolved.gate,
+        "pointer_min": pointer_min_for(settings, saved, resolved),
+        "cache": document_cache(settings, knn_temperature=resolved.temperature, saved=tuned),
+    }
 
 
 def pointer_min_for(settings: KnnlmSettings, saved: SavedPolicy | None, resolved: Resolved) -> int:
