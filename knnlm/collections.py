@@ -60,7 +60,15 @@ def _describe_policy(value: dict[str, Any] | None) -> str:
 @click.command()
 @options(*STORE_OPTIONS)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def check(quiet: bool, **params: Any) -> None:
+@click.option(
+    "--seal-records",
+    is_flag=True,
+    help="Once, for a collection made by a knnlm older than checksums: accept its record and "
+    "tuned policy without one, check everything else, and if sound, write them back sealed. "
+    "Only for records you know to be right: every other command refuses a record without "
+    "its checksum.",
+)
+def check(quiet: bool, seal_records: bool, **params: Any) -> None:
     """Verify a collection: its record, point counts, payload indexes, tuned policy, and
     that every key can be read. Exits 1 if anything is damaged.
 
@@ -68,23 +76,36 @@ def check(quiet: bool, **params: Any) -> None:
     Example:
       knnlm check --collection kernel-docs
     """
+    import contextlib
+
     from knn_store import open_store
+    from knn_store.store.records import accepting_unsealed
     from knn_store.summary import check as check_collection
 
     settings = settings_from(params)
-    try:
-        store = open_store(settings)
-    except StoreDamaged as exc:
-        click.echo(f"{'open':22} FAIL  {exc}")
-        raise SystemExit(1) from None
-    with store:
-        total = store.count()
-        bar = tqdm(total=total, unit="pt", unit_scale=True, desc="check", disable=quiet)
-        with bar:
-            report = check_collection(store, on_points=bar.update)
+    with accepting_unsealed() if seal_records else contextlib.nullcontext([]) as unsealed:
+        try:
+            store = open_store(settings)
+        except StoreDamaged as exc:
+            click.echo(f"{'open':22} FAIL  {exc}")
+            raise SystemExit(1) from None
+        with store:
+            total = store.count()
+            bar = tqdm(total=total, unit="pt", unit_scale=True, desc="check", disable=quiet)
+            with bar:
+                report = check_collection(store, on_points=bar.update)
+            if report.ok and unsealed:
+                sealed = sorted(set(unsealed))
+                if store.meta is not None:
+                    store.replace_meta(store.meta)  # written back with its checksum
+                policy = store.load_policy()
+                if policy is not None:
+                    store.save_policy(policy)
     for f in report.findings:
         click.echo(f"{f.what:22} {'ok  ' if f.ok else 'FAIL'}  {f.detail}")
     if report.ok:
+        if unsealed:
+            click.echo(f"sealed: {', '.join(sealed)}")
         click.echo(f"collection {settings.collection!r} is sound")
         return
     click.echo(f"collection {settings.collection!r} is damaged", err=True)

@@ -139,7 +139,10 @@ def test_still_sound_after_a_domain_drop_and_with_a_policy(
 
 
 def _policy(collection: Path, **changes: object) -> dict[str, object]:
-    """A saved policy record as `knnlm tune` writes it, for this collection's model."""
+    """A saved policy record as `knnlm tune` writes it (sealed), for this collection's
+    model."""
+    from knn_store.store.records import seal
+
     meta = json.loads((collection / "meta.json").read_text())
     policy: dict[str, object] = {
         "policy": {"kind": "fixed", "lambda": 0.3},
@@ -153,7 +156,7 @@ def _policy(collection: Path, **changes: object) -> dict[str, object]:
         "saved": "2026-01-01T00:00:00+00:00",
     }
     policy.update(changes)
-    return policy
+    return seal(policy)
 
 
 # --- damage ----------------------------------------------------------------------------------

@@ -651,8 +651,8 @@ def test_a_copy_onto_its_own_source_is_refused(knnlm: Knnlm, corpus_dir: Path) -
 
 
 def test_a_server_that_never_answers_is_reported_as_it_goes(knnlm: Knnlm, corpus_dir: Path) -> None:
-    """A server that accepts connections and then says nothing: each wait that runs out is
-    told as it happens (one line each), then the command gives up in one line."""
+    """A server that accepts connections and then says nothing: the command gives up in one
+    line once --timeout has run out (the call and its retries share it), naming the server."""
     import socket
     import threading
 
@@ -687,10 +687,8 @@ def test_a_server_that_never_answers_is_reported_as_it_goes(knnlm: Knnlm, corpus
         listener.close()
     lines = result.stderr.strip().splitlines()
     assert result.exit_code == 1, result.output
-    assert len(lines) == 2, lines
-    assert lines[0].startswith(f"knnlm: Qdrant at {url} did not answer")
-    assert "retrying in 0.5 s (attempt 2 of 2)" in lines[0]
-    assert lines[1].startswith(f"knnlm: error: cannot reach Qdrant at {url}")
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"knnlm: error: cannot reach Qdrant at {url}")
 
 
 def test_an_ingest_that_fails_after_writing_says_so(knnlm: Knnlm, corpus_dir: Path) -> None:

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from knn_store.errors import ConfigError, CorpusError, StoreDamaged
+from knn_store.store.records import seal
 from tests.files import write as _write
 from tests.test_cli import Knnlm, _json_ok, _one_line_error
 
@@ -307,7 +308,7 @@ def test_a_policy_with_nan_gate_weights_is_damage_for_check_and_eval(
         "fixed", model_fingerprint=meta["model_fingerprint"], key_type=meta["key_type"]
     )
     record = _edit(record, "gate.weights.0", NAN)
-    (knnlm.data_dir / "test" / "policy.json").write_text(json.dumps(record))
+    (knnlm.data_dir / "test" / "policy.json").write_text(json.dumps(seal(record)))
     checked = knnlm("check", *knnlm.store_args(), "-q")
     assert checked.exit_code == 1, checked.output
     assert any(

@@ -176,3 +176,60 @@ def test_a_copy_refuses_keys_that_are_not_numbers(tmp_path: Path) -> None:
     finally:
         source.close()
         target.close()
+
+
+# --- records without their checksum ----------------------------------------------------------
+
+
+@pytest.fixture
+def ingested(tmp_path: Path, tiny_models: dict[str, Path], corpus_dir: Path) -> Knnlm:
+    from tests.test_cli import _json_ok
+
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    _json_ok(knnlm.ingest(str(corpus_dir), "-q", "--json"))
+    held = tmp_path / "held.txt"
+    held.write_text("def add(a, b):\n    return a + b\n")
+    return knnlm
+
+
+def _eval(knnlm: Knnlm):
+    held = knnlm.tmp / "held.txt"
+    return knnlm("eval", str(held), *knnlm.model_args(), *knnlm.store_args(), "-q")
+
+
+def test_a_record_stripped_of_its_checksum_is_refused(ingested: Knnlm) -> None:
+    """With "checksum" deleted and the key type changed, check said sound and eval answered
+    from the wrong key type."""
+    import json
+
+    path = ingested.data_dir / "test" / "meta.json"
+    record = json.loads(path.read_text())
+    del record["checksum"]
+    record["key_type"] = "ffn_input" if record["key_type"] == "final" else "final"
+    path.write_text(json.dumps(record))
+    assert ingested("check", *ingested.store_args(), "-q").exit_code == 1
+    _one_line_error(_eval(ingested), "no checksum", "knnlm check --seal-records")
+
+
+def test_a_policy_file_holding_null_is_damage_not_none_saved(ingested: Knnlm) -> None:
+    path = ingested.data_dir / "test" / "policy.json"
+    path.write_text("null")
+    _one_line_error(_eval(ingested), "tuned policy", "not a JSON object")
+    assert ingested("check", *ingested.store_args(), "-q").exit_code == 1
+
+
+def test_records_older_than_checksums_are_sealed_once_on_purpose(ingested: Knnlm) -> None:
+    import json
+
+    path = ingested.data_dir / "test" / "meta.json"
+    record = json.loads(path.read_text())
+    del record["checksum"]
+    path.write_text(json.dumps(record))  # as a knnlm older than checksums wrote it
+    assert _eval(ingested).exit_code == 1
+    sealed = ingested("check", *ingested.store_args(), "-q", "--seal-records")
+    assert sealed.exit_code == 0, sealed.output
+    assert "sealed: collection record" in sealed.stdout
+    assert "checksum" in json.loads(path.read_text())
+    assert _eval(ingested).exit_code == 0
+    again = ingested("check", *ingested.store_args(), "-q", "--seal-records")
+    assert again.exit_code == 0 and "sealed" not in again.stdout

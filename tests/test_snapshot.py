@@ -347,12 +347,12 @@ def knnlm(tmp_path: Path, tiny_models: dict[str, Path]) -> Knnlm:
 
 
 def _policy_for(collection: Path) -> dict[str, Any]:
+    from knn_store.store.records import seal
+
     meta = json.loads((collection / "meta.json").read_text())
-    return {
-        **POLICY,
-        "model_fingerprint": meta["model_fingerprint"],
-        "key_type": meta["key_type"],
-    }
+    return seal(
+        {**POLICY, "model_fingerprint": meta["model_fingerprint"], "key_type": meta["key_type"]}
+    )
 
 
 def test_cli_round_trip_gives_the_same_eval(knnlm: Knnlm, corpus_dir: Path) -> None:

@@ -248,8 +248,10 @@ class QdrantClientStore(KnnStore):
             )
         CollectionMeta.check_version(raw)
         self._meta = CollectionMeta.from_dict(unseal(raw, what="collection record"))
-        policy = metadata.get(_POLICY_KEY)
-        self._policy = None if policy is None else unseal(policy, what="tuned policy")
+        # a key that holds null is damage (knnlm never writes one): unseal refuses it
+        self._policy = None
+        if _POLICY_KEY in metadata:
+            self._policy = unseal(metadata[_POLICY_KEY], what="tuned policy")
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run a client call. No answer (or a busy server) is retried with backoff, then

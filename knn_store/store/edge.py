@@ -264,8 +264,10 @@ class EdgeStore(KnnStore):
                 self._shard = None
 
     def load_policy(self) -> dict[str, Any] | None:
-        raw = _read_json(self.path / POLICY_FILE)
-        return None if raw is None else unseal(raw, what=f"tuned policy ({POLICY_FILE})")
+        path = self.path / POLICY_FILE
+        if not path.is_file():
+            return None  # none saved; a file that holds null is damage (unseal says so)
+        return unseal(_read_json(path), what=f"tuned policy ({POLICY_FILE})")
 
     def save_policy(self, policy: dict[str, Any]) -> None:
         self._require_shard()

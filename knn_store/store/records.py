@@ -9,17 +9,45 @@ True
 Traceback (most recent call last):
 ...
 knn_store.errors.StoreDamaged: the policy was edited by hand or damaged: ...
+>>> unseal({"temperature": 2.0, "k": 8}, what="policy")
+Traceback (most recent call last):
+...
+knn_store.errors.StoreDamaged: the policy has no checksum: ...
+
+A record without a checksum is refused like a damaged one: removing the checksum must not
+be a way around it. Records that knnlm wrote before checksums existed are sealed once, on
+purpose, by ``knnlm check --seal-records`` (``accepting_unsealed``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from knn_store.errors import StoreDamaged
 
 CHECKSUM_FIELD = "checksum"
+# Within ``accepting_unsealed``: the names of the records read without a checksum.
+_UNSEALED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "knnlm_unsealed", default=None
+)
+
+
+@contextlib.contextmanager
+def accepting_unsealed() -> Iterator[list[str]]:
+    """Read records without a checksum as they are (records written before checksums
+    existed), listing what was read so; only for sealing them once (``knnlm check
+    --seal-records``), never for answering from them."""
+    found: list[str] = []
+    token = _UNSEALED.set(found)
+    try:
+        yield found
+    finally:
+        _UNSEALED.reset(token)
 
 
 ROUNDED = "b2r:"  # floats to 7 significant digits (b2: exact, as written before)
@@ -54,10 +82,18 @@ def seal(record: dict[str, Any]) -> dict[str, Any]:
 
 def unseal(record: Any, *, what: str) -> dict[str, Any]:
     """The record without its checksum, after checking it; ``StoreDamaged`` if it does not
-    match. Records written before checksums existed have none and are taken as they are."""
+    match, or if it has none (see ``accepting_unsealed`` for records older than checksums)."""
     if not isinstance(record, dict):
         raise StoreDamaged(f"the {what} is not a JSON object: {str(record)[:80]}")
     if CHECKSUM_FIELD not in record:
+        unsealed = _UNSEALED.get()
+        if unsealed is None:
+            raise StoreDamaged(
+                f"the {what} has no checksum: it was damaged or edited by hand, or written "
+                "by a knnlm older than checksums; `knnlm check --seal-records` seals a record "
+                "you know to be right, once"
+            )
+        unsealed.append(what)
         return record
     body = {k: v for k, v in record.items() if k != CHECKSUM_FIELD}
     checksum = record[CHECKSUM_FIELD]
