@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from knn_store.errors import ConfigError
 from knnlm.options import (
     LEVER_OPTIONS,
     MODEL_OPTIONS,
@@ -176,6 +178,13 @@ def serve(
     from knn_store import open_session
     from knnlm.service.app import Limits, create_app
 
+    # click reads an empty variable as unset, which would serve without a key
+    key = serve_api_key if serve_api_key is not None else os.environ.get("KNNLM_SERVE_API_KEY")
+    if key is not None and not key.strip():
+        raise ConfigError(
+            "the service's API key (--serve-api-key, KNNLM_SERVE_API_KEY) is empty: give a "
+            "key, or unset it to serve without one"
+        )
     settings = settings_from(params)
     limits = Limits(
         max_body_bytes=max_body_bytes,

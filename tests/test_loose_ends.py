@@ -233,3 +233,13 @@ def test_records_older_than_checksums_are_sealed_once_on_purpose(ingested: Knnlm
     assert _eval(ingested).exit_code == 0
     again = ingested("check", *ingested.store_args(), "-q", "--seal-records")
     assert again.exit_code == 0 and "sealed" not in again.stdout
+
+
+def test_an_empty_service_key_in_the_environment_is_refused(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """``KNNLM_SERVE_API_KEY=""`` started an open server, while a key of spaces was refused."""
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    for empty in ("", "   "):
+        result = knnlm("serve", *knnlm.store_args(), env={"KNNLM_SERVE_API_KEY": empty})
+        _one_line_error(result, "KNNLM_SERVE_API_KEY", "empty")

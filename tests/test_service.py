@@ -324,16 +324,21 @@ def test_collection_and_health(served: Served) -> None:
         async with _client(served.app, headers=None) as open_client:
             health = await open_client.get("/healthz")
             ready = await open_client.get("/readyz")
+            heads = [await open_client.head(path) for path in ("/healthz", "/readyz")]
         async with _client(served.app) as client:
             summary = await client.get("/v1/collection")
             schema = await client.get("/openapi.json")
-        return [health, ready, summary, schema]
+        return [health, ready, summary, schema, *heads]
 
-    health, ready, summary, schema = _run(go())
+    health, ready, summary, schema, *heads = _run(go())
     assert _ok(health) == {"status": "ok"}
     assert _ok(ready)["status"] == "ready"
     assert _ok(ready)["points"] == served.info["points"]
-    assert _ok(summary) == served.info
+    assert [h.status_code for h in heads] == [200, 200]  # load balancers probe with HEAD
+    assert all(h.content == b"" for h in heads)
+    # what `knnlm info` says, less where the collection lives on the server's side
+    assert _ok(summary) == {k: v for k, v in served.info.items() if k != "location"}
+    assert "location" not in _ok(summary)
     paths = _ok(schema)["paths"]
     assert {"/v1/score", "/v1/completions", "/v1/explain", "/v1/collection"} <= set(paths)
 

@@ -146,12 +146,14 @@ def create_app(
             )
         return ids
 
-    @app.get("/healthz", response_model=Health)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], response_model=Health)
     async def healthz() -> Health:
         """The process is up."""
         return Health(status="ok")
 
-    @app.get("/readyz", response_model=Ready, responses=error_responses(503))
+    @app.api_route(
+        "/readyz", methods=["GET", "HEAD"], response_model=Ready, responses=error_responses(503)
+    )
     async def readyz() -> Ready | JSONResponse:
         """The model worker runs and the store answers a count."""
         if not batcher.healthy:
@@ -164,12 +166,15 @@ def create_app(
 
     @app.get("/v1/collection", responses=error_responses(401, 503))
     async def collection() -> dict[str, Any]:
-        """The collection, as `knnlm info --json` shows it."""
+        """The collection, as `knnlm info --json` shows it, less where it lives on the
+        server's side (a path of its disk, or its Qdrant's URL): no client needs that."""
         from knn_store.summary import collection_summary
 
-        return await run_in_threadpool(
+        summary = await run_in_threadpool(
             collection_summary, session.store, backend=session.settings.backend
         )
+        summary.pop("location", None)
+        return summary
 
     @app.post(
         "/v1/score",
