@@ -243,3 +243,32 @@ def test_an_empty_service_key_in_the_environment_is_refused(
     for empty in ("", "   "):
         result = knnlm("serve", *knnlm.store_args(), env={"KNNLM_SERVE_API_KEY": empty})
         _one_line_error(result, "KNNLM_SERVE_API_KEY", "empty")
+
+
+def test_the_batchers_counters_lose_no_count_across_threads() -> None:
+    """Request threads (cancelling), the shutdown timer and the worker all count; the
+    counters are changed under one lock, so concurrent counts all land."""
+    import sys
+
+    from knnlm.service.batcher import BatchStats
+
+    stats = BatchStats()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        threads = [
+            threading.Thread(
+                target=lambda: [
+                    (stats.add(cancelled=1), stats.tally("tokens", "score")) for _ in range(20_000)
+                ]
+            )
+            for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert stats.cancelled == 6 * 20_000
+    assert stats.tokens["score"] == 6 * 20_000

@@ -138,6 +138,20 @@ class BatchStats:
     searched: Counter[str] = field(default_factory=Counter)  # positions searched
     skipped: Counter[str] = field(default_factory=Counter)  # positions the gate did not search
     followed: Counter[str] = field(default_factory=Counter)  # served by pointers, no search
+    # The worker, request threads (cancelling) and the shutdown timer all count: every
+    # change, and a reader's copy (/metrics), holds this lock.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **amounts: float) -> None:
+        """Add to the plain counters named (``add(cancelled=1)``)."""
+        with self.lock:
+            for name, amount in amounts.items():
+                setattr(self, name, getattr(self, name) + amount)
+
+    def tally(self, counter: str, key: Hashable, amount: int = 1) -> None:
+        """Add to one key of a per-kind counter (``tally("tokens", "score", 12)``)."""
+        with self.lock:
+            getattr(self, counter)[key] += amount
 
     def count_searches(
         self, kind: str, searched: torch.Tensor, followed: torch.Tensor | None = None
@@ -147,9 +161,10 @@ class BatchStats:
         gate skipped."""
         n = int(searched.sum())
         f = 0 if followed is None else int(followed.sum())
-        self.searched[kind] += n
-        self.followed[kind] += f
-        self.skipped[kind] += len(searched) - n - f
+        with self.lock:
+            self.searched[kind] += n
+            self.followed[kind] += f
+            self.skipped[kind] += len(searched) - n - f
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -263,7 +278,7 @@ class Batcher:
             job = self._live.get(id(future))
         if job is None or job.future is not future or future.done():
             return False
-        self.stats.cancelled += 1
+        self.stats.add(cancelled=1)
         _settle(future, error=reason or RequestCancelled("the request was cancelled"))
         return True
 
@@ -361,7 +376,7 @@ class Batcher:
             live = list(self._live.values())
         for job in live:
             if not job.future.done():
-                self.stats.cancelled += 1
+                self.stats.add(cancelled=1)
                 _settle(job.future, error=_shutting_down())
 
     def close(self, timeout: float | None = None) -> None:
@@ -398,7 +413,7 @@ class Batcher:
             if batch:
                 started = time.perf_counter()
                 self._run_batch(batch)
-                self.stats.busy_seconds += time.perf_counter() - started
+                self.stats.add(busy_seconds=time.perf_counter() - started)
         for job in pending:
             _settle(job.future, error=_shutting_down())
         self._refuse_queued()
@@ -453,7 +468,7 @@ class Batcher:
             with self._lock:
                 self._waiting -= 1
             if now >= job.deadline:
-                self.stats.cancelled += 1
+                self.stats.add(cancelled=1)
                 _settle(job.future, error=self.deadline_error())
             if now >= self._drain_deadline:
                 _settle(job.future, error=_shutting_down())
@@ -472,10 +487,11 @@ class Batcher:
 
     def _run_batch(self, batch: list[_Job], *, retry: bool = True) -> None:
         kind = batch[0].kind
-        self.stats.batches += 1
-        self.stats.requests += len(batch) if retry else 0  # a rerun is not a new request
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-        self.stats.shapes[(kind, len(batch), sum(job.size for job in batch))] += 1
+        # a rerun is not a new request
+        self.stats.add(batches=1, requests=len(batch) if retry else 0)
+        with self.stats.lock:
+            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        self.stats.tally("shapes", (kind, len(batch), sum(job.size for job in batch)))
         started = time.monotonic()
         try:
             if kind == "complete":
@@ -517,8 +533,8 @@ class Batcher:
         runner = knn_lm.with_options(batch_size=per_forward)
         rows: list[list[Any]] = [[] for _ in batch]
         for scored in runner.score([job.ids for job in batch], full=explain):
-            self.stats.lm_forwards += scored.lm.forwards
-            self.stats.tokens[batch[0].kind] += len(scored)
+            self.stats.add(lm_forwards=scored.lm.forwards)
+            self.stats.tally("tokens", batch[0].kind, len(scored))
             self.stats.count_searches(batch[0].kind, scored.searched, scored.followed)
             sequence = scored.lm.sequence  # [m], index into the batch
             if explain:
@@ -554,20 +570,18 @@ class Batcher:
             job = batch[row]
             got[row].append(step.token)
             # counted here, not after decode: the row's answer may go out with this token
-            self.stats.tokens["complete"] += 1
+            self.stats.tally("tokens", "complete")
             if step.searched is not None:  # a kNN-LM step: searched, followed or skipped
                 counter = (
-                    self.stats.searched
-                    if step.searched
-                    else (self.stats.followed if step.followed else self.stats.skipped)
+                    "searched" if step.searched else ("followed" if step.followed else "skipped")
                 )
-                counter["complete"] += 1
+                self.stats.tally(counter, "complete")
             if len(got[row]) > steps:  # the first row to report a step: one more forward
                 steps = len(got[row])
-                self.stats.lm_forwards += 1
+                self.stats.add(lm_forwards=1)
             now = time.monotonic()
             if now >= job.deadline and not job.future.done():
-                self.stats.cancelled += 1
+                self.stats.add(cancelled=1)
                 _settle(job.future, error=self.deadline_error())
             if now >= self._drain_deadline:
                 _settle(job.future, error=_shutting_down())

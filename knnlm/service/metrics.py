@@ -131,10 +131,10 @@ class BatcherCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         batcher = self.batcher
         stats = batcher.stats
-        # copies: the worker thread adds keys meanwhile (a dict copy is one step under the GIL)
-        shapes = dict(stats.shapes)  # (kind, jobs, rows) -> batches
-        tokens, searched, skipped = dict(stats.tokens), dict(stats.searched), dict(stats.skipped)
-        followed = dict(stats.followed)
+        with stats.lock:  # one consistent copy: the worker counts on meanwhile
+            shapes = dict(stats.shapes)  # (kind, jobs, rows) -> batches
+            tokens, searched = dict(stats.tokens), dict(stats.searched)
+            skipped, followed = dict(stats.skipped), dict(stats.followed)
         kinds = sorted(set(KINDS) | {kind for kind, _, _ in shapes})
 
         yield GaugeMetricFamily(
