@@ -454,13 +454,17 @@ def _from_pretrained(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own bars are the ones users should see
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # ours are the ones users should see; theirs come back
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot load model {location!r}: {first_line}") from exc
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -195,13 +196,14 @@ def serve(
         max_queue=max_queue,
         max_explain_cells=max_explain_cells,
     )
+    logging_requests: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
     if access_log == "json":
         import sys
 
         from knnlm.service.access_log import json_access_log
 
-        json_access_log(sys.stderr)
-    with open_session(settings, search_domains=search_domains) as session:
+        logging_requests = json_access_log(sys.stderr)
+    with logging_requests, open_session(settings, search_domains=search_domains) as session:
         app = create_app(
             session,
             api_key=serve_api_key,

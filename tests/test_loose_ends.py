@@ -272,3 +272,18 @@ def test_the_batchers_counters_lose_no_count_across_threads() -> None:
         sys.setswitchinterval(interval)
     assert stats.cancelled == 6 * 20_000
     assert stats.tokens["score"] == 6 * 20_000
+
+
+def test_loading_a_model_leaves_transformers_progress_bars_as_they_were(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from knn_store import KnnlmSettings, load_language_model
+
+    settings = KnnlmSettings(model=str(tiny_models["gpt2"]), model_cache=tmp_path / "cache")
+    for enabled in (True, False):
+        (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+        load_language_model(settings)
+        assert hf_logging.is_progress_bar_enabled() == enabled
+    hf_logging.enable_progress_bar()

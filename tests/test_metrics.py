@@ -318,15 +318,11 @@ def access_log() -> Iterator[io.StringIO]:
     from knnlm.service.access_log import LOGGER_NAME, json_access_log
 
     logger = logging.getLogger(LOGGER_NAME)
-    level, propagate = logger.level, logger.propagate
+    before = (logger.level, logger.propagate)
     stream = io.StringIO()
-    handler = json_access_log(stream)
-    try:
+    with json_access_log(stream) as handler:
         yield stream
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = propagate
+    assert (logger.level, logger.propagate) == before and handler not in logger.handlers
 
 
 def test_json_access_log_has_one_line_per_request_and_no_secret(

@@ -2,7 +2,7 @@
 
 The request observer (``metrics.Observer``) hands every finished request to ``log_request``,
 which writes to the ``knnlm.access`` logger only when someone listens: the CLI attaches a
-JSON handler with ``json_access_log``; without it the call costs one level check. A line
+JSON handler within ``json_access_log``; without it the call costs one level check. A line
 holds the time, method, route template, status, duration, bytes sent, request id and the
 client's address, and nothing else: no headers (the API key travels in one), no query
 string, no body.
@@ -10,9 +10,11 @@ string, no body.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from typing import IO, Any
 
 LOGGER_NAME = "knnlm.access"
@@ -48,13 +50,19 @@ class JsonLines(logging.Formatter):
         return json.dumps({"time": f"{stamp}.{millis:03d}Z", **body}, ensure_ascii=False)
 
 
-def json_access_log(stream: IO[str]) -> logging.Handler:
-    """Write the access log to ``stream`` as JSON lines, and only there (not to the root
-    logger's handlers). Returns the handler, for ``logging.getLogger(LOGGER_NAME)
-    .removeHandler`` when done."""
+@contextlib.contextmanager
+def json_access_log(stream: IO[str]) -> Iterator[logging.Handler]:
+    """Within the block, write the access log to ``stream`` as JSON lines, and only there
+    (not to the root logger's handlers); after it, the logger is as it was."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonLines())
+    level, propagate = _log.level, _log.propagate
     _log.addHandler(handler)
     _log.setLevel(logging.INFO)
     _log.propagate = False
-    return handler
+    try:
+        yield handler
+    finally:
+        _log.removeHandler(handler)
+        _log.setLevel(level)
+        _log.propagate = propagate
