@@ -913,6 +913,8 @@ class KnnLM:
                 followed = (followed or 0) + int(scored.followed.sum())
             lm_seconds += scored.lm.lm_seconds
             search_seconds += scored.search_seconds
+        if not sequences:
+            raise CorpusError("nothing to evaluate: no text was given (or every file was skipped)")
         if tokens == 0:
             raise CorpusError("nothing to evaluate: every text is shorter than 2 tokens")
         return EvalResult(

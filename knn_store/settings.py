@@ -226,9 +226,10 @@ class KnnlmSettings(BaseSettings):
     )
     cache_weight: float = Field(
         default=0.0,
-        description="Weight of a document cache of each text's own earlier positions (0: off). "
-        "Default: the one `knnlm tune --fit-levers` saved, else 0.",
-        **_finite(ge=0.0, le=1.0),
+        description="Weight of a document cache of each text's own earlier positions (0: off; "
+        "below 1, since the LM and the datastore keep the rest). Default: the one `knnlm tune "
+        "--fit-levers` saved, else 0.",
+        **_finite(ge=0.0, lt=1.0),
     )
     cache_temperature: float | None = Field(
         default=None,

@@ -670,19 +670,21 @@ def check_tuning_size(tokens: int, kind: str, *, buckets: int) -> None:
     if tokens >= needed:
         return
     have = f"the validation text has {tokens:,} token{'' if tokens == 1 else 's'}"
+    # --save fixed only where it could be fitted on this text
+    fixed = kind != "fixed" and tokens >= tokens_needed("fixed", buckets=buckets)
     if kind in ("buckets", "cosine-buckets"):
         most = tokens // MIN_TOKENS_PER_BUCKET
         fewer = f", at most --buckets {most}" if most >= 2 else ""
         raise CorpusError(
             f"{have}, too few for {buckets:,} buckets: they need at least {needed:,} "
-            f"({MIN_TOKENS_PER_BUCKET} per bucket); give more validation text{fewer}, "
-            "or --save fixed"
+            f"({MIN_TOKENS_PER_BUCKET} per bucket); give more validation text{fewer}"
+            + (", or --save fixed" if fixed else "")
         )
     what = {
         "learned": "the learned policy",
         "learned-t": "the learned policy with a temperature per position",
     }.get(kind, "a fixed lambda and T")
-    other = " or --save fixed" if kind in ("learned", "learned-t") else ""
+    other = " or --save fixed" if fixed else ""
     raise CorpusError(
         f"{have}, too few to fit {what}: it needs at least {needed:,}; give more "
         f"validation text{other}"

@@ -207,6 +207,7 @@ def rebuild(
     from functools import partial
 
     from knn_store import open_store
+    from knn_store.session import check_domains
     from knn_store.store.transfer import copy_collection
 
     settings = settings_from(params)
@@ -215,9 +216,11 @@ def rebuild(
     )
     if to_collection == settings.collection:
         raise click.BadParameter("must differ from --collection", param_hint="--to-collection")
-    with open_store(settings) as source, open_store(target_settings, create=True) as target:
-        copy = partial(copy_collection, successors=successors)
-        _copy(source, target, settings, only_domains, quiet, copy, into_existing)
+    with open_store(settings) as source:
+        domains = check_domains(source, only_domains)  # before anything is made on the target
+        with open_store(target_settings, create=True) as target:
+            copy = partial(copy_collection, successors=successors)
+            _copy(source, target, settings, domains, quiet, copy, into_existing)
 
 
 @click.command()
@@ -270,6 +273,7 @@ def push(
           --shard-number 2 --replication-factor 2
     """
     from knn_store import open_store
+    from knn_store.session import check_domains
     from knn_store.store.transfer import copy_collection
 
     if (to_url is None) == (to_local is None):
@@ -293,15 +297,17 @@ def push(
         },
         **target_changes,
     )
-    with open_store(settings) as source, open_store(target_settings, create=True) as target:
-        _copy(source, target, target_settings, only_domains, quiet, copy_collection, into_existing)
+    with open_store(settings) as source:
+        domains = check_domains(source, only_domains)  # before anything is made on the target
+        with open_store(target_settings, create=True) as target:
+            _copy(source, target, target_settings, domains, quiet, copy_collection, into_existing)
 
 
 def _copy(
     source: Any,
     target: Any,
     settings: Any,
-    only_domains: tuple[str, ...],
+    domains: tuple[str, ...],
     quiet: bool,
     copy_collection: Any,
     into_existing: bool = False,
@@ -309,10 +315,9 @@ def _copy(
     from dataclasses import replace
 
     from knn_store import PointFilter
-    from knn_store.session import check_domains
 
     assert source.meta is not None
-    flt = PointFilter(domains=check_domains(source, only_domains))
+    flt = PointFilter(domains=domains)
     # A target that exists (a copy to resume) keeps its own settings unless flags say others.
     base = (target.meta or source.meta).storage
     storage = replace(base, **settings.storage_overrides())

@@ -162,7 +162,9 @@ def restore(
     found = find_snapshot(snapshot_ref, _folders(settings))
     explicit = "collection" in settings.model_fields_set
     target = to_collection or (settings.collection if explicit else found.manifest.collection)
-    settings_from(params, collection=target)  # a plain collection name, whoever chose it
+    # a plain collection name, whoever chose it (named by the flag that gave it)
+    named = {"collection": "--to-collection"} if to_collection else None
+    settings_from(params, flags=named, collection=target)
 
     def open_collection(name: str) -> KnnStore:
         return open_store(settings, create=True, collection=name)

@@ -287,3 +287,62 @@ def test_loading_a_model_leaves_transformers_progress_bars_as_they_were(
         load_language_model(settings)
         assert hf_logging.is_progress_bar_enabled() == enabled
     hf_logging.enable_progress_bar()
+
+
+# --- messages that name the right thing ------------------------------------------------------
+
+
+def test_messages_name_what_is_wrong(ingested: Knnlm, tmp_path: Path) -> None:
+    import json
+
+    knnlm = ingested
+    binary = tmp_path / "skip" / "blob.txt"
+    binary.parent.mkdir()
+    binary.write_bytes(b"\x00\xff\x00" * 50)
+    skipped = knnlm(
+        "eval", str(binary.parent), *knnlm.model_args(), *knnlm.store_args(), "-q",
+        "--skip-invalid",
+    )  # fmt: skip
+    assert skipped.exit_code == 1, skipped.output
+    *notes, line = skipped.stderr.splitlines()  # each skipped file named, then the error
+    assert line.startswith("knnlm: error: nothing to evaluate: no text"), line
+    assert len(notes) == 1 and "blob.txt" in notes[0]
+    weight = knnlm(
+        "eval", str(knnlm.tmp / "held.txt"), *knnlm.model_args(), *knnlm.store_args(),
+        "--cache-weight", "1",
+    )  # fmt: skip
+    _one_line_error(weight, "--cache-weight")
+    made = knnlm("snapshot", "create", *knnlm.store_args(), "-q", "--json")
+    assert made.exit_code == 0, made.output
+    snapshot = json.loads(made.stdout)["path"]
+    restore = knnlm(
+        "snapshot", "restore", snapshot, *knnlm.store_args(), "--to-collection", "bad/name"
+    )
+    _one_line_error(restore, "--to-collection")
+    pushed = knnlm(
+        "push", *knnlm.store_args(), "--to-local", str(tmp_path / "pushed"),
+        "--only-domain", "nosuch", "-q",
+    )  # fmt: skip
+    _one_line_error(pushed, "nosuch")
+    assert not (tmp_path / "pushed").exists()  # nothing made for a copy that never began
+    rebuilt = knnlm(
+        "rebuild", *knnlm.store_args(), "--to-collection", "rb", "--only-domain", "nosuch"
+    )
+    _one_line_error(rebuilt, "nosuch")
+    assert not (knnlm.data_dir / "rb").exists()
+
+
+def test_tune_suggests_save_fixed_only_where_it_would_fit() -> None:
+    from knn_store.errors import CorpusError
+    from knn_store.tuning import check_tuning_size, tokens_needed
+
+    fixed = tokens_needed("fixed", buckets=64)
+    with pytest.raises(CorpusError) as few:
+        check_tuning_size(fixed - 1, "buckets", buckets=64)
+    assert "--save fixed" not in str(few.value)
+    with pytest.raises(CorpusError) as enough:
+        check_tuning_size(fixed, "buckets", buckets=64)
+    assert "--save fixed" in str(enough.value)
+    with pytest.raises(CorpusError) as learned:
+        check_tuning_size(fixed - 1, "learned", buckets=64)
+    assert "--save fixed" not in str(learned.value)
