@@ -701,7 +701,8 @@ async def _sse(
     """Server-sent events: each row's opening chunk, then its text deltas as they become
     safe to send (with the records of the tokens in them), its closing chunk with the
     finish reason, the usage when asked, and ``[DONE]``. A row's deltas add up to its
-    non-streamed text; rows interleave, told apart by ``index``."""
+    non-streamed text; rows interleave, told apart by ``index``. A row that fails (a
+    deadline, the shutdown) ends the stream with an error event, then ``[DONE]``."""
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
 
@@ -729,8 +730,9 @@ async def _sse(
                 i = row.index
                 if row.future.done():
                     failure = _failure(row.future)
-                    if failure is not None:
+                    if failure is not None:  # the error, then the end, as vLLM ends it
                         yield _event(failure)
+                        yield "data: [DONE]\n\n"
                         return
                     text = row.text.text
                     rest = text[len(sent[i]) :] if text.startswith(sent[i]) else ""
