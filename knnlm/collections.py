@@ -9,7 +9,7 @@ import click
 from tqdm import tqdm
 
 from knn_store.errors import StoreDamaged, StoreUnavailable
-from knnlm.options import STORAGE_OPTIONS, STORE_OPTIONS, options, settings_from
+from knnlm.options import SERVER_ONLY, STORAGE_OPTIONS, STORE_OPTIONS, options, settings_from
 
 if TYPE_CHECKING:
     pass
@@ -278,7 +278,10 @@ def push(
 
     if (to_url is None) == (to_local is None):
         raise click.UsageError("give exactly one of --to-url and --to-local")
-    settings = settings_from(params)
+    source_params = params
+    if params.get("backend") not in (None, "qdrant"):  # the server flags are the target's
+        source_params = {k: v for k, v in params.items() if k not in SERVER_ONLY}
+    settings = settings_from(source_params)
     target_changes: dict[str, Any] = {
         "collection": to_collection or settings.collection,
         "backend": "qdrant" if to_url else "local",

@@ -46,6 +46,8 @@ STORE_OPTIONS = (
     "timeout",
     "retries",
 )
+# Flags that only a Qdrant server takes: refused beside another --backend.
+SERVER_ONLY = ("url", "prefer_grpc", "ca_cert")
 STORAGE_OPTIONS = (
     "vector_datatype",
     "quantization",
@@ -137,16 +139,16 @@ def settings_from(
     of a copy is ``--to-collection``), for error messages.
     """
     given = {k: v for k, v in params.items() if k in KnnlmSettings.model_fields and v is not None}
+    given.update(changes)
     backend = given.get("backend")
     if backend is not None and backend != "qdrant":  # both said on this command line
-        for field in ("url", "prefer_grpc", "ca_cert"):
+        for field in SERVER_ONLY:
             if given.get(field):
-                flag = flag_name(field)
+                flag = (flags or {}).get(field) or flag_name(field)
                 raise ConfigError(
                     f"{flag} is for a Qdrant server, but --backend is {backend!r}: drop "
                     f"{flag}, or use --backend qdrant"
                 )
-    given.update(changes)
     try:
         settings = KnnlmSettings(**given)
     except ValidationError as exc:

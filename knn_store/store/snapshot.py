@@ -53,6 +53,7 @@ from knn_store.errors import (
     StoreUnavailable,
 )
 from knn_store.store.base import CollectionMeta, KnnStore
+from knn_store.store.records import seal
 
 SUFFIX = ".knnlm-snapshot.tar"
 MANIFEST = "knnlm-snapshot.json"
@@ -627,7 +628,9 @@ def _server_to_edge(snapshot: Snapshot, root: Path, target: str, progress: Progr
         raise refuse(f"Qdrant Edge cannot unpack its shard ({_first_line(exc)})") from exc
     finally:
         shard_file.unlink(missing_ok=True)
-    (folder / META_FILE).write_text(CollectionMeta.from_dict(m.record).to_json())
+    # sealed, as the store writes it (the manifest's record was checked when it was read)
+    record = seal(CollectionMeta.from_dict(m.record).to_dict())
+    (folder / META_FILE).write_text(json.dumps(record, indent=2))
 
 
 def _verify(store: KnnStore, snapshot: Snapshot) -> None:
