@@ -390,6 +390,20 @@ def _rows_from_hits(hits: Hits, *, k: int) -> tuple[Neighbours, np.ndarray]:
     return found, next_values
 
 
+# How many more neighbours than k a search asks for, so that a tie at the k-th distance is
+# seen whole (see ``KnnStore.search``), and how far it goes for a longer tie.
+TIE_MARGIN = 8
+TIE_LIMIT = 8
+
+
+def _put(out: Neighbours, rows: np.ndarray, found: Neighbours, k: int) -> None:
+    """Write the first k columns of ``found`` [r, w] into rows ``rows`` of ``out`` [b, k]."""
+    out.token_ids[rows] = found.token_ids[:, :k]
+    out.sq_distances[rows] = found.sq_distances[:, :k]
+    if out.point_ids is not None and found.point_ids is not None:
+        out.point_ids[rows] = found.point_ids[:, :k]
+
+
 class KnnStore(abc.ABC):
     """A (key -> next token) collection with batched Euclidean top-k search.
 
@@ -496,16 +510,31 @@ class KnnStore(abc.ABC):
         options: SearchOptions | None = None,
         filter: PointFilter | None = None,
     ) -> Neighbours:
-        """Top-k neighbours of each row of ``queries`` (float32 [b, dim])."""
+        """Top-k neighbours of each row of ``queries`` (float32 [b, dim]).
+
+        Neighbours tied at the k-th distance (copies of one key: repeated text) are taken by
+        token, whichever of them the engine met first: every engine, and every replica of a
+        cluster, then gives the same k. The engine is asked for ``TIE_MARGIN`` more, and a row
+        whose tie runs past those is asked again for more (up to ``TIE_LIMIT`` times k).
+        """
         if k < 1:
             raise ValueError(f"`k` must be positive, got {k}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if len(queries) == 0 or self._meta is None:
             return Neighbours.empty(len(queries), k)
-        hits = self._search(
-            queries, k=k, options=options or SearchOptions(), filter=filter or PointFilter()
-        )
-        return neighbours_from_hits(hits, k=k)
+        options, filter = options or SearchOptions(), filter or PointFilter()
+        rows = np.arange(len(queries))  # [r], the rows still to settle
+        out = Neighbours.empty(len(queries), k)
+        wanted = k + TIE_MARGIN
+        while True:
+            hits = self._search(queries[rows], k=wanted, options=options, filter=filter)
+            found = neighbours_from_hits(hits, k=wanted)  # ascending, ties ordered by token
+            _put(out, rows, found, k)
+            last = found.sq_distances[:, -1]  # [r], the farthest one asked for
+            open_tie = np.isfinite(last) & (last == found.sq_distances[:, k - 1])
+            if not open_tie.any() or wanted >= TIE_LIMIT * k:
+                return Neighbours(out.token_ids, out.sq_distances, out.point_ids)
+            rows, wanted = rows[open_tie], min(2 * wanted, TIE_LIMIT * k)
 
     @abc.abstractmethod
     def _search(
@@ -541,8 +570,14 @@ class KnnStore(abc.ABC):
         rows = np.fromiter((i for i, row in enumerate(ids) if len(row)), dtype=np.int64)  # [r]
         if len(rows) == 0 or self._meta is None:
             return Neighbours.empty(b, k), np.full((b, k), -1, dtype=np.int64)
-        hits = self._score_ids(queries[rows], [ids[r] for r in rows], k=k)
-        found, next_values = _rows_from_hits(hits, k=k)
+        # a few more than k, so that a tie at the k-th distance is taken by token (``search``)
+        wanted = k + TIE_MARGIN
+        hits = self._score_ids(queries[rows], [ids[r] for r in rows], k=wanted)
+        wide, wide_nexts = _rows_from_hits(hits, k=wanted)
+        found = Neighbours.empty(len(rows), k)
+        _put(found, np.arange(len(rows)), wide, k)
+        found = Neighbours(found.token_ids, found.sq_distances, found.point_ids)
+        next_values = wide_nexts[:, :k]
         if len(rows) == b:
             return found, next_values
         every = np.full((b, k), -1, dtype=np.int64)
