@@ -233,16 +233,17 @@ class Bench:
         self.save("push", result)
         print(json.dumps(result, indent=1), file=sys.stderr)
 
-    def backends(self) -> list[tuple[str, Any]]:
-        """The stores eval compares, by label: Edge (its default search pool: one thread per
-        CPU), and the server over REST and over gRPC with 1 and 2 concurrent requests."""
+    def backends(self, threads: tuple[int, ...] = (1, 2)) -> list[tuple[str, Any]]:
+        """The stores compared, by label: Edge (its default search pool: one thread per
+        CPU), and the server over REST and over gRPC with ``threads`` concurrent requests
+        per batch."""
         out: list[tuple[str, Any]] = [("edge", self.settings())]
-        for threads in (1, 2):
+        for threads_ in threads:
             for grpc in (False, True):
                 label = f"server {'gRPC' if grpc else 'REST'}"
-                label += "" if threads == 1 else f", {threads} threads"
+                label += "" if threads_ == 1 else f", {threads_} threads"
                 out.append(
-                    (label, self.settings("qdrant", prefer_grpc=grpc, search_threads=threads))
+                    (label, self.settings("qdrant", prefer_grpc=grpc, search_threads=threads_))
                 )
         return out
 
@@ -259,7 +260,7 @@ class Bench:
         texts = self.texts("test")
         chunks = [texts[i::3] for i in range(3)]
         lm = load_language_model(self.settings())
-        sessions = {label: open_session(s, lm=lm) for label, s in self.backends()}
+        sessions = {label: open_session(s, lm=lm) for label, s in self.backends(threads=(1,))}
         gates = {label: s.knn_lm.gate for label, s in sessions.items()}
         runs = [(label, False) for label in sessions]
         if gates["edge"] is not None:  # the tuned policy has a gate: also with it
