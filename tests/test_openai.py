@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from tests.conftest import CORPUS_LINES
 from tests.files import write
 from tests.serving import UvicornThread
-
-openai = pytest.importorskip("openai")
 
 SECRET = "openai-key-61c0b2"
 MODEL = "tiny-chat"

@@ -23,14 +23,13 @@ from typing import Any
 
 import httpx
 import pytest
+import schemathesis
 from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
 
 from knnlm.cli import cli
 from tests.conftest import CORPUS_LINES
 from tests.files import write
-
-schemathesis = pytest.importorskip("schemathesis")
 
 SECRET = "fuzz-key-0c4e7a21"
 AUTH = {"Authorization": f"Bearer {SECRET}"}

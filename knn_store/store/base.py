@@ -10,7 +10,6 @@ by facet); a backend implements the few ``_``-prefixed primitives below.
 from __future__ import annotations
 
 import abc
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -229,9 +228,6 @@ class CollectionMeta:
         if not isinstance(meta.dim, int) or meta.dim < 1:
             raise StoreDamaged(f"collection record has an invalid dimension {meta.dim!r}")
         return meta
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def check_compatible(self, other: CollectionMeta, *, collection: str) -> None:
         """Raise ``DimensionMismatch`` naming both sides if ``other`` cannot use this store.
