@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import select
 import signal
@@ -681,3 +682,40 @@ def test_knnlm_serve_exits_on_sigterm_despite_a_half_sent_body(
     assert proc.returncode == 0, err
     assert "server stopped" in err
     assert "Traceback" not in err, err
+
+
+def test_retry_after_is_the_queued_work_at_the_recent_pace(make_app: Callable[..., Any]) -> None:
+    """Estimated from the work waiting (windows to score, tokens to generate) at the pace
+    of recent batches of each kind, and capped where clients stop honouring it. It was the
+    number of waiting jobs times an average over every past job: 67 s for a queue that
+    drained in 5 s."""
+    from knnlm.service.batcher import RETRY_AFTER_CAP
+
+    batcher = make_app().state.batcher
+    with batcher._lock:
+        batcher._unit_seconds.update(score=0.01, complete=0.05)
+        batcher._queued_work.update(score=300, complete=64)
+        assert batcher._drain_seconds() == math.ceil(300 * 0.01 + 64 * 0.05)  # 7
+        batcher._queued_work.update(explain=100)  # not run yet: at the slowest pace seen
+        assert batcher._drain_seconds() == math.ceil(300 * 0.01 + 64 * 0.05 + 100 * 0.05)
+        batcher._queued_work["score"] += 100_000
+        assert batcher._drain_seconds() == RETRY_AFTER_CAP
+        batcher._queued_work.clear()
+        assert batcher._drain_seconds() == 1
+
+
+def test_a_request_after_the_shutdown_began_gets_503_at_once_and_a_closed_connection(
+    make_app: Callable[..., Any],
+) -> None:
+    """A new request on a kept-alive connection after SIGTERM was accepted and waited up to
+    the whole drain window; it is answered 503 at once, its connection closed."""
+    app = make_app()
+    (before,) = asyncio.run(_one_by_one(app, [("/v1/score", {"text": TEXTS[0]})]))
+    assert before.status_code == 200
+    app.state.batcher.drain(30.0)  # what the server's shutdown does first
+    started = time.monotonic()
+    (after,) = asyncio.run(_one_by_one(app, [("/v1/score", {"text": TEXTS[0]})]))
+    assert after.status_code == 503
+    assert "shutting down" in after.text
+    assert after.headers["connection"] == "close"
+    assert time.monotonic() - started < 30  # not the drain window

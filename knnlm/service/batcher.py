@@ -58,6 +58,13 @@ class ServiceUnavailable(KnnlmError):
     """The server is shutting down, or its worker stopped: retry later, maybe elsewhere."""
 
 
+class ShuttingDown(ServiceUnavailable):
+    """The server is shutting down: the answer closes its connection, so that a client on a
+    kept-alive connection goes to another replica rather than back to this one."""
+
+    close_connection = True
+
+
 class QueueFull(ServiceUnavailable):
     """Too many requests are waiting (``max_pending``); ``retry_after`` seconds is a guess
     of when there will be room."""
@@ -175,13 +182,24 @@ class BatchStats:
         }
 
 
+# Clients that honour Retry-After ignore longer waits (OpenAI's Python client takes at most
+# 60 s and retries at once past it): past this, the estimate says this much.
+RETRY_AFTER_CAP = 60
+
+
+def _work(job: _Job) -> int:
+    """A job's work, in the unit its kind is timed in: windows to score or explain, tokens to
+    generate at most."""
+    return job.args.max_new_tokens if job.kind == "complete" else job.size
+
+
 @dataclass(eq=False)
 class _Job:
     kind: str  # "score", "explain" or "complete"
     group: Hashable  # jobs of one group can run in one call
     size: int  # windows (score, explain) or rows (complete) it adds to a batch
     ids: np.ndarray  # int64 token ids, BOS first
-    args: Any  # KnnOptions, (top, neighbours) or Sampling
+    args: Any  # the KnnLM to score with, (top, neighbours), or Sampling
     on_step: Callable[[Step], bool | None] | None = None
     top_logprobs: int = 0
     future: Future[Any] = field(default_factory=Future)
@@ -230,15 +248,20 @@ class Batcher:
         self._live: dict[int, _Job] = {}  # id(future) -> job, until its future is done
         self._closed = False
         self._drain_deadline = math.inf  # after it, the shutdown refuses what is left
-        self._seconds_per_job = 1.0  # running average of batch time per job, for Retry-After
+        # For Retry-After: the work waiting (``_work``: windows to score, tokens to generate),
+        # by kind, and the seconds a unit of it has taken lately (a running average)
+        self._queued_work: Counter[str] = Counter()
+        self._unit_seconds: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="knnlm-model", daemon=True)
 
     # --- the handlers' side ----------------------------------------------------------------
 
     def score(self, ids: np.ndarray, options: KnnOptions = KnnOptions()) -> Future[TokenScores]:
         """Score every predicted token of ``ids`` (``session.encode``), as eval would."""
-        self.knn_lm_for(options)  # bad options fail here, not inside someone's batch
-        return self._submit("score", ("score", options), self._windows(ids), ids, options)
+        # resolved once, here: bad options fail before the job joins anyone's batch, and the
+        # job carries the kNN-LM it runs with (jobs of equal options share a batch)
+        knn_lm = self.knn_lm_for(options)
+        return self._submit("score", ("score", options), self._windows(ids), ids, knn_lm)
 
     def explain(
         self, ids: np.ndarray, *, top: int = 3, neighbours: int = 3
@@ -317,20 +340,21 @@ class Batcher:
         if self.request_timeout is not None:
             job.deadline = job.queued + self.request_timeout
         with self._lock:
-            if self._closed or time.monotonic() >= self._drain_deadline:
-                raise ServiceUnavailable("the server is shutting down")
+            if self._closed or self._drain_deadline < math.inf:  # a shutdown has begun:
+                raise _shutting_down()  # what is in hand finishes, nothing new is taken
             if self._waiting >= self.max_pending:
-                retry_after = math.ceil(self._waiting * self._seconds_per_job)
+                retry_after = self._drain_seconds()
                 raise QueueFull(
                     f"{self._waiting} requests are already waiting, the most this server "
                     f"queues (--max-queue); retry in {retry_after} s",
-                    retry_after=min(max(retry_after, 1), 600),
+                    retry_after=retry_after,
                 )
             if not self._thread.is_alive():
                 if self._thread.ident is not None:
                     raise ServiceUnavailable("the model worker stopped; restart the server")
                 self._thread.start()
             self._waiting += 1
+            self._queued_work[job.kind] += _work(job)
             self._live[id(job.future)] = job
             self._queue.put(job)
         job.future.add_done_callback(self._forget)
@@ -362,9 +386,10 @@ class Batcher:
         return self._drain_deadline
 
     def drain(self, seconds: float) -> None:
-        """A shutdown with a deadline: jobs go on being taken and run for ``seconds``; then
-        every job still waiting or running is answered ``ServiceUnavailable`` (a decoding
-        row ends at its next step), and new ones are refused. ``close()`` stops the worker."""
+        """A shutdown with a deadline: new jobs are refused at once (``ShuttingDown``); those
+        submitted before go on being taken and run for ``seconds``; then every job still
+        waiting or running is answered ``ShuttingDown`` (a decoding row ends at its next
+        step). ``close()`` stops the worker."""
         with self._lock:
             self._drain_deadline = min(self._drain_deadline, time.monotonic() + seconds)
         timer = threading.Timer(max(seconds, 0.0), self._refuse_live)
@@ -467,6 +492,7 @@ class Batcher:
                 continue
             with self._lock:
                 self._waiting -= 1
+                self._queued_work[job.kind] -= _work(job)
             if now >= job.deadline:
                 self.stats.add(cancelled=1)
                 _settle(job.future, error=self.deadline_error())
@@ -516,8 +542,20 @@ class Batcher:
                 log.exception("a batch of %d %s requests failed", len(batch), kind)
             for job in batch:
                 _settle(job.future, error=exc)
-        seconds = (time.monotonic() - started) / len(batch)
-        self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * seconds
+        unit = (time.monotonic() - started) / max(1, sum(_work(job) for job in batch))
+        with self._lock:
+            last = self._unit_seconds.get(kind, unit)
+            self._unit_seconds[kind] = 0.8 * last + 0.2 * unit
+
+    def _drain_seconds(self) -> int:
+        """How long the work waiting now should take, at the pace of recent batches of each
+        kind (a kind not run yet: the slowest pace seen, else a second a unit), in whole
+        seconds from 1 to ``RETRY_AFTER_CAP``. Call with the lock held."""
+        pace = max(self._unit_seconds.values(), default=1.0)
+        seconds = sum(
+            units * self._unit_seconds.get(kind, pace) for kind, units in self._queued_work.items()
+        )
+        return min(max(math.ceil(seconds), 1), RETRY_AFTER_CAP)
 
     def _score(self, batch: list[_Job], *, explain: bool) -> None:
         """One ``KnnLM.score`` over every text of the batch, split back per text."""
@@ -528,7 +566,7 @@ class Batcher:
             knn_lm = self.session.knn_lm
             per_forward = min(windows, self.session.settings.batch_size)
         else:
-            knn_lm = self.knn_lm_for(batch[0].args)
+            knn_lm = batch[0].args  # resolved at submit (``score``)
             per_forward = min(windows, self.max_batch)
         runner = knn_lm.with_options(batch_size=per_forward)
         rows: list[list[Any]] = [[] for _ in batch]
@@ -629,8 +667,8 @@ def _token_scores(parts: list[tuple[np.ndarray, ...]]) -> TokenScores:
     )
 
 
-def _shutting_down() -> ServiceUnavailable:
-    return ServiceUnavailable("the server is shutting down; retry on another replica or later")
+def _shutting_down() -> ShuttingDown:
+    return ShuttingDown("the server is shutting down; retry on another replica or later")
 
 
 def _start(future: Future[Any]) -> bool:

@@ -122,12 +122,14 @@ def knnlm_error_status(error: KnnlmError) -> int:
 
 def knnlm_error_response(error: KnnlmError) -> JSONResponse:
     status = knnlm_error_status(error)
-    headers = None
+    headers: dict[str, str] = {}
     retry_after = getattr(error, "retry_after", None)
     if isinstance(retry_after, (int, float)) and retry_after >= 0:
-        headers = {"Retry-After": str(max(1, round(retry_after)))}
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    if getattr(error, "close_connection", False):  # a server shutting down
+        headers["Connection"] = "close"
     code = "context_length_exceeded" if "context" in str(error) and status == 400 else None
-    return error_response(status, str(error), headers, code=code)
+    return error_response(status, str(error), headers or None, code=code)
 
 
 def _validation_error(error: RequestValidationError) -> tuple[str, str | None, str | None]:
