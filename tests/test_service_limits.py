@@ -719,3 +719,25 @@ def test_a_request_after_the_shutdown_began_gets_503_at_once_and_a_closed_connec
     assert "shutting down" in after.text
     assert after.headers["connection"] == "close"
     assert time.monotonic() - started < 30  # not the drain window
+
+
+def test_a_client_that_leaves_mid_body_is_counted_as_a_client_close(
+    make_app: Callable[..., Any],
+) -> None:
+    """Counted as 499 (nginx's client close), never as a server error: it was a 500."""
+    app = make_app(body_timeout=30.0)
+    registry = app.state.metrics
+
+    def count(status: str) -> float:
+        value = registry.get_sample_value(
+            "knnlm_http_requests_total", {"route": "/v1/score", "status": status}
+        )
+        return value or 0.0
+
+    with UvicornThread(app) as served:
+        with served.connect() as leaving:
+            leaving.sendall(_request("/v1/score", b'{"text": "de', length=100))
+        _wait_for(lambda: count("499") == 1, "the request to be counted")
+        with httpx.Client(base_url=served.url, timeout=60) as client:  # others still served
+            assert _ok(client.post("/v1/score", json={"text": TEXTS[0]}))["tokens_count"] > 0
+    assert count("500") == 0

@@ -61,6 +61,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 
 from knnlm.service.access_log import log_request
@@ -255,10 +256,17 @@ class Observer:
         self.metrics.in_progress.inc()
         try:
             await self.app(scope, receive, observed)
+            if not answered:  # the app gave up without an answer: its client had left
+                status = CLIENT_CLOSED
         except asyncio.CancelledError:
             if not answered:  # the client, or the server, left before any answer
                 status = CLIENT_CLOSED
             raise
+        except ClientDisconnect:
+            # the client left (or timed out) while its body was read: nobody to answer, and
+            # no server error either
+            if not answered:
+                status = CLIENT_CLOSED
         finally:
             self.metrics.in_progress.dec()
             seconds = time.perf_counter() - started

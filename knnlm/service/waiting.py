@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import Future
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import Request
 
@@ -40,6 +40,7 @@ async def result_or_cancel(request: Request, future: Future[T], batcher: Batcher
         )
     except asyncio.CancelledError:
         batcher.cancel(future)
+        answer.add_done_callback(_read_out)
         raise
     finally:
         gone.cancel()
@@ -47,9 +48,16 @@ async def result_or_cancel(request: Request, future: Future[T], batcher: Batcher
         return answer.result()
     if gone in done:
         batcher.cancel(future)
+        answer.add_done_callback(_read_out)  # its error is the cancel's: nobody waits for it
         raise RequestCancelled("the client disconnected before its answer")
     batcher.cancel(future, batcher.deadline_error())
     return await answer  # the deadline's error (or the result, had it just come)
+
+
+def _read_out(answer: asyncio.Future[Any]) -> None:
+    """Mark the error of an answer nobody awaits as seen (asyncio would log it at exit)."""
+    if not answer.cancelled():
+        answer.exception()
 
 
 async def _disconnect(request: Request) -> None:
