@@ -508,10 +508,12 @@ class KnnStore(abc.ABC):
     ) -> Neighbours:
         """Top-k neighbours of each row of ``queries`` (float32 [b, dim]).
 
-        Neighbours tied at the k-th distance (copies of one key: repeated text) are taken by
-        token, whichever of them the engine met first: every engine, and every replica of a
-        cluster, then gives the same k. The engine is asked for ``TIE_MARGIN`` more, and a row
-        whose tie runs past those is asked again for more (up to ``TIE_LIMIT`` times k).
+        In an exact search, neighbours tied at the k-th distance (copies of one key: repeated
+        text) are taken by token, whichever of them the engine met first: every engine, and
+        every replica of a cluster, then gives the same k. The engine is asked for
+        ``TIE_MARGIN`` more, and a row whose tie runs past those is asked again for more (up
+        to ``TIE_LIMIT`` times k). An approximate search asks for k (its ``hnsw_ef`` is the
+        engine's to honour, and another graph finds other neighbours anyway).
         """
         if k < 1:
             raise ValueError(f"`k` must be positive, got {k}")
@@ -519,6 +521,9 @@ class KnnStore(abc.ABC):
         if len(queries) == 0 or self._meta is None:
             return Neighbours.empty(len(queries), k)
         options, filter = options or SearchOptions(), filter or PointFilter()
+        if not options.exact:
+            hits = self._search(queries, k=k, options=options, filter=filter)
+            return neighbours_from_hits(hits, k=k)
         rows = np.arange(len(queries))  # [r], the rows still to settle
         out = Neighbours.empty(len(queries), k)
         wanted = k + TIE_MARGIN
