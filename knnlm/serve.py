@@ -28,12 +28,27 @@ if TYPE_CHECKING:
 
 
 @click.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
-    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port."
+    "--host",
+    envvar="KNNLM_SERVE_HOST",
+    show_envvar=True,
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on.",
+)
+@click.option(
+    "--port",
+    envvar="KNNLM_SERVE_PORT",
+    show_envvar=True,
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port.",
 )
 @click.option(
     "--max-batch",
+    envvar="KNNLM_SERVE_MAX_BATCH",
+    show_envvar=True,
     default=8,
     show_default=True,
     type=click.IntRange(1, 1024),
@@ -42,6 +57,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--batch-wait-ms",
+    envvar="KNNLM_SERVE_BATCH_WAIT_MS",
+    show_envvar=True,
     default=5.0,
     show_default=True,
     type=click.FloatRange(0.0, 1000.0),
@@ -49,6 +66,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--max-body-bytes",
+    envvar="KNNLM_SERVE_MAX_BODY_BYTES",
+    show_envvar=True,
     default=1_000_000,
     show_default=True,
     type=click.IntRange(1),
@@ -56,6 +75,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--max-text-tokens",
+    envvar="KNNLM_SERVE_MAX_TEXT_TOKENS",
+    show_envvar=True,
     default=8192,
     show_default=True,
     type=click.IntRange(2),
@@ -63,6 +84,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--max-completion-tokens",
+    envvar="KNNLM_SERVE_MAX_COMPLETION_TOKENS",
+    show_envvar=True,
     default=512,
     show_default=True,
     type=click.IntRange(1),
@@ -70,6 +93,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--max-queue",
+    envvar="KNNLM_SERVE_MAX_QUEUE",
+    show_envvar=True,
     default=256,
     show_default=True,
     type=click.IntRange(1),
@@ -78,6 +103,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--request-timeout",
+    envvar="KNNLM_SERVE_REQUEST_TIMEOUT",
+    show_envvar=True,
     default=300.0,
     show_default=True,
     type=click.FloatRange(0.0, 86_400.0, min_open=True),
@@ -86,6 +113,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--body-timeout",
+    envvar="KNNLM_SERVE_BODY_TIMEOUT",
+    show_envvar=True,
     default=30.0,
     show_default=True,
     type=click.FloatRange(0.0, 3600.0, min_open=True),
@@ -94,6 +123,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--max-explain-cells",
+    envvar="KNNLM_SERVE_MAX_EXPLAIN_CELLS",
+    show_envvar=True,
     default=32_768,
     show_default=True,
     type=click.IntRange(1),
@@ -103,6 +134,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--shutdown-timeout",
+    envvar="KNNLM_SERVE_SHUTDOWN_TIMEOUT",
+    show_envvar=True,
     default=30.0,
     show_default=True,
     type=click.FloatRange(0.0, 3600.0, min_open=True),
@@ -111,6 +144,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--batch-invariant",
+    envvar="KNNLM_SERVE_BATCH_INVARIANT",
+    show_envvar=True,
     is_flag=True,
     help="Run every request in LM forwards of its own, shaped as if it were alone, so its "
     "numbers are the same to the bit however many requests arrive together (no batching: "
@@ -126,6 +161,8 @@ if TYPE_CHECKING:
 )
 @click.option(
     "--access-log",
+    envvar="KNNLM_SERVE_ACCESS_LOG",
+    show_envvar=True,
     type=click.Choice(["uvicorn", "json", "off"]),
     default="uvicorn",
     show_default=True,

@@ -346,3 +346,14 @@ def test_tune_suggests_save_fixed_only_where_it_would_fit() -> None:
     with pytest.raises(CorpusError) as learned:
         check_tuning_size(fixed - 1, "learned", buckets=64)
     assert "--save fixed" not in str(learned.value)
+
+
+def test_every_serve_flag_has_an_environment_variable() -> None:
+    import click
+
+    from knnlm.serve import serve
+
+    flags = [p for p in serve.params if isinstance(p, click.Option) and p.name != "help"]
+    assert len(flags) > 20
+    missing = [p.opts[0] for p in flags if not p.envvar and "KNNLM_" not in (p.help or "")]
+    assert missing == []

@@ -20,6 +20,7 @@ retry and classification (``QdrantClientStore._call``) covers both paths.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,11 @@ class Wire:
 
     def __init__(self) -> None:
         self.server_seconds = 0.0  # the server's own time over every search, as it reports
+        self._lock = threading.Lock()  # searches of one batch may run in several threads
+
+    def _add_server_seconds(self, seconds: float) -> None:
+        with self._lock:
+            self.server_seconds += seconds
 
     def search(self, queries: np.ndarray, spec: SearchSpec) -> Hits:
         """The hits of every row of ``queries`` (float32 [b, dim]), in the server's order."""
@@ -202,7 +208,7 @@ class RestWire(Wire):
     def search(self, queries: np.ndarray, spec: SearchSpec) -> Hits:
         body = self._send("POST", "/query/batch", {"searches": rest_searches(queries, spec)})
         hits, seconds = rest_hits(body, with_next=spec.with_next)
-        self.server_seconds += seconds
+        self._add_server_seconds(seconds)
         return hits
 
     def upsert(self, batch: PointBatch) -> None:
@@ -407,7 +413,7 @@ class GrpcWire(Wire):
         )
         answer = self._stub().QueryBatch(request, timeout=self._timeout)
         hits, seconds = grpc_hits(answer, with_next=spec.with_next)
-        self.server_seconds += seconds
+        self._add_server_seconds(seconds)
         return hits
 
     def upsert(self, batch: PointBatch) -> None:
