@@ -741,3 +741,21 @@ def test_a_client_that_leaves_mid_body_is_counted_as_a_client_close(
         with httpx.Client(base_url=served.url, timeout=60) as client:  # others still served
             assert _ok(client.post("/v1/score", json={"text": TEXTS[0]}))["tokens_count"] > 0
     assert count("500") == 0
+
+
+def test_a_compressed_body_is_refused_with_415(make_app: Callable[..., Any]) -> None:
+    """`Content-Encoding: gzip` was ignored, the compressed bytes read as if they were JSON."""
+    import gzip
+
+    app = make_app()
+
+    async def go() -> httpx.Response:
+        async with _client(app) as client:
+            body = gzip.compress(json.dumps({"text": TEXTS[0]}).encode())
+            headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+            return await client.post("/v1/score", content=body, headers=headers)
+
+    refused = asyncio.run(go())
+    assert refused.status_code == 415
+    error = refused.json()["error"]
+    assert "Content-Encoding 'gzip'" in error["message"] and "uncompressed" in error["message"]

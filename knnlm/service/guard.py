@@ -1,7 +1,8 @@
 """The first thing every request meets: the API key, then the body, read whole and bounded.
 
 A pure ASGI middleware (no route runs before it): a 401 without the right key (except on
-the health probes and the page at ``/``), a 413 for a body past the limit, a 408 (and the
+the health probes and the page at ``/``), a 415 for a compressed body, a 413 for a body past
+the limit, a 408 (and the
 connection closed) for a body that takes longer than ``body_timeout`` seconds to arrive,
 stalled or trickling, so a slow client cannot hold a connection, or a shutdown, forever;
 otherwise the route sees the body replayed from memory, and a streaming response still
@@ -66,6 +67,12 @@ class Guard:
                 bearer = {"www-authenticate": "Bearer"}
                 await error_response(401, refusal, bearer)(scope, receive, send)
                 return
+        encoding = headers.get("content-encoding", b"identity").strip().lower()
+        if encoding not in (b"", b"identity"):  # never parsed as if it were plain JSON
+            shown = encoding.decode("latin-1")[:40]
+            message = f"Content-Encoding {shown!r} is not accepted: send the body uncompressed"
+            await error_response(415, message)(scope, receive, send)
+            return
         declared = headers.get("content-length", b"0")
         if not declared.isdigit() or int(declared) > self.max_body_bytes:
             await self._too_large(scope, receive, send)
