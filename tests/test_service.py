@@ -62,6 +62,10 @@ COMPLETIONS: list[tuple[dict[str, Any], list[str]]] = [
         {"prompt": "for i in", "max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "seed": 7},
         ["--max-new-tokens", "10", "--sample-temperature", "0.9", "--sample-top-p", "0.95", *SEED],
     ),
+    (  # a seed below 0: the CLI's range is the service's too
+        {"prompt": "class", "max_tokens": 6, "temperature": 1.0, "seed": -1},
+        ["--max-new-tokens", "6", "--sample-temperature", "1.0", "--seed", "-1"],
+    ),
 ]
 EXPLAIN = {"text": PROSE, "top": 2, "neighbours": 2}
 LIMITS = {"max_body_bytes": 20_000, "max_text_tokens": 120, "max_completion_tokens": 64}

@@ -38,6 +38,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from knn_store.generation import SEED_MAX, SEED_MIN
 from knnlm.service.schemas import UnicodeText
 
 MAX_LOGPROBS = 20  # top tokens reported per position at most
@@ -128,9 +129,10 @@ class _Sampling(_Request):
     )
     seed: int | None = Field(
         default=None,
-        ge=0,
-        le=2**63 - 1,
-        description="Random seed; choice `index` samples with seed + index.",
+        ge=SEED_MIN,
+        le=SEED_MAX,
+        description="Random seed, in the range `knnlm generate --seed` takes (-2**63 to "
+        "2**64 - 1); choice `index` samples with seed + index.",
     )
     user: str | None = Field(default=None, description="Accepted; used and logged nowhere.")
     knn: bool = Field(
