@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from knn_store.errors import KnnlmError
-from knnlm.collections import check, domains, info, push, rebuild
+from knnlm.collection_commands import check, domains, info, push, rebuild
 from knnlm.generate import explain, generate
 from knnlm.options import (
     LEVER_OPTIONS,
