@@ -336,8 +336,9 @@ def test_cancel_a_waiting_a_decoding_and_a_scored_job(
 ) -> None:
     """A waiting job never runs, a decoding row ends at the next step, and a job being
     scored has its result dropped: each answers ``RequestCancelled`` at once."""
+    from knn_store.errors import RequestCancelled
     from knn_store.generation import Sampling
-    from knnlm.service.batcher import Batcher, RequestCancelled
+    from knnlm.service.batcher import Batcher
 
     batcher = Batcher(session, max_wait=0)
     try:

@@ -39,7 +39,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from knn_store.errors import ConfigError, CorpusError, KnnlmError
+from knn_store.errors import (
+    ConfigError,
+    CorpusError,
+    DeadlineExceeded,
+    KnnlmError,
+    QueueFull,
+    RequestCancelled,
+    ServiceUnavailable,
+    ShuttingDown,
+)
 from knn_store.knn_lm import perplexity
 from knn_store.windows import sliding_windows
 
@@ -52,40 +61,6 @@ if TYPE_CHECKING:
     from knn_store.session import Session
 
 log = logging.getLogger(__name__)
-
-
-class ServiceUnavailable(KnnlmError):
-    """The server is shutting down, or its worker stopped: retry later, maybe elsewhere."""
-
-
-class ShuttingDown(ServiceUnavailable):
-    """The server is shutting down: the answer closes its connection, so that a client on a
-    kept-alive connection goes to another replica rather than back to this one."""
-
-    close_connection = True
-
-
-class QueueFull(ServiceUnavailable):
-    """Too many requests are waiting (``max_pending``); ``retry_after`` seconds is a guess
-    of when there will be room."""
-
-    status = 429  # the HTTP status the service answers it with
-
-    def __init__(self, message: str, *, retry_after: int) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class DeadlineExceeded(KnnlmError):
-    """A request took longer than the server's per-request deadline; it no longer runs."""
-
-    status = 504
-
-
-class RequestCancelled(KnnlmError):
-    """The job was cancelled (its client left): nobody waits for its answer."""
-
-    status = 499  # nginx's "client closed request": nobody reads it
 
 
 @dataclass(frozen=True)

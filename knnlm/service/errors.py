@@ -39,8 +39,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from knn_store.errors import KnnlmError, StoreError
-from knnlm.service.batcher import ServiceUnavailable
+from knn_store.errors import KnnlmError, ServiceUnavailable, StoreError
 from knnlm.service.schemas import ErrorBody, ErrorDetail
 
 ERROR_TYPES = {

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from knnlm.service.batcher import Batcher, RequestCancelled
+from knn_store.errors import RequestCancelled
+from knnlm.service.batcher import Batcher
 from knnlm.service.errors import ApiError
 
 T = TypeVar("T")
