@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import os
+import re
 import select
 import signal
 import socket
@@ -651,6 +652,21 @@ def _serve_process(store: dict[str, Any], *flags: str) -> tuple[subprocess.Popen
                 time.sleep(0.2)
 
 
+def _in_progress(port: int) -> float:
+    """Requests a served process is answering (the scrape that asks counts itself)."""
+    scraped = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    found = re.search(r"^knnlm_http_requests_in_progress (\S+)$", scraped, re.MULTILINE)
+    return float(found[1]) if found else 0.0
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("signals", [1, 2], ids=["deadline", "second-signal"])
 def test_knnlm_serve_exits_on_sigterm_despite_a_half_sent_body(
     store: dict[str, Any], session: Any, signals: int
@@ -668,10 +684,10 @@ def test_knnlm_serve_exits_on_sigterm_despite_a_half_sent_body(
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=60) as half:
             half.sendall(_request("/v1/score", b'{"text": ', length=100))
-            time.sleep(0.5)  # the server has read the headers
+            _wait_for(lambda: _in_progress(port) >= 2, "the half body's request to begin")
             proc.send_signal(signal.SIGTERM)
-            if signals == 2:
-                time.sleep(1.0)  # it is waiting for the half body now
+            if signals == 2:  # once it no longer listens, it waits for the half body
+                _wait_for(lambda: not _listening(port), "the shutdown to begin")
                 proc.send_signal(signal.SIGTERM)
             else:  # the body is given up at the deadline, with a word
                 assert _answer(half).startswith(b"HTTP/1.1 503")
