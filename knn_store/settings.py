@@ -204,8 +204,9 @@ class KnnlmSettings(BaseSettings):
         default=None,
         ge=1,
         le=256,
-        description="Search threads: Qdrant Edge's pool, or concurrent requests to a server. "
-        "Default: one per CPU (Edge), 1 (server).",
+        description="Search threads: Qdrant Edge's pool, or concurrent requests to a server "
+        "per batch (the server searches one part while the last is decoded). Default: one per "
+        "CPU (Edge), 2 (server).",
     )
     search_batch: int = Field(default=256, ge=1, le=65_536, description="Queries per search.")
     gate: bool = Field(

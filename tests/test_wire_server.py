@@ -77,6 +77,7 @@ def test_lean_searches_equal_the_model_path(
                 )
                 _same_hits(lean, _model_path(store, _client_requests(queries, spec)))
                 assert lean.counts.min() == K
+        store.search_threads = 1  # one request for the batch
         whole = store._search(queries, k=K, options=SearchOptions(), filter=PointFilter())
         store.search_threads = 3  # the batch split over concurrent requests: the same hits
         _same_hits(

@@ -54,6 +54,10 @@ _POLICY_KEY = "knnlm_policy"
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
 _TRANSIENT_STATUS = (429, 502, 503, 504)
 _SLOW_CALL_S = 1.0  # a failed call that waited this long is told before it is retried
+# Concurrent requests per search batch to a server, unless --search-threads says otherwise:
+# with two, the server searches one half while the other is decoded (measured at 303k points,
+# k = 1024: gRPC 4.47 -> 3.40 ms/query, REST 3.48 -> 3.31).
+SERVER_REQUESTS = 2
 
 
 def check_server_url(url: str, *, api_key: bool, allow_insecure_api_key: bool) -> None:
@@ -87,7 +91,8 @@ class QdrantClientStore(KnnStore):
         create: if False, a missing collection raises ``CollectionMissing``.
         retries: attempts after the first for a call that got no answer.
         patience: seconds after which a call and its retries give up (None: no bound).
-        search_threads: concurrent search requests per batch (server only).
+        search_threads: concurrent search requests per batch (server only; default
+            ``SERVER_REQUESTS``).
         wire: the lean transport for searches and upserts (a server); None: qdrant-client's
             models (local mode).
     """
@@ -505,11 +510,12 @@ class QdrantClientStore(KnnStore):
             )
             return self._call(what, wire.search, queries[rows], part)
 
-        threads = min(self.search_threads or 1, len(queries))
+        threads = min(self.search_threads or SERVER_REQUESTS, len(queries))
         if threads <= 1:
             return run(slice(None))
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.search_threads, thread_name_prefix="knnlm-search")
+            workers = self.search_threads or SERVER_REQUESTS
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="knnlm-search")
         bounds = np.linspace(0, len(queries), threads + 1).astype(int).tolist()
         parts = list(self._pool.map(run, [slice(a, b) for a, b in pairwise(bounds)]))
         return Hits.concat(parts)
