@@ -11,7 +11,9 @@ itself carries:
   32 ms against orjson's 88 ms into dicts (112 ms with the fields picked out) and the
   standard library's 215 ms, since a typed decoder skips what it is not asked for.
 - gRPC: qdrant-client's own generated stubs and protobuf messages, without its conversion
-  to models; the stub carries the client's channel, key and TLS.
+  to models; the stub carries the client's channel, key and TLS. The hits of a plain search
+  are read from the answer's wire bytes with numpy (72 ms for 262,144 hits, against 288 ms
+  one message at a time); any other layout goes through the messages.
 
 Everything else (collections, metadata, snapshots, counts) stays with qdrant-client; errors
 come out as qdrant-client's (``UnexpectedResponse``, ``grpc.RpcError``), so the store's one
@@ -20,6 +22,7 @@ retry and classification (``QdrantClientStore._call``) covers both paths.
 
 from __future__ import annotations
 
+import abc
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +42,7 @@ class SearchSpec:
     limits: int [b], the neighbours wanted per query.
     hnsw_ef, exact: the search parameters (ef None: the server's own).
     quantization: None, or (ignore, rescore, oversampling) for a quantized collection.
-    filters: one ``PointFilter`` for every query, or one per query.
+    filter: the ``PointFilter`` of every query (domains, documents).
     ids: per query, the only point ids it may return (pointer following), or None.
     with_next: read each hit's ``next`` payload field (and nothing else of the payload).
     """
@@ -53,7 +56,7 @@ class SearchSpec:
     with_next: bool = False
 
 
-class Wire:
+class Wire(abc.ABC):
     """The lean transport of one collection: ``search`` and ``upsert``."""
 
     name: str  # "REST" or "gRPC"
@@ -66,13 +69,13 @@ class Wire:
         with self._lock:
             self.server_seconds += seconds
 
+    @abc.abstractmethod
     def search(self, queries: np.ndarray, spec: SearchSpec) -> Hits:
         """The hits of every row of ``queries`` (float32 [b, dim]), in the server's order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def upsert(self, batch: PointBatch) -> None:
         """Write ``batch`` and wait until the server has applied it."""
-        raise NotImplementedError
 
 
 # --- REST ------------------------------------------------------------------------------------
