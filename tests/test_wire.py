@@ -98,6 +98,27 @@ def test_rest_answers_decode_to_the_hits_in_order() -> None:
     assert plain.nexts is None and plain.ids == hits.ids
 
 
+def test_rest_scores_are_the_servers_float32s_as_grpc_gives_them() -> None:
+    """The server writes a float32 score as its shortest decimal (0.1 for float32(0.1)): read
+    as a float64 that is another number, and its square may differ from gRPC's in the last
+    bit, enough to reorder a tie. Read back as the float32 it is, it equals gRPC's score."""
+    scores = np.random.default_rng(8).random(1000).astype(np.float32) * 30
+    shortest = [np.format_float_positional(s, unique=True) for s in scores]  # as ryu writes
+    body = {
+        "result": [
+            {
+                "points": [
+                    {"id": str(uuid.UUID(int=i)), "score": float(t)} for i, t in enumerate(shortest)
+                ]
+            }
+        ],
+        "time": 0.0,
+    }
+    hits, _ = rest_hits(json.dumps(body).encode())
+    np.testing.assert_array_equal(hits.scores, scores.astype(np.float64))
+    assert (np.array(shortest, dtype=np.float64) != scores.astype(np.float64)).any()
+
+
 def test_a_rest_answer_of_another_shape_is_refused() -> None:
     with pytest.raises(ValueError, match="unexpected search answer"):
         rest_hits(b'{"result": [{"points": [{"id": 7, "score": 1.0}]}]}')  # integer id

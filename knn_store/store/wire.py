@@ -134,7 +134,11 @@ def rest_hits(body: bytes, *, with_next: bool = False) -> tuple[Hits, float]:
         Hits(
             counts=counts,
             ids=[h.id for h in points],
-            scores=np.fromiter((h.score for h in points), np.float64, len(points)),
+            # the server's scores are float32, written as the shortest decimal that reads back
+            # as that float32: read back so, they equal gRPC's to the bit
+            scores=np.fromiter((h.score for h in points), np.float32, len(points)).astype(
+                np.float64
+            ),
             nexts=nexts,
         ),
         answer.time,
