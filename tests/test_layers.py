@@ -10,7 +10,9 @@ From the bottom up:
 - model: the LM, the kNN-LM and what is built on them (``lm``, ``knn_lm``, ``pointers``,
   ``saved_policy``, ``tuning``, ``explain``, ``generation``, ``summary``);
 - session: ``knn_store.session`` and the package's front door ``knn_store``;
-- apps: the write side (``ingest``) and the ``knnlm`` CLI and service.
+- ingest: the write side (``ingest``);
+- service: the HTTP service (``knnlm.service``);
+- cli: the ``knnlm`` command (the rest of ``knnlm``), which runs both.
 
 The query side (``knn_store``, ``knnlm.service``) never imports the write side (``ingest``).
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["core", "store", "settings", "model", "session", "apps"]
+ORDER = ["core", "store", "settings", "model", "session", "ingest", "service", "cli"]
 LAYER_OF = {
     "knn_store.errors": "core",
     "knn_store.knn": "core",
@@ -44,8 +46,9 @@ LAYER_OF = {
     "knn_store.pointers": "model",
     "knn_store.session": "session",
     "knn_store": "session",  # the package itself: its __init__ imports the session
-    "ingest": "apps",
-    "knnlm": "apps",
+    "ingest": "ingest",
+    "knnlm.service": "service",
+    "knnlm": "cli",
 }
 
 
@@ -121,6 +124,8 @@ def test_the_rules_catch_what_the_review_found(tmp_path: Path) -> None:
     assert above("knn_store.store.check", {"knn_store.saved_policy"}) == ["knn_store.saved_policy"]
     assert above("knn_store.store", {"knn_store.settings"}) == ["knn_store.settings"]
     assert above("knn_store.lm", {"knn_store.session"}) == ["knn_store.session"]
+    assert above("knnlm.service.app", {"knnlm.cli"}) == ["knnlm.cli"]  # the service, the CLI
+    assert above("ingest.worker", {"knnlm.service.batcher"}) == ["knnlm.service.batcher"]
     lazy = tmp_path / "lazy.py"
     lazy.write_text("def f():\n    from knn_store.session import Session\n")
     source = ROOT / "knn_store" / "store" / "check.py"
