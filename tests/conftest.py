@@ -8,6 +8,9 @@ tokenizer trained here, saved with ``save_pretrained`` and loaded back through t
 from __future__ import annotations
 
 import os
+import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -132,6 +135,36 @@ def settings_factory(tmp_path: Path):
         return KnnlmSettings(**base)
 
     return make
+
+
+@pytest.fixture
+def mute_server() -> Iterator[str]:
+    """The URL of a TCP server on loopback that accepts every connection and never answers
+    (a server that hangs)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    listener.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
 
 
 # --- real Qdrant servers ---------------------------------------------------------------------

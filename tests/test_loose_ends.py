@@ -5,10 +5,8 @@ fix): an unreadable shard deleted by the next ingest, a server flag taken silent
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,35 +54,6 @@ def test_a_server_flag_beside_backend_edge_is_refused(
         args = [flag, str(tmp_path / value) if flag == "--ca-cert" else value]
     result = knnlm("info", *knnlm.store_args(), "--backend", "edge", *args)
     _one_line_error(result, flag, "--backend is 'edge'")
-
-
-@pytest.fixture
-def mute_server() -> Iterator[str]:
-    """A TCP server on loopback that accepts every connection and never answers."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(64)
-    listener.settimeout(0.2)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except OSError:
-                continue
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in held:
-            conn.close()
-        listener.close()
 
 
 def test_a_server_that_never_answers_is_given_up_within_the_timeout(mute_server: str) -> None:
