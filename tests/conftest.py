@@ -85,6 +85,22 @@ def build_tiny_model(directory: Path, arch: str, *, seed: int = 0) -> Path:
     return directory
 
 
+def half_skipping_gate(lm, text: str):
+    """A retrieval gate that skips the surer half of ``text``'s positions (those whose LM
+    entropy is below the median), as if ``knnlm tune`` had fitted it."""
+    import torch
+
+    from knn_store.gate import RetrievalGate
+    from knn_store.knn_lm import lm_summary
+
+    out = lm.forward(lm.encode(text)[None], with_logits=True)
+    assert out.logits is not None
+    entropy, _ = lm_summary(torch.log_softmax(out.logits[0].float(), dim=-1))
+    return RetrievalGate(
+        [float(entropy.median()), 0.0], [1e-3, 1.0], [1.0, 0.0], 0.0, threshold=0.5
+    )
+
+
 @pytest.fixture(autouse=True)
 def _no_knnlm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test decides the KNNLM_* variables it runs with."""

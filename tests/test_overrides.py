@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from knn_store import KnnlmSettings, load_language_model, open_session, open_store
-from tests.conftest import CORPUS_LINES
+from tests.conftest import CORPUS_LINES, half_skipping_gate
 
 HELD = "def add(a, b):\n    return a * b\nclass Stack:\n    def push(self, x):\n"
 OVERRIDES: list[dict[str, Any]] = [
@@ -31,12 +31,9 @@ def tuned(
     tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[KnnlmSettings]:
     """A collection with successor links and a saved policy that carries both levers."""
-    import torch
 
     from ingest.corpus import read_corpus
     from ingest.worker import IngestWorker
-    from knn_store.gate import RetrievalGate
-    from knn_store.knn_lm import lm_summary
     from knn_store.lambdas import BucketLambda
     from knn_store.saved_policy import SavedPolicy
     from knn_store.store.transfer import copy_collection
@@ -63,13 +60,7 @@ def tuned(
         settings = settings.model_copy(update={"collection": "tuned"})
         with open_store(settings, create=True) as store:
             copy_collection(plain, store, successors=True)
-            ids = lm.encode(HELD)
-            out = lm.forward(ids[None], with_logits=True)
-            assert out.logits is not None
-            entropy, _ = lm_summary(torch.log_softmax(out.logits[0].float(), dim=-1))
-            gate = RetrievalGate(
-                [float(entropy.median()), 0.0], [1e-3, 1.0], [1.0, 0.0], 0.0, threshold=0.5
-            )
+            gate = half_skipping_gate(lm, HELD)
             assert store.meta is not None
             store.save_policy(
                 SavedPolicy(

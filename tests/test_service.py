@@ -96,22 +96,12 @@ def _cli(args: list[str], cache: Path) -> dict[str, Any] | list[dict[str, Any]]:
 def _save_a_policy(settings: Any) -> None:
     """A bucket policy and a gate that skips the surer half of CODE's positions, as if
     `knnlm tune` had saved them."""
-    import torch
-
     from knn_store import load_language_model, open_store
-    from knn_store.gate import RetrievalGate
-    from knn_store.knn_lm import lm_summary
     from knn_store.lambdas import BucketLambda
     from knn_store.saved_policy import SavedPolicy
+    from tests.conftest import half_skipping_gate
 
-    lm = load_language_model(settings)
-    ids = lm.encode(CODE)
-    out = lm.forward(ids[None], with_logits=True)
-    assert out.logits is not None
-    entropy, _ = lm_summary(torch.log_softmax(out.logits[0].float(), dim=-1))
-    gate = RetrievalGate(
-        [float(entropy.median()), 0.0], [1e-3, 1.0], [1.0, 0.0], 0.0, threshold=0.5
-    )
+    gate = half_skipping_gate(load_language_model(settings), CODE)
     with open_store(settings) as store:
         assert store.meta is not None
         policy = SavedPolicy(

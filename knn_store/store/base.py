@@ -86,6 +86,15 @@ class Neighbours:
             cosine=join([p.cosine for p in parts]),
         )
 
+    def first(self, k: int) -> Neighbours:
+        """The first k neighbours of every row (their nearest, as rows ascend)."""
+        return Neighbours(
+            token_ids=self.token_ids[:, :k],
+            sq_distances=self.sq_distances[:, :k],
+            point_ids=None if self.point_ids is None else self.point_ids[:, :k],
+            cosine=self.cosine,
+        )
+
     def scatter(self, rows: np.ndarray, n: int) -> Neighbours:
         """These neighbours placed at ``rows`` (int [b]) of n rows; the other rows empty."""
         k = self.token_ids.shape[1]
@@ -392,12 +401,12 @@ TIE_MARGIN = 8
 TIE_LIMIT = 8
 
 
-def _put(out: Neighbours, rows: np.ndarray, found: Neighbours, k: int) -> None:
-    """Write the first k columns of ``found`` [r, w] into rows ``rows`` of ``out`` [b, k]."""
-    out.token_ids[rows] = found.token_ids[:, :k]
-    out.sq_distances[rows] = found.sq_distances[:, :k]
+def _put(out: Neighbours, rows: np.ndarray, found: Neighbours) -> None:
+    """Write ``found`` [r, k] into rows ``rows`` of ``out`` [b, k]."""
+    out.token_ids[rows] = found.token_ids
+    out.sq_distances[rows] = found.sq_distances
     if out.point_ids is not None and found.point_ids is not None:
-        out.point_ids[rows] = found.point_ids[:, :k]
+        out.point_ids[rows] = found.point_ids
 
 
 class KnnStore(abc.ABC):
@@ -530,7 +539,7 @@ class KnnStore(abc.ABC):
         while True:
             hits = self._search(queries[rows], k=wanted, options=options, filter=filter)
             found = neighbours_from_hits(hits, k=wanted)  # ascending, ties ordered by token
-            _put(out, rows, found, k)
+            _put(out, rows, found.first(k))
             last = found.sq_distances[:, -1]  # [r], the farthest one asked for
             open_tie = np.isfinite(last) & (last == found.sq_distances[:, k - 1])
             if not open_tie.any() or wanted >= TIE_LIMIT * k:
@@ -575,10 +584,7 @@ class KnnStore(abc.ABC):
         wanted = k + TIE_MARGIN
         hits = self._score_ids(queries[rows], [ids[r] for r in rows], k=wanted)
         wide, wide_nexts = _rows_from_hits(hits, k=wanted)
-        found = Neighbours.empty(len(rows), k)
-        _put(found, np.arange(len(rows)), wide, k)
-        found = Neighbours(found.token_ids, found.sq_distances, found.point_ids)
-        next_values = wide_nexts[:, :k]
+        found, next_values = wide.first(k), wide_nexts[:, :k]
         if len(rows) == b:
             return found, next_values
         every = np.full((b, k), -1, dtype=np.int64)
