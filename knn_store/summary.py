@@ -20,6 +20,25 @@ def check(
     return check_collection(store, full=full, on_points=on_points, verify_policy=verify_policy)
 
 
+def seal_records(store: KnnStore, unsealed: list[str]) -> list[str]:
+    """After a sound ``check`` of ``store`` read with ``accepting_unsealed`` (which listed
+    the records it read without a checksum in ``unsealed``): write its record, tuned policy
+    and record of the last write back sealed, the latter with its files' content checksums.
+    The names of what was sealed."""
+    sealed = set(unsealed)
+    if store.meta is not None and unsealed:
+        store.replace_meta(store.meta)  # written back with its checksum
+        policy = store.load_policy()
+        if policy is not None:
+            store.save_policy(policy)
+    if unsealed or (store.load_state() is None and store.content_checksums() is None):
+        store.flush()
+        store.save_state()
+        if store.content_checksums() is not None:
+            sealed.add("content checksums of the storage files")
+    return sorted(sealed)
+
+
 def collection_summary(store: KnnStore, *, backend: str) -> dict[str, Any]:
     """What `knnlm info --json` prints (and the service's /v1/collection answers), after the
     quick health check: a damaged collection raises ``StoreDamaged`` rather than half a

@@ -63,8 +63,9 @@ def _describe_policy(value: dict[str, Any] | None) -> str:
 @click.option(
     "--seal-records",
     is_flag=True,
-    help="Once, for a collection made by a knnlm older than checksums: accept its record and "
-    "tuned policy without one, check everything else, and if sound, write them back sealed. "
+    help="Once, for a collection made by a knnlm older than checksums: accept its record, "
+    "tuned policy and record of the last write without one, check everything else, and if "
+    "sound, write them back sealed, with the content checksums of its files. "
     "Only for records you know to be right: every other command refuses a record without "
     "its checksum.",
 )
@@ -78,9 +79,8 @@ def check(quiet: bool, seal_records: bool, **params: Any) -> None:
     """
     import contextlib
 
-    from knn_store import open_store
+    from knn_store import open_store, summary
     from knn_store.store.records import accepting_unsealed
-    from knn_store.summary import check as check_collection
 
     settings = settings_from(params)
     with accepting_unsealed() if seal_records else contextlib.nullcontext([]) as unsealed:
@@ -93,18 +93,12 @@ def check(quiet: bool, seal_records: bool, **params: Any) -> None:
             total = store.count()
             bar = tqdm(total=total, unit="pt", unit_scale=True, desc="check", disable=quiet)
             with bar:
-                report = check_collection(store, on_points=bar.update)
-            if report.ok and unsealed:
-                sealed = sorted(set(unsealed))
-                if store.meta is not None:
-                    store.replace_meta(store.meta)  # written back with its checksum
-                policy = store.load_policy()
-                if policy is not None:
-                    store.save_policy(policy)
+                report = summary.check(store, on_points=bar.update)
+            sealed = summary.seal_records(store, unsealed) if report.ok and seal_records else []
     for f in report.findings:
         click.echo(f"{f.what:22} {'ok  ' if f.ok else 'FAIL'}  {f.detail}")
     if report.ok:
-        if unsealed:
+        if sealed:
             click.echo(f"sealed: {', '.join(sealed)}")
         click.echo(f"collection {settings.collection!r} is sound")
         return

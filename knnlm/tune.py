@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import click
 
 from knn_store.errors import ConfigError
+from knn_store.tune_collection import POLICY_CHOICES
 from knnlm.options import (
     MODEL_OPTIONS,
     RETRIEVAL_OPTIONS,
@@ -25,7 +25,6 @@ from knnlm.options import (
 )
 from knnlm.progress import Bars
 
-POLICY_CHOICES = ("fixed", "buckets", "cosine-buckets", "learned", "learned-t")
 LABELS = {
     "base": "base LM",
     "paper": "lambda 0.25, T 1",
@@ -98,6 +97,12 @@ LABELS = {
     "validation perplexity rises by at most this many percent over no pointers (tried "
     "from 1024 down, stopping at the first over the budget).",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Save even where a rule below refuses (not where the text is too small to fit "
+    "on). The saved record lists each refusal overridden (`knnlm info --json` shows it).",
+)
 @search_domain_option
 @options(*MODEL_OPTIONS, *STORE_OPTIONS, *RETRIEVAL_OPTIONS)
 @output_options
@@ -114,6 +119,7 @@ def tune(
     gate_max_cost: float,
     fit_levers: bool,
     pointer_budget: float,
+    force: bool,
     search_domains: tuple[str, ...],
     as_json: bool,
     quiet: bool,
@@ -129,15 +135,25 @@ def tune(
     where the LM is sure enough skip the search. Use text the datastore does not hold, and
     report on --test text: never tune and report on the same text.
 
+    A policy is saved only if it beats the base LM on validation text it was not fitted
+    on: the validation tokens are cut into 4 folds (stretches of text, in order), and the
+    policy is fitted again on 3 of them and scored on the fourth, each fold in turn. The
+    levers are fitted on the first 3/4 and kept only if they do not make the last 1/4
+    worse.
+
     \b
-    It refuses, and saves nothing:
-      - validation text too small for the policy: 32 tokens per bucket (--buckets 64:
-        2,048), 256 for learned, 512 for learned-t, 64 for fixed (and with --save none);
+    It refuses, and saves nothing (--force saves anyway, and the record says so):
+      - validation text too small to fit the policy on 3 of 4 folds: 32 tokens per
+        bucket (--buckets 64: 2,731 in all), 342 for learned, 683 for learned-t, 86 for
+        fixed (64 with --save none; --force does not lower these);
       - text the datastore already holds: over 50% of its tokens find their own key
         (cosine to the nearest key >= 0.9999);
-      - a policy worse than the base LM on validation;
+      - text it nearly repeats: over 15% of its tokens find a near copy (cosine >= 0.99;
+        held-out text finds 2-3%);
+      - a policy worse than the base LM on validation, or on the folds held out;
       - a policy whose validation gain is within noise (under 2 standard errors) while
-        it moves the --test perplexity by more than 5% either way.
+        it moves the --test perplexity by more than 5% either way;
+      - with --fit-levers, levers that make the held-out last part worse.
 
     \b
     Examples:
@@ -145,25 +161,22 @@ def tune(
       knnlm tune valid.jsonl --save learned --json
     """
     from ingest.corpus import CorpusReport, read_corpus
-    from knn_store import open_session
-    from knn_store.saved_policy import SavedPolicy
-    from knn_store.tuning import (
-        check_not_held,
-        check_saveable,
-        check_tuning_size,
-        collect,
-        fit_gate,
-    )
-    from knn_store.tuning import fit_levers as fit_cache_and_pointers
-    from knn_store.tuning import tune as fit_all
+    from knn_store.tune_collection import TuneOptions, tune_collection
 
-    if not math.isfinite(gate_max_cost):
-        raise ConfigError(f"--gate-max-cost must be a finite percentage, got {gate_max_cost}")
-    if not math.isfinite(pointer_budget):
-        raise ConfigError(f"--pointer-budget must be a finite percentage, got {pointer_budget}")
+    for flag, value in (("--gate-max-cost", gate_max_cost), ("--pointer-budget", pointer_budget)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} must be a finite percentage, got {value}")
     if fit_levers and save_kind == "none":
         raise click.UsageError("--fit-levers fits levers for the saved policy: drop --save none")
-    settings = settings_from(params)
+    options = TuneOptions(
+        save=save_kind,
+        buckets=buckets,
+        learn_temperature=learn_temperature,
+        gate_max_cost=gate_max_cost,
+        fit_levers=fit_levers,
+        pointer_budget=pointer_budget,
+        force=force,
+    )
 
     def read(where: tuple[str, ...]) -> list[str]:
         report = CorpusReport()
@@ -174,179 +187,35 @@ def tune(
             skip_invalid=skip_invalid,
             report=report,
         )
-        texts = [d.text for d in docs]
+        texts = [d.text for d in docs]  # read to the end: the report is complete
         print_skipped(report)
         return texts
 
+    settings = settings_from(params)
     validation_texts = read(paths)
     test_texts = read(test_paths) if test_paths else []
-    shared = set(validation_texts) & set(test_texts)
-    if shared:
-        raise ConfigError(
-            f"{len(shared)} documents are both in the validation PATHS and in --test; "
-            "tuning and reporting on the same text overstates the gain"
+    with Bars(quiet=quiet) as bars:
+        outcome = tune_collection(
+            settings,
+            validation_texts,
+            test_texts,
+            search_domains=search_domains,
+            options=options,
+            on_progress=bars,
         )
-    # Tuning sets T and lambda itself, and must search everywhere to fit the gate; the
-    # evidence is the plain kNN-LM's, so levers tuned before (or in the environment) are off.
-    off = {"pointer_min": 0, "cache_weight": 0.0, "cache_temperature": None}
-    settings = settings.model_copy(
-        update={"lmbda": None, "temperature": None, "gate": False, **off}
-    )
-    with open_session(settings, search_domains=search_domains) as session:
-        knn_lm = session.knn_lm
-        started = time.perf_counter()
-        sequences = session.encode(validation_texts)
-        # every token after the first is scored once
-        tokens = sum(max(len(s) - 1, 0) for s in sequences)
-        check_tuning_size(tokens, save_kind, buckets=buckets)
-        with Bars(quiet=quiet) as bars:
-            validation = collect(knn_lm, sequences, on_progress=bars)
-        check_not_held(validation)
-        with Bars(quiet=quiet) as bars:
-            test = (
-                collect(knn_lm, session.encode(test_texts), on_progress=bars)
-                if test_texts
-                else None
-            )
-        retrieve_seconds = time.perf_counter() - started
-        result = fit_all(
-            validation,
-            test,
-            buckets=buckets,
-            learn_temperature=learn_temperature or save_kind == "learned-t",
-        )
-        summary = _summary(result, retrieve_seconds)
-        if save_kind != "none":
-            chosen = result.policies[save_kind]
-            gate = None
-            if gate_max_cost > 0:
-                gate = fit_gate(validation, chosen, max_cost=gate_max_cost / 100, test=test)
-                summary["gate"] = _gate_summary(gate, result, save_kind)
-            check_saveable(validation, chosen, gate=None if gate is None else gate.gate, test=test)
-            meta = session.store.meta
-            assert meta is not None
-            levers = None
-            if fit_levers:
-                if not meta.successors:
-                    click.echo(
-                        f"pointer threshold not fitted: collection {settings.collection!r} has "
-                        "no successor links; run `knnlm rebuild --successors` to fit it",
-                        err=True,
-                    )
-                tuned = knn_lm.with_options(
-                    policy=chosen.policy,
-                    temperature=chosen.temperature,
-                    gate=None if gate is None else gate.gate,
-                )
-                with Bars(quiet=quiet) as bars:
-                    levers = fit_cache_and_pointers(
-                        tuned,
-                        sequences,
-                        max_cost=pointer_budget / 100,
-                        pointers=meta.successors,
-                        on_progress=bars,
-                    )
-                summary["levers"] = _levers_summary(levers, linked=meta.successors)
-            saved = SavedPolicy(
-                policy=chosen.policy,
-                temperature=chosen.temperature,
-                k=knn_lm.k,
-                model_fingerprint=meta.model_fingerprint,
-                key_type=meta.key_type,
-                gate=None if gate is None else gate.gate,
-                domains=knn_lm.filter.domains,
-                report={"name": save_kind, **summary["policies"][save_kind]},
-                pointer_min=0 if levers is None else levers.pointer_min,
-                cache_weight=0.0 if levers is None else levers.cache_weight,
-                cache_temperature=None if levers is None else levers.cache_temperature,
-            )
-            session.store.save_policy(saved.to_dict())
-    summary.update(
-        collection=settings.collection,
-        saved=None if save_kind == "none" else save_kind,
-        domains=list(knn_lm.filter.domains),
-    )
+    for note in outcome.notes:
+        click.echo(note, err=True)
+    summary = outcome.summary
     if plots is not None:
         from knnlm.plots import write_tuning_plots
 
-        title = f"{settings.collection} ({session.lm.key_type})"
-        summary["plots"] = [str(p) for p in write_tuning_plots(result, plots, title=title)]
+        title = f"{settings.collection} ({outcome.key_type})"
+        written = write_tuning_plots(outcome.result, plots, title=title)
+        summary["plots"] = [str(p) for p in written]
     if as_json:
         click.echo(json.dumps(summary))
         return
     _print_table(summary)
-
-
-def _levers_summary(fit: Any, *, linked: bool) -> dict[str, Any]:
-    """The fitted cache and pointer threshold, and the validation perplexity of each
-    candidate, for the report."""
-    base = fit.pointer_nll[0]
-    return {
-        "cache_weight": fit.cache_weight,
-        "cache_temperature": fit.cache_temperature,
-        "cache_grid": {
-            "temperatures": fit.cache_temperatures,
-            "weights": fit.cache_weights,
-            "validation_perplexity": [[math.exp(x) for x in row] for row in fit.cache_nll],
-        },
-        "pointer_min": fit.pointer_min,
-        "pointers_fitted": linked,
-        "pointer_candidates": [
-            {
-                "pointer_min": t,
-                "searches_saved_share": saved,
-                "validation_perplexity": math.exp(nll),
-                "change_percent": 100 * math.expm1(nll - base),
-            }
-            for t, nll, saved in zip(
-                fit.thresholds, fit.pointer_nll, fit.pointer_saved, strict=True
-            )
-        ],
-        "validation_perplexity": math.exp(fit.nll),
-        "searches_saved_share": fit.searches_saved,
-    }
-
-
-def _gate_summary(fit: Any, result: Any, kind: str) -> dict[str, Any]:
-    """Share of searches the gate skips, and perplexity with and without it."""
-
-    def split(name: str, skipped: float | None, nll: float | None) -> dict[str, Any] | None:
-        if skipped is None or nll is None:
-            return None
-        ungated = getattr(result, name)[kind]
-        return {
-            "skipped_share": skipped,
-            "perplexity": math.exp(nll),
-            "change_percent": 100 * (math.exp(nll - ungated) - 1),
-        }
-
-    return {
-        "threshold": None if fit.gate is None else fit.gate.threshold,
-        "validation": split("validation", fit.validation_skipped, fit.validation_nll),
-        "test": split("test", fit.test_skipped, fit.test_nll) if result.test else None,
-    }
-
-
-def _summary(result: Any, retrieve_seconds: float) -> dict[str, Any]:
-    def ppl(nll: float | None) -> float | None:
-        return None if nll is None else math.exp(nll)
-
-    rows: dict[str, dict[str, Any]] = {}
-    for name in ("base", "paper", *(p for p in POLICY_CHOICES if p in result.policies)):
-        fitted = result.policies.get(name)
-        rows[name] = {
-            "temperature": 1.0 if name == "paper" else (fitted.temperature if fitted else None),
-            "policy": fitted.policy.to_dict() if fitted else None,
-            "validation_perplexity": ppl(result.validation[name]),
-            "test_perplexity": ppl(result.test[name]) if result.test else None,
-        }
-    return {
-        "validation_tokens": result.validation_tokens,
-        "test_tokens": result.test_tokens,
-        "retrieve_seconds": round(retrieve_seconds, 2),
-        "sweep_seconds": round(result.sweep_seconds, 3),
-        "policies": rows,
-    }
 
 
 def _print_table(summary: dict[str, Any]) -> None:

@@ -171,6 +171,14 @@ def _truncate_payloads(collection: Path) -> None:
         file.write_bytes(b"")
 
 
+def _set_state(collection: Path, **changes: object) -> None:
+    """The record of the last write changed, and sealed as knnlm writes it."""
+    from knn_store.store.records import seal, unseal
+
+    state = unseal(json.loads((collection / "state.json").read_text()), what="state")
+    (collection / "state.json").write_text(json.dumps(seal({**state, **changes})))
+
+
 def _set_meta(collection: Path, **changes: object) -> None:
     meta = json.loads((collection / "meta.json").read_text())
     meta.update(changes)
@@ -215,9 +223,14 @@ DAMAGE: dict[str, tuple[Callable[[Path], object], str, tuple[str, ...]]] = {
         ("edited by hand",),
     ),
     "state says more points": (
-        lambda c: (c / "state.json").write_text('{"points": 1000000}'),
+        lambda c: _set_state(c, points=1_000_000),
         "point counts",
         ("lost since the last write",),
+    ),
+    "state edited by hand": (
+        lambda c: (c / "state.json").write_text('{"points": 1}'),
+        "storage files",
+        ("state.json", "no checksum", "--seal-records"),
     ),
     "state is not JSON": (
         lambda c: (c / "state.json").write_text("[1,"),
@@ -386,3 +399,196 @@ def test_short_key_files_of_the_default_storage_are_never_answered_from(
     result, findings = _check(knnlm)
     assert result.exit_code == 1 and not findings["open"][0]
     assert "matrix.dat" in findings["open"][1]
+
+
+# --- content checksums ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path]) -> Path:
+    """A sound Edge collection in the default storage (turbo4 copy in RAM, float16 keys on
+    disk) whose points sit in an HNSW-indexed segment: matrix.dat, quantized.data and the
+    payload indexes' mmap files."""
+    root = tmp_path_factory.mktemp("indexed")
+    knnlm = Knnlm(root, tiny_models["gpt2"])
+    threshold = ("--indexing-threshold-kb", "1")
+    _json_ok(knnlm.ingest(str(_corpus(root / "corpus")), *threshold, "-q", "--json"))
+    return knnlm.data_dir / "test"
+
+
+@pytest.fixture
+def indexed_copy(indexed: Path, tmp_path: Path, tiny_models: dict[str, Path]) -> tuple[Knnlm, Path]:
+    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
+    shutil.copytree(indexed, knnlm.data_dir / "test")
+    return knnlm, knnlm.data_dir / "test"
+
+
+def _segment_file(collection: Path, pattern: str) -> Path:
+    files = sorted(collection.glob(f"shard/segments/*/{pattern}"), key=lambda f: -f.stat().st_size)
+    assert files, f"no {pattern} under {collection}"
+    return files[0]
+
+
+def _random_bytes(path: Path, n: int = 64 * 1024, *, keep_time: bool = False) -> None:
+    """Overwrite up to ``n`` bytes in the middle of ``path`` with random ones (its size
+    kept; with ``keep_time`` its modification time too, as a failing disk does)."""
+    st = path.stat()
+    n = min(n, st.st_size)
+    with path.open("r+b") as f:
+        f.seek((st.st_size - n) // 2)
+        f.write(np.random.default_rng(7).bytes(n))
+    if keep_time:
+        import os
+
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _flip_byte(path: Path, *, keep_time: bool = False) -> None:
+    import os
+
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    if keep_time:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _readers_refuse(knnlm: Knnlm, tmp_path: Path, *fragments: str) -> None:
+    held = _write(tmp_path / "held.txt", CORPUS_LINES[0])
+    for result in (
+        knnlm.eval(str(held)),
+        knnlm.eval(str(held), "--rescore"),
+        knnlm.info(),
+        knnlm("rebuild", *knnlm.store_args(), "--to-collection", "copy", "-q"),
+    ):
+        _one_line_error(result, "damaged", *fragments)
+
+
+KEY_DAMAGE = {
+    "64 KB of random bytes in quantized.data": (
+        lambda c: _random_bytes(_segment_file(c, "vector_storage/quantized.data")),
+        "quantized.data",
+    ),
+    "one flipped byte in matrix.dat": (
+        lambda c: _flip_byte(_segment_file(c, "vector_storage/matrix.dat")),
+        "matrix.dat",
+    ),
+    "64 KB of random bytes in matrix.dat": (
+        lambda c: _random_bytes(_segment_file(c, "vector_storage/matrix.dat")),
+        "matrix.dat",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(KEY_DAMAGE))
+def test_key_damage_is_seen_by_check_and_refused_by_every_reader(
+    indexed_copy: tuple[Knnlm, Path], tmp_path: Path, name: str
+) -> None:
+    """Random bytes in the quantized copy moved eval's numbers, and a flipped byte in the
+    keys went unseen: check said sound. With 58 NaN keys found, eval --rescore still ran."""
+    knnlm, collection = indexed_copy
+    damage, file = KEY_DAMAGE[name]
+    damage(collection)
+    _assert_damaged(knnlm, "storage files", file, "content checksum")
+    _readers_refuse(knnlm, tmp_path, file, "content checksum")
+    assert not (knnlm.data_dir / "copy").exists()
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "payload_index/*-doc-map/point_to_values.bin",
+        "payload_index/*-doc-map/values_to_points.bin",
+        "payload_index/*-domain-null/has_values/flags_a.dat",
+        "payload_storage/page_0.dat",
+    ],
+    ids=lambda p: p.rsplit("/", 1)[-1],
+)
+def test_payload_index_files_cut_to_half_are_seen(
+    indexed_copy: tuple[Knnlm, Path], pattern: str
+) -> None:
+    """Half-cut payload-index files gave no wrong number here, and check said sound."""
+    knnlm, collection = indexed_copy
+    file = _segment_file(collection, pattern)
+    with file.open("r+b") as f:
+        f.truncate(file.stat().st_size // 2)
+    _assert_damaged(knnlm, "storage files", file.name)
+
+
+def test_damage_that_kept_its_time_is_found_by_check_and_then_refused(
+    indexed_copy: tuple[Knnlm, Path], tmp_path: Path
+) -> None:
+    """A failing disk changes bytes, not times: readers compare sizes and times only, so
+    only check, which hashes every file, sees it. What it found is kept with the store:
+    every reader refuses it until a check finds it sound again."""
+    knnlm, collection = indexed_copy
+    matrix = _segment_file(collection, "vector_storage/matrix.dat")
+    original = matrix.read_bytes()
+    held = _write(tmp_path / "held.txt", CORPUS_LINES[0])
+    _flip_byte(matrix, keep_time=True)
+    assert knnlm.eval(str(held)).exit_code == 0  # unseen by a reader's cheap look
+    _assert_damaged(knnlm, "storage files", "matrix.dat", "content checksum")
+    _readers_refuse(knnlm, tmp_path, "check", "matrix.dat", "content checksum")
+    matrix.write_bytes(original)  # repaired (a snapshot restored, say)
+    _assert_sound(knnlm)
+    assert knnlm.eval(str(held)).exit_code == 0
+
+
+def test_a_record_of_the_last_write_from_before_checksums_is_sealed_once(
+    indexed_copy: tuple[Knnlm, Path], tmp_path: Path
+) -> None:
+    """A collection written by a knnlm older than content checksums (state.json with only
+    its point count, unsealed) is refused by readers, naming the one-time upgrade; `check
+    --seal-records` checks everything, then records the checksums, and readers accept it."""
+    knnlm, collection = indexed_copy
+    points = json.loads((collection / "state.json").read_text())["points"]
+    (collection / "state.json").write_text(json.dumps({"points": points}))
+    held = _write(tmp_path / "held.txt", CORPUS_LINES[0])
+    _one_line_error(knnlm.eval(str(held)), "state.json", "--seal-records")
+    result, findings = _check(knnlm, "--seal-records")
+    assert result.exit_code == 0, result.output
+    assert "sealed: " in result.stdout and "state.json" in result.stdout
+    findings = _assert_sound(knnlm)
+    assert "as last written (hashed)" in findings["storage files"][1]
+    state = json.loads((collection / "state.json").read_text())
+    assert state["points"] == points and state["files"] and state["checksum"]
+    assert knnlm.eval(str(held)).exit_code == 0
+    _flip_byte(_segment_file(collection, "vector_storage/matrix.dat"))
+    _one_line_error(knnlm.eval(str(held)), "matrix.dat", "content checksum")
+
+
+def test_an_interrupted_write_is_not_taken_for_damage(
+    indexed_copy: tuple[Knnlm, Path], tmp_path: Path
+) -> None:
+    """A write killed before it completed leaves its files unlike their checksums: the
+    record says a write is under way, readers answer (nothing lost: the write-ahead log
+    holds it), and the next completed write records the checksums again."""
+    from knn_store.store.edge import EdgeStore
+
+    knnlm, collection = indexed_copy
+    store = EdgeStore(collection, create=False)
+    batch = _points_like(collection, n=50)
+    store.upsert(batch)
+    store.flush()
+    store._close_shard()  # the process dies here: no finalize, no close of the store
+    store._release_lock()
+    state = json.loads((collection / "state.json").read_text())
+    assert state["writing"] and "files" not in state
+    held = _write(tmp_path / "held.txt", CORPUS_LINES[0])
+    assert knnlm.eval(str(held)).exit_code == 0
+    _json_ok(knnlm.ingest(str(held), "-q", "--json"))  # a completed write
+    assert "files" in json.loads((collection / "state.json").read_text())
+    _assert_sound(knnlm)
+
+
+def _points_like(collection: Path, *, n: int) -> PointBatch:
+    dim = json.loads((collection / "meta.json").read_text())["dim"]
+    h = document_hash("extra", "extra")
+    ids = make_point_ids(h, np.arange(n), np.zeros(n, dtype=np.int64))
+    payloads = [
+        {"domain": "extra", "doc": document_key(h), "source": "x", "offset": i, "context": ""}
+        for i in range(n)
+    ]
+    keys = np.random.default_rng(3).standard_normal((n, dim)).astype(np.float32)
+    return PointBatch(ids=ids, keys=keys, payloads=payloads)

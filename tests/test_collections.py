@@ -667,19 +667,26 @@ def test_a_server_that_never_answers_is_reported_as_it_goes(
     assert lines[0].startswith(f"knnlm: error: cannot reach Qdrant at {url}")
 
 
-def test_an_ingest_that_fails_after_writing_says_so(knnlm: Knnlm, corpus_dir: Path) -> None:
-    """The record of the write cannot be saved (state.json is a folder, which even root
-    cannot replace): the error says how many points went in, and a rerun completes."""
+def test_an_ingest_that_fails_after_writing_says_so(
+    knnlm: Knnlm, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The record of the write cannot be saved at its end (a disk gone read-only, say): the
+    error says how many points went in, and a rerun completes."""
+    from knn_store.errors import StoreError
+    from knn_store.store.edge import EdgeStore
+
     docs = sorted(corpus_dir.glob("doc*.txt"))
     assert knnlm.ingest(str(docs[0]), "-q").exit_code == 0
-    state = knnlm.data_dir / "test" / "state.json"
-    state.unlink()
-    state.mkdir()
-    failed = knnlm.ingest(*map(str, docs[1:]), "-q")
+
+    def fail(self: EdgeStore) -> None:
+        raise StoreError(f"cannot write {self.path / 'state.json'}: Read-only file system")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(EdgeStore, "save_state", fail)
+        failed = knnlm.ingest(*map(str, docs[1:]), "-q")
     line = _one_line_error(failed, "state.json", "points were written", "a rerun finishes")
     written = int(re.search(r"([\d,]+) points were written", line)[1].replace(",", ""))
     assert written > 0
-    state.rmdir()
     again = _json_ok(knnlm.ingest(*map(str, docs[1:]), "-q", "--json"))
     whole = _json_ok(knnlm.ingest(*map(str, docs), "-q", "--json", collection="whole"))
     assert again["points_total"] == whole["points_total"]

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,15 +69,19 @@ def test_tune_rules_are_the_documented_numbers() -> None:
     assert tokens_needed("cosine-buckets", buckets=10) == 320
     assert tokens_needed("learned", buckets=64) == 256
     assert tokens_needed("none", buckets=64) == 64
+    # with one fold of 4 held out, the other 3 still hold what the fit needs (`tune --help`)
+    held = {"fixed": 86, "buckets": 2731, "learned": 342, "learned-t": 683, "none": 64}
+    for kind, n in held.items():
+        assert tokens_needed(kind, buckets=64, held_out=True) == n
 
 
 @pytest.mark.parametrize(
     ("text", "args", "fragments"),
     [
-        ("def", [], ["1 token", "2,048", "32 per bucket"]),  # BOS + one token
-        ("def", ["--save", "fixed"], ["1 token", "at least 64"]),
-        ("LONG", ["--buckets", "10000"], ["10,000 buckets", "320,000", "32 per bucket"]),
-        ("SHORT", ["--save", "learned"], ["learned", "at least 256"]),
+        ("def", [], ["1 token", "2,731", "32 per bucket, in 3 of 4 folds"]),  # BOS + 1
+        ("def", ["--save", "fixed"], ["1 token", "at least 86"]),
+        ("LONG", ["--buckets", "10000"], ["10,000 buckets", "426,667", "32 per bucket"]),
+        ("SHORT", ["--save", "learned"], ["learned", "at least 342"]),
         ("SHORT", ["--save", "none"], ["at least 64"]),
     ],
     ids=["one-token", "one-token-fixed", "10000-buckets", "learned", "report-only"],
@@ -95,6 +100,22 @@ def test_tune_refuses_text_the_datastore_already_holds(knnlm: Knnlm, corpus_dir:
     line = _one_line_error(result, "already holds", "50%")
     assert "100%" in line or "99%" in line or "98%" in line  # the share found, named
     assert _no_policy_saved(knnlm)
+
+
+def test_force_saves_what_a_rule_refuses_and_the_record_says_so(
+    knnlm: Knnlm, corpus_dir: Path
+) -> None:
+    from knn_store.store.records import unseal
+
+    result = _tune(
+        knnlm, str(corpus_dir), "--glob", "**/*.txt", "--save", "fixed", "--force", "-q", "--json"
+    )
+    report = _json_ok(result)
+    assert report["saved"] == "fixed"
+    assert any("already holds" in reason for reason in report["forced"])
+    policy_file = knnlm.data_dir / "test" / "policy.json"
+    policy = unseal(json.loads(policy_file.read_text()), what="policy")
+    assert policy["report"]["forced"] == report["forced"]
 
 
 def test_tune_saves_a_policy_fitted_on_enough_held_out_text(knnlm: Knnlm, tmp_path: Path) -> None:
@@ -199,12 +220,69 @@ def test_held_share_counts_tokens_whose_nearest_key_is_their_own() -> None:
 
     data = _noisy_split(100, 4, wins=0.5)
     assert data.features.cosine is not None
-    data.features.cosine[:30] = 1.0
-    assert held_share(data) == pytest.approx(0.3)
+    data.features.cosine[:10] = 1.0
+    assert held_share(data) == pytest.approx(0.1)
     check_not_held(data)
     data.features.cosine[:60] = 1.0
     with pytest.raises(CorpusError, match="60%"):
         check_not_held(data)
+
+
+def test_text_the_datastore_nearly_repeats_is_refused() -> None:
+    """A licence header that stored files repeat with small changes: 23% of its tokens
+    found a near copy (cosine >= 0.99) where held-out files find 2-3%. `tune --save fixed`
+    on it saved lambda 0.66 over a good policy, with no warning."""
+    from knn_store.tuning import check_not_held, near_share
+
+    data = _noisy_split(100, 4, wins=0.5)
+    assert data.features.cosine is not None
+    data.features.cosine[:3] = 0.995  # as much as held-out text finds
+    data.features.cosine[3:15] = 0.9
+    check_not_held(data)
+    data.features.cosine[:23] = 0.995
+    assert near_share(data) == pytest.approx(0.23)
+    with pytest.raises(CorpusError, match=r"too close to the datastore: 23%.*--force"):
+        check_not_held(data)
+
+
+def _stretch(n: int, *, spread: bool) -> Any:
+    """n tokens of which a quarter find neighbours that vote right: in one stretch (the
+    first fold), or spread over the text; the rest find neighbours that vote wrong."""
+    data = _noisy_split(n, 5, wins=0.25)
+    if not spread:
+        return data
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(6))
+    return data.take(order)
+
+
+def test_a_policy_that_only_helps_on_one_stretch_of_the_validation_text_is_refused() -> None:
+    """Fitted on all of it, lambda 0.17 gains on validation (its one good stretch pays for
+    the rest); fitted without each fold in turn, it loses on the folds it did not see, as
+    it would on other text."""
+    from knn_store.errors import ConfigError
+    from knn_store.tuning import check_held_out, gain, tune
+
+    stretch = _stretch(400, spread=False)
+    fitted = tune(stretch, buckets=4).policies["fixed"]
+    assert gain(stretch, fitted)[0] > 0.05  # what tune used to go by
+    with pytest.raises(ConfigError, match=r"fold it was not fitted on \(perplexity \+"):
+        check_held_out(stretch, "fixed", buckets=4)
+    # the same evidence spread over the text: every fold is like the others
+    spread = _stretch(400, spread=True)
+    assert check_held_out(spread, "fixed", buckets=4) < -0.05
+    assert check_held_out(spread, "buckets", buckets=4) < -0.05
+
+
+def test_held_out_folds_are_stretches_of_text_and_cover_every_position() -> None:
+    from knn_store.tune_collection import split_held_out
+    from knn_store.tuning import fold_rows
+
+    folds = fold_rows(10, 4)
+    assert [f.tolist() for f in folds] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    sequences = [np.arange(7), np.arange(3), np.arange(9)]  # 6 + 2 + 8 = 16 scored
+    fit, held = split_held_out(sequences, 4)
+    assert sum(len(s) - 1 for s in fit) == 12 and sum(len(s) - 1 for s in held) == 4
+    assert np.concatenate(held).tolist() == [4, 5, 6, 7, 8]  # the last 4 positions of the last
 
 
 # --- 2. damaged policy records are refused on load -------------------------------------------

@@ -305,7 +305,7 @@ def test_tune_suggests_save_fixed_only_where_it_would_fit() -> None:
     from knn_store.errors import CorpusError
     from knn_store.tuning import check_tuning_size, tokens_needed
 
-    fixed = tokens_needed("fixed", buckets=64)
+    fixed = tokens_needed("fixed", buckets=64, held_out=True)
     with pytest.raises(CorpusError) as few:
         check_tuning_size(fixed - 1, "buckets", buckets=64)
     assert "--save fixed" not in str(few.value)

@@ -373,6 +373,7 @@ BAD: list[tuple[str, Any, int, str]] = [
     ("/v1/completions", {"prompt": "x", "model": "other"}, 404, "GET /v1/models"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}, 400, "template"),
     ("/v1/score", b'{"text": "ab\\ud800cd"}', 400, "text: holds a lone surrogate"),
+    ("/v1/score", b'{"text": "x", "k\\ud800": 1}', 400, "a field name holds a lone surrogate"),
     ("/v1/completions", {"prompt": LONG, "max_tokens": 2}, 413, "prompt:"),
 ]
 

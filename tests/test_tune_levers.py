@@ -10,7 +10,13 @@ import pytest
 
 from knn_store import KnnlmSettings, StoreDamaged, load_language_model, open_session
 from knn_store.saved_policy import SavedPolicy, verify_policy
-from knn_store.tuning import CACHE_TEMPERATURE_FACTORS, CACHE_WEIGHTS, POINTER_THRESHOLDS
+from knn_store.tune_collection import split_held_out
+from knn_store.tuning import (
+    CACHE_TEMPERATURE_FACTORS,
+    CACHE_WEIGHTS,
+    HOLDOUT_FOLDS,
+    POINTER_THRESHOLDS,
+)
 from tests.test_cli import Knnlm, _json_ok
 from tests.test_tune_cli import VALIDATION, _run, knnlm, splits  # noqa: F401 (fixtures)
 
@@ -46,12 +52,15 @@ def test_fitted_levers_are_the_brute_force_choice_and_eval_uses_them(
     levers = report["levers"]
     assert levers["pointers_fitted"] is True
 
-    # brute force: one whole eval of the validation text per candidate, with explicit flags
+    # brute force: one whole eval per candidate, with explicit flags, of the part of the
+    # validation text the levers are fitted on (the last quarter is held out to check them)
     lm = load_language_model(_settings(knnlm, "linked"))
+    assert levers["held_out_change_percent"] <= 0
 
     def evaluate(**flags: object) -> tuple[float, float]:
         with open_session(_settings(knnlm, "linked", **flags), lm=lm) as session:
-            result = session.evaluate(VALIDATION)
+            fit_part, _ = split_held_out(session.encode(VALIDATION), HOLDOUT_FOLDS)
+            result = session.knn_lm.evaluate(fit_part)
         return result.knn_nll / result.tokens, (result.followed or 0) / result.tokens
 
     with open_session(_settings(knnlm, "linked"), lm=lm) as session:

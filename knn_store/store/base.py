@@ -10,7 +10,7 @@ by facet); a backend implements the few ``_``-prefixed primitives below.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -748,9 +748,27 @@ class KnnStore(abc.ABC):
                 f"collection {self.name!r} cannot be read back ({exc}); run `knnlm check`"
             ) from exc
 
-    def file_problems(self) -> list[str]:
-        """Storage files too short for the points they hold (embedded engines); [] where
-        the engine's files are not ours to see (a server)."""
+    def file_problems(
+        self, *, deep: bool = False, on_bytes: Callable[[int], None] | None = None
+    ) -> list[str]:
+        """What is wrong with the storage files (embedded engines): files too short for the
+        points they hold, files whose content differs from the checksum recorded at the last
+        completed write (with ``deep`` every file is hashed, otherwise only those whose
+        modification time moved; ``on_bytes`` counts the bytes hashed), and damage a
+        ``knnlm check`` flagged. [] where the engine's files are not ours to see (a server)."""
+        return []
+
+    def content_checksums(self) -> tuple[int, int] | None:
+        """Files and bytes under content checksum; None where none are kept."""
+        return None
+
+    def flag_damage(self, findings: list[str]) -> None:  # noqa: B027 (optional)
+        """Keep what ``knnlm check`` found wrong, so that readers refuse the store until a
+        check finds it sound; [] clears it. Where nothing is kept beside the points (a
+        server), a no-op."""
+
+    def flagged(self) -> list[str]:
+        """What the last ``knnlm check`` found wrong and kept (``flag_damage``)."""
         return []
 
     def quick_problems(self) -> list[str]:
@@ -763,6 +781,7 @@ class KnnStore(abc.ABC):
         if self._meta.copying:
             problems.append(f"an unfinished copy of {self._meta.copy_of}")
         try:
+            problems += [f"`knnlm check` found: {text}" for text in self.flagged()]
             problems += self.file_problems()
             exact, engine = self.count(), self.engine_points()
             if exact != engine and self.engine_count_is_exact:
@@ -792,6 +811,9 @@ class KnnStore(abc.ABC):
     def load_state(self) -> dict[str, Any] | None:
         """What the last completed write recorded (the point count), where kept."""
         return None
+
+    def save_state(self) -> None:  # noqa: B027 (optional: only embedded stores keep one)
+        """Record a completed write (after a flush), where the store keeps such a record."""
 
     def engine_storage(self) -> dict[str, Any] | None:
         """The storage settings as the engine reports them, where it can (a server)."""

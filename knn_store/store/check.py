@@ -17,6 +17,7 @@ from knn_store.errors import KnnlmError, StoreError
 from knn_store.store.base import INDEXED_FIELDS, KnnStore
 
 SAMPLE_POINTS = 256  # keys read back by the quick check (`knnlm info`)
+KEPT_FINDINGS = ("storage files", "keys (exact scan)", "keys (every point)")
 
 
 @dataclass(frozen=True)
@@ -81,15 +82,25 @@ def check_collection(
             "`knnlm push` again to finish it",
         )
     _guard(report, "storage settings", lambda: _storage(store))
-    _guard(report, "storage files", lambda: _files(store))
+    _guard(report, "storage files", lambda: _files(store, deep=full))
     _guard(report, "payload indexes", lambda: _indexes(store))
     _guard(report, "point counts", lambda: _counts(store))
     _guard(report, "policy", lambda: _policy(store, verify_policy))
     if full:
         _guard(report, "keys (exact scan)", lambda: _probe(store))
         _guard(report, "keys (every point)", lambda: _scroll_all(store, on_points))
+        # What a full check finds wrong with the keys and their files is kept with the
+        # store: every reader refuses it until a check finds them sound (damage that kept
+        # its files' times, a failing disk's, is seen only by hashing every file, as here).
+        # The rest (an unfinished copy, a record) readers see for themselves.
+        store.flag_damage(
+            [f"{f.what}: {f.detail}" for f in report.problems if f.what in KEPT_FINDINGS]
+        )
     else:
         _guard(report, "keys (sample)", lambda: _sample(store))
+        flagged = store.flagged()
+        if flagged:
+            report.add("last full check", False, "; ".join(flagged))
     return report
 
 
@@ -114,11 +125,17 @@ def _storage(store: KnnStore) -> tuple[bool, str]:
     return True, f"{store.meta.storage.describe()} (as the server reports)"
 
 
-def _files(store: KnnStore) -> tuple[bool, str]:
-    problems = store.file_problems()
+def _files(store: KnnStore, *, deep: bool) -> tuple[bool, str]:
+    problems = store.file_problems(deep=deep)
     if problems:
         return False, "; ".join(problems)
-    return True, "key and id files as long as their points need"
+    detail = "key and id files as long as their points need"
+    checksums = store.content_checksums()
+    if checksums is not None:
+        files, size = checksums
+        how = "hashed" if deep else "sizes and times"
+        detail += f"; {files:,} files ({size / 2**20:,.1f} MB) as last written ({how})"
+    return True, detail
 
 
 def _indexes(store: KnnStore) -> tuple[bool, str]:

@@ -5,13 +5,16 @@ Layout of one collection, ``<data_dir>/<collection>/``:
 - ``meta.json``: what built it (model, key type, storage settings); written last at
   creation, atomically, so its presence means "a valid collection";
 - ``policy.json``: the tuned lambda policy, if any;
-- ``state.json``: the point count at the last completed write, for ``knnlm check``;
+- ``state.json``: the record of the last completed write: its point count, and the size,
+  modification time and content checksum of every segment file (``file_sums``), verified
+  before the engine opens them; or, while a write is under way, that it is;
 - ``shard/``: Qdrant's segments and write-ahead log. Every acknowledged upsert is in the
   WAL, so a killed ingest loses nothing it was told was written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -30,6 +33,7 @@ from knn_store.errors import (
     StoreLocked,
     StoreUnavailable,
 )
+from knn_store.store import file_sums
 from knn_store.store.base import (
     DOMAIN_FIELD,
     FACET_LIMIT,
@@ -43,7 +47,7 @@ from knn_store.store.base import (
     int_field,
 )
 from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
-from knn_store.store.records import seal, unseal
+from knn_store.store.records import seal, sealing, unseal
 
 T = TypeVar("T")
 
@@ -81,6 +85,9 @@ class EdgeStore(KnnStore):
         self.search_threads = search_threads
         self._shard: qe.EdgeShard | None = None
         self._lock: int | None = None
+        self._writing = False  # whether state.json says a write is under way
+        self._completed: int | None = None  # points at a completed write, recorded at close
+        self._found_at_open: list[str] = []  # files unlike their checksums before the engine
         self._take_lock(create)
         try:
             self._open(create)
@@ -128,7 +135,13 @@ class EdgeStore(KnnStore):
             self._meta = _read_meta(meta_file)
             # Before the engine opens them: it would extend short key files with zeros and
             # answer from those, and the evidence would be gone.
-            problems = self.file_problems()
+            problems = segment_file_problems(self.path / SHARD_DIR / "segments")
+            # Files unlike their checksums are seen before the engine opens them too (it
+            # rewrites some, such as flag files, from what it read), but refused by readers
+            # (`require_sound`), so that `knnlm check` can still open the store and say more.
+            if not problems:
+                with contextlib.suppress(StoreDamaged):  # an unreadable record: said later
+                    self._found_at_open = self._content_problems(deep=False)
             if problems:
                 raise StoreDamaged(
                     f"collection {self.name!r} is damaged ({'; '.join(problems)}); it was "
@@ -162,6 +175,7 @@ class EdgeStore(KnnStore):
         except OSError as exc:
             raise StoreUnavailable(f"cannot create {self.path}: {exc.strerror or exc}") from exc
         self._shard = self._open_shard(meta, create=True)
+        self._begin_write()
         for field in INDEXED_FIELDS:
             self._call(
                 "index payload",
@@ -221,6 +235,7 @@ class EdgeStore(KnnStore):
             qe.Point(pid, key, payload)
             for pid, key, payload in zip(batch.ids, batch.keys, batch.payloads, strict=True)
         ]
+        self._begin_write()
         self._call("write points", shard.update, qe.UpdateOperation.upsert_points(points))
 
     def flush(self) -> None:
@@ -238,21 +253,79 @@ class EdgeStore(KnnStore):
         self.save_state()
 
     def save_state(self) -> None:
-        """Record the point count, so ``check`` can tell points lost since."""
-        if self._shard is not None:
-            _write_atomically(self.path / STATE_FILE, json.dumps({"points": self.count()}))
+        """Record a completed write (call it after a flush): its point count now, so that
+        ``check`` can tell points lost since; every segment file's content checksum when
+        the shard closes where this store wrote, as the engine writes the last of them
+        then."""
+        if self._shard is None:
+            return
+        self._completed = self.count()
+        if not self._writing:  # nothing written since it opened: the files are final
+            self._record_files()
+            return
+        self._write_state(points=self._completed, writing=True)
+
+    def _begin_write(self, points: int | None = None) -> None:
+        """Say in state.json that a write is under way, before its first change (with the
+        point count at its end, where known): the files will differ from their checksums
+        until the shard closes after ``save_state``, and a write cut short leaves that said
+        (readers then have no checksums to verify)."""
+        self._completed = None
+        if self._writing and points is None:
+            return
+        recorded = (self.load_state() or {}).get("points", 0)
+        self._write_state(points=recorded if points is None else points, writing=True)
+        self._writing = True
+
+    def _record_files(self) -> None:
+        """After the shard closed on a completed write: the files' content checksums."""
+        if self._completed is None:
+            return
+        sums = file_sums.record(self.path / SHARD_DIR / "segments")
+        self._write_state(points=self._completed, files=sums)
+        self._completed = None
+        self._writing = False
+
+    def _write_state(self, **state: Any) -> None:
+        """Write state.json sealed, keeping what ``knnlm check`` flagged: only a check
+        that finds the store sound clears that."""
+        previous = self.load_state() if (self.path / STATE_FILE).exists() else None
+        if previous and "flagged" in previous and "flagged" not in state:
+            state["flagged"] = previous["flagged"]
+        _write_atomically(self.path / STATE_FILE, json.dumps(seal(state)))
 
     def load_state(self) -> dict[str, Any] | None:
-        return _read_json(self.path / STATE_FILE)
+        raw = _read_json(self.path / STATE_FILE)
+        if raw is None:
+            return None
+        return unseal(raw, what=f"record of the last write ({STATE_FILE})")
+
+    def flag_damage(self, findings: list[str]) -> None:
+        """Keep what ``knnlm check`` found wrong in state.json, so that every reader refuses
+        the store until a check finds it sound ([] clears it)."""
+        try:
+            state = self.load_state()
+        except StoreDamaged:
+            return  # an unreadable record: check's own report says so
+        if state is None or state.get("flagged", []) == findings:
+            return
+        state.pop("flagged", None)
+        with contextlib.suppress(StoreError):  # a read-only folder: check's report says it
+            _write_atomically(
+                self.path / STATE_FILE,
+                json.dumps(seal({**state, "flagged": findings} if findings else state)),
+            )
 
     def drop(self) -> None:
         self._close_shard()  # the lock stays held: the folder goes, the name stays ours
         shutil.rmtree(self.path, ignore_errors=True)
         self._meta = None
+        self._writing, self._completed, self._found_at_open = False, None, []
 
     def close(self) -> None:
         try:
             self._close_shard()
+            self._record_files()
         finally:
             self._release_lock()
 
@@ -406,15 +479,68 @@ class EdgeStore(KnnStore):
     def _delete(self, filter: PointFilter) -> None:
         # The recorded count goes down first: killed in between, check sees more points than
         # recorded (fine), never fewer (which it reports as lost).
-        remaining = self.count() - self._count(filter)
-        _write_atomically(self.path / STATE_FILE, json.dumps({"points": remaining}))
+        self._begin_write(points=self.count() - self._count(filter))
         operation = qe.UpdateOperation.delete_points_by_filter(_filter(filter))
         self._call("delete points", self._require_shard().update, operation)
         self.flush()
         self.save_state()
 
-    def file_problems(self) -> list[str]:
-        return segment_file_problems(self.path / SHARD_DIR / "segments")
+    def file_problems(
+        self, *, deep: bool = False, on_bytes: Callable[[int], None] | None = None
+    ) -> list[str]:
+        segments = self.path / SHARD_DIR / "segments"
+        problems = segment_file_problems(segments)
+        seen = self._found_at_open
+        content = self._content_problems(deep=deep, on_bytes=on_bytes)
+        return problems + seen + [p for p in content if p not in seen]
+
+    def _content_problems(
+        self, *, deep: bool, on_bytes: Callable[[int], None] | None = None
+    ) -> list[str]:
+        """Segment files unlike the checksums of the last completed write, or no
+        checksums where there should be."""
+        segments = self.path / SHARD_DIR / "segments"
+        problems: list[str] = []
+        state = self.load_state()
+        if state is None:
+            if self._meta is not None and not sealing():
+                problems.append(
+                    f"its record of the last write ({STATE_FILE}) is missing; "
+                    "`knnlm check --seal-records` records one for a collection you know to be "
+                    "sound"
+                )
+            return problems
+        sums = state.get("files")
+        if isinstance(sums, dict):
+            found = file_sums.verify(segments, sums, deep=deep, on_bytes=on_bytes)
+            problems += [f"segment file {text}" for text in found.problems]
+            if found.moved and not problems and self._lock is not None:
+                # the same content under a new time: hash it again only if it moves again
+                # (in a read-only folder, every time)
+                with contextlib.suppress(StoreError):
+                    self._write_state(**{**state, "files": found.refreshed(sums)})
+        elif not state.get("writing") and not sealing():
+            problems.append(
+                f"its record of the last write ({STATE_FILE}) holds no content checksums; "
+                "`knnlm check --seal-records` records them for a collection you know to be sound"
+            )
+        return problems
+
+    def flagged(self) -> list[str]:
+        try:
+            flagged = (self.load_state() or {}).get("flagged", [])
+        except StoreDamaged:
+            return []  # an unreadable record: its own problem, told by `file_problems`
+        return [str(text) for text in flagged] if isinstance(flagged, list) else [str(flagged)]
+
+    def content_checksums(self) -> tuple[int, int] | None:
+        """Files and bytes under content checksum, None where none are recorded (a write
+        under way, or a record older than them)."""
+        state = self.load_state() or {}
+        sums = state.get("files")
+        if not isinstance(sums, dict):
+            return None
+        return len(sums), file_sums.total_bytes(sums)
 
     def indexed_fields(self) -> set[str]:
         return set(self._call("read shard info", self._require_shard().info).payload_schema)

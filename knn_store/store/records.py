@@ -50,6 +50,12 @@ def accepting_unsealed() -> Iterator[list[str]]:
         _UNSEALED.reset(token)
 
 
+def sealing() -> bool:
+    """Whether records without a checksum are being accepted to seal them
+    (``accepting_unsealed``)."""
+    return _UNSEALED.get() is not None
+
+
 ROUNDED = "b2r:"  # floats to 7 significant digits (b2: exact, as written before)
 
 

@@ -147,6 +147,15 @@ def _validation_error(error: RequestValidationError) -> tuple[str, str | None, s
         where = [str(part) for part in e["loc"] if part != "body"]
         # a union of types reports the member it tried (``str``, ``list[str]``): not a field
         where = [part for part in where if not _is_type_name(part)]
+        if kind == "string_unicode" and not where:  # a field's name, not its value
+            name = str(e.get("input", ""))
+            bad = next((c for c in name if 0xD800 <= ord(c) <= 0xDFFF), "\ud800")
+            return (
+                f"a field name holds a lone surrogate (U+{ord(bad):04X}), which is not valid "
+                "Unicode: send the name as text",
+                None,
+                "invalid_json",
+            )
         if not where:
             return (
                 "the body must be a JSON object (with curl, send -H 'Content-Type: "
