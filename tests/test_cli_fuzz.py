@@ -56,8 +56,8 @@ class Files:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        # enough tokens for tune's 4 buckets (32 each)
-        self.held = _write(root / "held.txt", "while queue:\n    item = queue.pop()\n" * 5)
+        # enough tokens for tune's 4 buckets (32 each, in 3 of 4 held-out folds)
+        self.held = _write(root / "held.txt", "while queue:\n    item = queue.pop()\n" * 7)
         self.corpus = root / "corpus"
         for i, line in enumerate(CORPUS_LINES[:3]):
             _write(self.corpus / f"c{i}.txt", line * 2)
