@@ -101,7 +101,8 @@ def tune_collection(
     shared = set(validation_texts) & set(test_texts)
     if shared:
         raise ConfigError(
-            f"{len(shared)} documents are both in the validation text and in the test text; "
+            f"{len(shared)} documents are both in the validation text and in the test text "
+            "(--test); "
             "tuning and reporting on the same text overstates the gain"
         )
     # Tuning sets T and lambda itself, and must search everywhere to fit the gate; the

@@ -20,6 +20,9 @@ VALIDATION = [
     "while queue:\n    node = queue.pop()\n    for child in node.children:\n"
     "        queue.append(child)\n",
     "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    # ... with one fold of 4 held out (342 tokens in all for the learned policy)
+    "def area(width, height):\n    total = width * height\n    return total\n",
+    "for name in names:\n    if name.startswith('_'):\n        continue\n    print(name.upper())\n",
 ]
 TEST = [
     "def sub(a, b):\n    return a - b\n",
