@@ -56,11 +56,16 @@ def pristine(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Pa
     return knnlm.data_dir / "test"
 
 
+def _copy_of(collection: Path, tmp_path: Path, model: Path) -> tuple[Knnlm, Path]:
+    """A copy of ``collection`` as 'test' under ``tmp_path``, to damage."""
+    knnlm = Knnlm(tmp_path, model)
+    shutil.copytree(collection, knnlm.data_dir / "test")
+    return knnlm, knnlm.data_dir / "test"
+
+
 @pytest.fixture
 def copy(pristine: Path, tmp_path: Path, tiny_models: dict[str, Path]) -> tuple[Knnlm, Path]:
-    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
-    shutil.copytree(pristine, knnlm.data_dir / "test")
-    return knnlm, knnlm.data_dir / "test"
+    return _copy_of(pristine, tmp_path, tiny_models["gpt2"])
 
 
 def _check(knnlm: Knnlm, *args: str) -> tuple[Result, dict[str, tuple[bool, str]]]:
@@ -418,9 +423,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Pat
 
 @pytest.fixture
 def indexed_copy(indexed: Path, tmp_path: Path, tiny_models: dict[str, Path]) -> tuple[Knnlm, Path]:
-    knnlm = Knnlm(tmp_path, tiny_models["gpt2"])
-    shutil.copytree(indexed, knnlm.data_dir / "test")
-    return knnlm, knnlm.data_dir / "test"
+    return _copy_of(indexed, tmp_path, tiny_models["gpt2"])
 
 
 def _segment_file(collection: Path, pattern: str) -> Path:

@@ -289,7 +289,7 @@ class EdgeStore(KnnStore):
     def _write_state(self, **state: Any) -> None:
         """Write state.json sealed, keeping what ``knnlm check`` flagged: only a check
         that finds the store sound clears that."""
-        previous = self.load_state() if (self.path / STATE_FILE).exists() else None
+        previous = self.load_state()
         if previous and "flagged" in previous and "flagged" not in state:
             state["flagged"] = previous["flagged"]
         _write_atomically(self.path / STATE_FILE, json.dumps(seal(state)))
