@@ -117,7 +117,6 @@ def run(session, splits: dict[str, list[np.ndarray]], thresholds: list[int]) -> 
     """Every configuration over both splits in one LM pass per split."""
     from knn_store.doc_cache import CacheState, DocumentCache
     from knn_store.pointers import PointerState
-    from knn_store.windows import sliding_windows
 
     base = session.knn_lm
     configs = {"kNN-LM": base} | {
@@ -128,19 +127,9 @@ def run(session, splits: dict[str, list[np.ndarray]], thresholds: list[int]) -> 
     chosen: tuple[float, float] | None = None
     for split, seqs in splits.items():
         full = split == "test"
-        jobs = [
-            (i, seq, w)
-            for i, seq in enumerate(seqs)
-            for w in sliding_windows(len(seq), window=base.window, stride=base.stride)
-        ]
         # window j of several texts per batch: more texts step together (see KnnLM
         # ._search_or_follow); each text's windows still come in order
-        rank = {id(job): n for n, job in enumerate(jobs)}
-        first = {}
-        for n, (i, _, _) in enumerate(jobs):
-            first.setdefault(i, n)
-        jobs.sort(key=lambda j: (rank[id(j)] - first[j[0]], j[0]))
-        groups = [jobs[lo : lo + base.batch_size] for lo in range(0, len(jobs), base.batch_size)]
+        groups = base.window_batches(seqs, interleave=True)
         pstate = {name: PointerState() for name in configs}
         temps = [t_knn * f for f in CACHE_T] if chosen is None else [chosen[0]]
         weights = CACHE_W if chosen is None else (chosen[1],)

@@ -41,7 +41,6 @@ from benchmarks.kernel_docs import make_splits  # noqa: E402
 SIZES = {"100k": 100_000, "300k": 300_000, "1m": None}  # None: every datastore file
 DOMAIN = "kernel-docs"
 K = 1024
-GATE_MAX_COST = 0.002  # `knnlm tune --gate-max-cost 0.2`, the default
 WINDOW, STRIDE = 512, 256
 
 # Storage settings measured at 1M points; the first is the source the others are copied from.
@@ -248,7 +247,7 @@ class Bench:
             with open_session(self.settings(collection("1m"))) as session:
                 arrays: dict[str, np.ndarray] = {}
                 for split in ("validation", "test"):
-                    views = list(_lm_views(session.knn_lm, session.encode(self.texts(split))))
+                    views = list(session.knn_lm.lm_views(session.encode(self.texts(split))))
                     arrays[f"{split}_keys"] = torch.cat([v.keys for v in views]).numpy()
                     arrays[f"{split}_targets"] = torch.cat([v.targets for v in views]).numpy()
                     for field in ("lm_target_log_prob", "lm_entropy", "lm_max_log_prob"):
@@ -330,14 +329,15 @@ class Bench:
 
     def sizes(self) -> None:
         """Per datastore size: the copy (100k, 300k), tune on validation over the exact
-        neighbours, and test perplexity of base, paper defaults and every policy."""
-        from knn_store import StorageConfig, open_store
-        from knn_store.saved_policy import SavedPolicy
+        neighbours (``tune_evidence``: `knnlm tune`'s rules and save), and test perplexity
+        of base, paper defaults and every policy."""
+        from knn_store import StorageConfig, open_session
         from knn_store.store.base import PointFilter
-        from knn_store.tuning import fit_gate, tune
+        from knn_store.tune_collection import TuneOptions, tune_evidence
 
         tiers = self.tiers()
         results = self.saved("sizes") or {}
+        options = TuneOptions()  # `knnlm tune`'s defaults: buckets, a gate within 0.2%
         for size in SIZES:
             if size in results:
                 continue
@@ -348,24 +348,10 @@ class Bench:
                     name, StorageConfig(), PointFilter(docs=tuple(tiers[size]))
                 )
             validation, test = self.tuning_data(size, "validation"), self.tuning_data(size, "test")
-            tuned = tune(validation, test)
-            chosen = tuned.policies["buckets"]
-            gate = fit_gate(validation, chosen, max_cost=GATE_MAX_COST, test=test)
-            with open_store(self.settings(name)) as store:
-                meta = store.meta
-                assert meta is not None
-                store.save_policy(
-                    SavedPolicy(
-                        policy=chosen.policy,
-                        temperature=chosen.temperature,
-                        k=K,
-                        model_fingerprint=meta.model_fingerprint,
-                        key_type=meta.key_type,
-                        gate=gate.gate,
-                        report={"name": "buckets", "source": "benchmarks/scale.py sizes"},
-                    ).to_dict()
-                )
-                points = store.count()
+            with open_session(self.settings(name)) as session:
+                outcome = tune_evidence(session.knn_lm, validation, test, options=options)
+                points = session.store.count()
+            tuned, gate = outcome.result, outcome.summary["gate"]
             results[size] = {
                 "points": points,
                 "copy_seconds": copy_seconds,
@@ -374,12 +360,13 @@ class Bench:
                 "test": {n: math.exp(v) for n, v in (tuned.test or {}).items()},
                 "temperatures": {n: t.temperature for n, t in tuned.policies.items()},
                 "policies": {n: t.policy.to_dict() for n, t in tuned.policies.items()},
+                "held_out_change_percent": outcome.summary["held_out"]["change_percent"],
                 "gate": {
-                    "threshold": None if gate.gate is None else gate.gate.threshold,
-                    "validation_skipped": gate.validation_skipped,
-                    "test_skipped": gate.test_skipped,
-                    "validation_perplexity": math.exp(gate.validation_nll),
-                    "test_perplexity": None if gate.test_nll is None else math.exp(gate.test_nll),
+                    "threshold": gate["threshold"],
+                    "validation_skipped": gate["validation"]["skipped_share"],
+                    "test_skipped": gate["test"]["skipped_share"],
+                    "validation_perplexity": gate["validation"]["perplexity"],
+                    "test_perplexity": gate["test"]["perplexity"],
                 },
             }
             self.save("sizes", results)
@@ -552,7 +539,7 @@ class Bench:
                 for chunk in chunks:
                     seqs = session.encode(chunk)
                     started = time.perf_counter()
-                    base_n += sum(len(v.targets) for v in _lm_views(knn_lm, seqs))
+                    base_n += sum(len(v.targets) for v in knn_lm.lm_views(seqs))
                     base_t += time.perf_counter() - started
                     started = time.perf_counter()
                     result = knn_lm.evaluate(seqs)
@@ -587,7 +574,7 @@ class Bench:
         from ingest.corpus import Document
         from ingest.worker import IngestWorker
         from knn_store import PointFilter, load_language_model, open_store
-        from knn_store.windows import pack_windows, sliding_windows
+        from knn_store.windows import pack_windows, window_batches
 
         used = set()
         manifest = json.loads((self.work / "splits.json").read_text())
@@ -628,9 +615,10 @@ class Bench:
                     started = time.perf_counter()
                     for doc in chunk:
                         ids = lm.encode(doc.text)
-                        wins = list(sliding_windows(len(ids), window=WINDOW, stride=STRIDE))
-                        for lo in range(0, len(wins), batch_size):
-                            group = [(ids, w) for w in wins[lo : lo + batch_size]]
+                        for batch in window_batches(
+                            [ids], window=WINDOW, stride=STRIDE, batch_size=batch_size
+                        ):
+                            group = [(seq, w) for _, seq, w in batch]
                             input_ids, mask = pack_windows(group, pad_id=lm.pad_id)
                             with torch.inference_mode():
                                 lm.model(
@@ -681,19 +669,6 @@ def replace_neighbours(data: Any, sq: np.ndarray, tokens: np.ndarray) -> Any:
         targets=data.targets,
         lm_target_log_probs=data.lm_target_log_probs,
     )
-
-
-def _lm_views(knn_lm: Any, sequences: list[np.ndarray]):
-    """The LM part of the pipeline alone (the base LM's cost), window batch by batch."""
-    from knn_store.windows import sliding_windows
-
-    jobs = [
-        (i, seq, w)
-        for i, seq in enumerate(sequences)
-        for w in sliding_windows(len(seq), window=knn_lm.window, stride=knn_lm.stride)
-    ]
-    for lo in range(0, len(jobs), knn_lm.batch_size):
-        yield knn_lm.lm_view(jobs[lo : lo + knn_lm.batch_size])
 
 
 def _exact_topk(keys: Any, queries: Any, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -273,7 +273,7 @@ class Bench:
         for c, chunk in enumerate(chunks):
             seqs = edge.encode(chunk)
             if c < state["chunks_done"]:
-                keys += [v.keys.numpy() for v in _lm_views(edge.knn_lm, seqs)]
+                keys += [v.keys.numpy() for v in edge.knn_lm.lm_views(seqs)]
                 continue
             load = os.getloadavg()
             # the base LM before and after the turn's kNN-LM runs, each store in turn
@@ -317,7 +317,7 @@ class Bench:
         """The LM part of the pipeline alone (the base LM's cost), timed into ``acc``; the
         keys of every scored position."""
         started = time.perf_counter()
-        views = list(_lm_views(knn_lm, seqs))
+        views = list(knn_lm.lm_views(seqs))
         _add(
             acc,
             seconds=time.perf_counter() - started,
@@ -344,7 +344,7 @@ class Bench:
         keys_path = self.out / "test_keys.npy"
         if not keys_path.is_file():
             seqs = sessions["edge"].encode(self.texts("test"))
-            views = _lm_views(sessions["edge"].knn_lm, seqs)
+            views = sessions["edge"].knn_lm.lm_views(seqs)
             np.save(keys_path, np.concatenate([v.keys.numpy() for v in views]))
         queries = np.load(keys_path)
         options = sessions["edge"].knn_lm.search
@@ -713,19 +713,6 @@ def _add(acc: dict[str, Any], **values: float) -> dict[str, Any]:
     for key, value in values.items():
         acc[key] = acc.get(key, 0) + value
     return acc
-
-
-def _lm_views(knn_lm: Any, sequences: list[Any]):
-    """The LM part of the pipeline alone, window batch by window batch (as scale.py)."""
-    from knn_store.windows import sliding_windows
-
-    jobs = [
-        (i, seq, w)
-        for i, seq in enumerate(sequences)
-        for w in sliding_windows(len(seq), window=knn_lm.window, stride=knn_lm.stride)
-    ]
-    for lo in range(0, len(jobs), knn_lm.batch_size):
-        yield knn_lm.lm_view(jobs[lo : lo + knn_lm.batch_size])
 
 
 def _versions(sessions: dict[str, Any]) -> dict[str, Any]:

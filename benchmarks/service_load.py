@@ -162,7 +162,7 @@ def bad_requests(limits: dict[str, int]) -> list[tuple[str, str, bytes, dict[str
             body({"text": "a" * (limits["max_body_bytes"] + 1)}),
             as_json,
         ),
-        ("top_k out of range", "/v1/score", body({"text": "x", "top_k": -1}), as_json),
+        ("knn_top_k out of range", "/v1/score", body({"text": "x", "knn_top_k": -1}), as_json),
         ("lone surrogate", "/v1/score", b'{"text": "ab\\ud800cd"}', as_json),
         (
             "temperature 1e-40",

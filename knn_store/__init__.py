@@ -67,7 +67,7 @@ __all__ = [
 
 _LAZY = {
     "KnnLM": "knn_store.knn_lm",
-    "EvalResult": "knn_store.knn_lm",
+    "EvalResult": "knn_store.results",
     "LanguageModel": "knn_store.lm",
     "load_language_model": "knn_store.lm",
     "Session": "knn_store.session",

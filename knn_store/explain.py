@@ -11,47 +11,13 @@ payloads; this does, for the few nearest neighbours it shows.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import torch
 
 from knn_store.knn_lm import KnnLM, Scored
 from knn_store.progress import Progress, no_progress
+from knn_store.results import Neighbour, TokenExplanation
 from knn_store.store.base import CONTEXT_FIELD, DOMAIN_FIELD, OFFSET_FIELD, SOURCE_FIELD
-
-
-@dataclass(frozen=True)
-class Neighbour:
-    sq_distance: float
-    token: str  # the value: the token that followed the stored context
-    domain: str | None
-    source: str | None
-    offset: int | None  # token position in its document
-    context: str | None  # text just before the value, as stored at ingest
-
-
-@dataclass(frozen=True)
-class TokenExplanation:
-    position: int  # position of the predicted token in the text (BOS = 0)
-    token: str  # the token that actually came next
-    prob: float  # kNN-LM probability of it
-    lm_prob: float
-    knn_prob: float
-    lmbda: float
-    searched: bool  # False where the retrieval gate skipped the search, or pointers served
-    lm_top: list[tuple[str, float]]
-    knn_top: list[tuple[str, float]]
-    neighbours: list[Neighbour]  # with ``followed``, the successors followed, not a search's
-    # scored from the pointers the last token left (RetoMaton), without a search
-    followed: bool = False
-    # the document cache's p(token) and its weight in ``prob`` (None / 0: cache off, or
-    # nothing earlier in the text)
-    cache_prob: float | None = None
-    cache_weight: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def explain_text(

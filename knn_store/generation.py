@@ -20,6 +20,7 @@ Two ways in, one distribution: at every step both give what ``knnlm eval`` score
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -46,6 +47,18 @@ class Sampling:
     seed: random seed of this sequence (None: unseeded); torch's range, -2**63 .. 2**64 - 1.
     max_new_tokens: tokens to add at most (fewer if an end-of-text token comes).
     knn: False samples from the base LM alone.
+    min_p: keep only tokens at least this fraction as likely as the likeliest (after
+        temperature); 0 = all.
+    repetition_penalty: divides the log-probability's magnitude of every token already
+        in the prompt or the output by this much, as vLLM and transformers do to logits
+        (ln p < 0 is multiplied by it: p becomes p ** penalty); > 1 discourages repeats,
+        1 = off.
+    min_tokens: no end-of-text token can be drawn before this many new tokens.
+    ignore_eos: an end-of-text token does not end the sequence (it still counts).
+
+    Order of work at each step, as vLLM's: repetition penalty and min_tokens on the
+    interpolated log-probabilities, then temperature (0: the likeliest left), min_p, top_k,
+    top_p.
     """
 
     temperature: float = 1.0
@@ -54,6 +67,10 @@ class Sampling:
     seed: int | None = None
     max_new_tokens: int = 64
     knn: bool = True
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.temperature < float("inf"):
@@ -68,25 +85,49 @@ class Sampling:
             raise ConfigError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
             raise ConfigError(f"seed must lie in [-2**63, 2**64 - 1], got {self.seed}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ConfigError(f"min_p must lie in [0, 1], got {self.min_p}")
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            raise ConfigError(
+                f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}"
+            )
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ConfigError(
+                f"min_tokens must lie in [0, max_new_tokens = {self.max_new_tokens}], "
+                f"got {self.min_tokens}"
+            )
 
 
 def sample_next(
     log_probs: torch.Tensor, sampling: Sampling, generator: torch.Generator | None
 ) -> int:
-    """One token from log-probabilities float [V] under ``sampling``.
-
-    Safe for every finite temperature > 0 and top_p in (0, 1]: the work is in float64 on
-    logits shifted so that the likeliest token is at 0, so a tiny temperature sends every
-    other token to -inf (probability 0: greedy) instead of overflowing into inf - inf = nan,
-    and the likeliest token always survives top_k and top_p.
-    """
+    """One token from log-probabilities float [V] under ``sampling`` (its temperature,
+    min_p, top_k and top_p: ``penalize`` comes before, over the batch)."""
     if sampling.temperature == 0:
         return int(log_probs.argmax())
+    probs = sampling_probs(log_probs, sampling)
+    if probs is None:  # nothing has a finite log-probability: nothing to weigh
+        return int(log_probs.argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sampling_probs(log_probs: torch.Tensor, sampling: Sampling) -> torch.Tensor | None:
+    """The distribution float64 [V] that ``sample_next`` draws from, for a temperature > 0;
+    None where no token has a finite log-probability.
+
+    Safe for every finite temperature > 0, min_p in [0, 1] and top_p in (0, 1]: the work
+    is in float64 on logits shifted so that the likeliest token is at 0, so a tiny
+    temperature sends every other token to -inf (probability 0: greedy) instead of
+    overflowing into inf - inf = nan, and the likeliest token always survives min_p, top_k
+    and top_p.
+    """
     logits = log_probs.double()  # [V]
     best = logits.max()
-    if not torch.isfinite(best):  # nothing has a finite log-probability: nothing to weigh
-        return int(log_probs.argmax())
+    if not torch.isfinite(best):
+        return None
     logits = (logits - best) / sampling.temperature  # <= 0, exactly 0 at the likeliest
+    if sampling.min_p > 0:  # p / p_max >= min_p, in log space: the likeliest stays (0 >= ln)
+        logits = logits.masked_fill(logits < math.log(sampling.min_p), float("-inf"))
     if sampling.top_k:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1])).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -97,8 +138,34 @@ def sample_next(
         drop = probs.cumsum(-1) - probs >= sampling.top_p
         drop[0] = False
         logits[order[drop]] = float("-inf")
-    probs = logits.softmax(-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return logits.softmax(-1)
+
+
+def penalize(
+    log_probs: torch.Tensor,
+    seen: torch.Tensor | None,
+    penalty: torch.Tensor,
+    young: torch.Tensor,
+    end_ids: Sequence[int],
+) -> torch.Tensor:
+    """Repetition penalty and min_tokens over a batch, before each row's sampling.
+
+    log_probs: float [b, V]. seen: bool [b, V], the tokens each row's prompt and output
+    hold (None: no row has a penalty). penalty: float [b] (1: none). young: bool [b], the
+    rows that may not end yet. end_ids: the tokens that would end them. Returns a new
+    float [b, V]: a seen token's ln p times the penalty where it is < 0 (divided where it
+    is > 0, for logits), and -inf at ``end_ids`` in young rows.
+    """
+    shaped = log_probs
+    if seen is not None:
+        factor = penalty[:, None].to(log_probs)  # [b, 1]
+        hit = torch.where(log_probs < 0, log_probs * factor, log_probs / factor)
+        shaped = torch.where(seen, hit, log_probs)
+    if end_ids and bool(young.any()):
+        shaped = shaped.clone() if shaped is log_probs else shaped
+        ends = torch.as_tensor(list(end_ids), dtype=torch.long)
+        shaped[young.nonzero()[:, :1], ends] = float("-inf")  # [y, 1] x [e] -> [y, e]
+    return shaped
 
 
 @dataclass(frozen=True)
@@ -106,13 +173,16 @@ class Step:
     """One decoded token of one row, as ``decode`` reports it.
 
     token: the token sampled.
-    log_prob: its ln p under the distribution sampled from, before temperature and top_p
-        reshape it (the interpolated one, or the LM's where ``Sampling.knn`` is False).
+    log_prob: its ln p under the distribution sampled from, before the repetition
+        penalty, min_tokens, temperature, min_p, top_k and top_p reshape it (the
+        interpolated one, or the LM's where ``Sampling.knn`` is False).
     top: the ``top_logprobs`` likeliest tokens there, (token, ln p), likeliest first.
     followed: whether the step took its neighbours from followed pointers instead of a
         search; None where pointer following is off (or the row does not use the kNN-LM).
     searched: whether the step searched the datastore (False: the gate skipped it, or
         pointers served); None where the row does not use the kNN-LM.
+    last: whether the row ends with this token (an end-of-text token that ends it, or its
+        ``max_new_tokens``-th).
     """
 
     token: int
@@ -120,6 +190,7 @@ class Step:
     top: tuple[tuple[int, float], ...] = ()
     followed: bool | None = None
     searched: bool | None = None
+    last: bool = False
 
 
 # on_token(row, step) -> False ends that row now (a stop string, a client gone, a deadline)
@@ -188,6 +259,13 @@ def decode(
     stop = set(lm.stop_ids)
     out: list[list[int]] = [[] for _ in range(b)]
     active = np.ones(b, dtype=bool)
+    drawn = np.zeros(b, dtype=np.int64)  # [b], new tokens so far
+    # rows whose end-of-text tokens are masked until they have drawn this many (ignore_eos:
+    # an end token ends nothing, so nothing to hold back)
+    min_tokens = np.array([0 if s.ignore_eos else s.min_tokens for s in sampling])  # [b]
+    ends = np.array([not s.ignore_eos for s in sampling])  # [b], rows an end token ends
+    penalty = torch.tensor([s.repetition_penalty for s in sampling], dtype=torch.float32)  # [b]
+    seen: torch.Tensor | None = None  # bool [b, V] once the vocabulary is known
     # transformers 5 renamed the KV cache argument and output from past_key_values to cache
     cache_name = (
         "cache"
@@ -224,6 +302,12 @@ def decode(
                     searched[knn_rows] = memory.searched[knn_rows]
                 log_probs[index] = mixed
             log_probs = log_probs.cpu()
+            if seen is None and bool((penalty != 1).any()):  # the first step: the prompts
+                seen = torch.zeros(log_probs.shape, dtype=torch.bool)
+                held, column = mask.nonzero(as_tuple=True)  # the real (unpadded) positions
+                seen[held, ids[held, column]] = True
+            young = torch.from_numpy(active & (drawn < min_tokens))  # [b]
+            shaped = penalize(log_probs, seen, penalty, young, lm.stop_ids)  # [b, V]
             came = np.full(b, -1, dtype=np.int64)  # the token each row drew (-1: none)
             top_values = top_ids = None
             if top_logprobs:  # [b, t], one topk for the whole batch
@@ -231,7 +315,7 @@ def decode(
             step = torch.full((b, 1), lm.pad_id, dtype=torch.long)
             for row in np.flatnonzero(active):  # per row, not per token of the vocabulary
                 try:
-                    token = sample_next(log_probs[row], sampling[row], generators[row])
+                    token = sample_next(shaped[row], sampling[row], generators[row])
                 except Exception as exc:
                     if on_error is None:
                         raise
@@ -240,6 +324,10 @@ def decode(
                     continue
                 out[row].append(token)
                 step[row, 0] = came[row] = token
+                drawn[row] += 1
+                last = (
+                    bool(token in stop and ends[row]) or drawn[row] >= sampling[row].max_new_tokens
+                )
                 go_on = True
                 if on_token is not None:
                     top: tuple[tuple[int, float], ...] = ()
@@ -256,10 +344,14 @@ def decode(
                         top,
                         followed,
                         bool(searched[row]) if wants_knn[row] else None,
+                        last,
                     )
                     go_on = on_token(int(row), reported) is not False
-                if not go_on or token in stop or len(out[row]) >= sampling[row].max_new_tokens:
+                if last or not go_on:
                     active[row] = False
+            if seen is not None:  # what each row drew now counts as seen
+                took = np.flatnonzero(came >= 0)
+                seen[torch.from_numpy(took), torch.from_numpy(came[took])] = True
             if memory is not None:
                 knn_lm.advance(memory, came)
             ids = step

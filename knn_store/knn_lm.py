@@ -34,9 +34,10 @@ from knn_store.pointers import (
     union_neighbours,
 )
 from knn_store.progress import Progress, no_progress
+from knn_store.results import EvalResult
 from knn_store.store.base import KnnStore, Neighbours, PointFilter
 from knn_store.store.config import SearchOptions
-from knn_store.windows import Window, sliding_windows
+from knn_store.windows import WindowJob, window_batches
 
 
 @dataclass(frozen=True)
@@ -112,63 +113,6 @@ class DecodeMemory:
     searched: np.ndarray  # bool [b], whether each row's last step searched the datastore
     pending: _PendingFollow | None = None  # the last step's, until ``advance``
     cache_rows: np.ndarray | None = None  # the rows the last step put into the cache
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    tokens: int
-    base_nll: float  # summed over tokens, nats
-    knn_nll: float
-    lm_seconds: float
-    search_seconds: float
-    queries: int  # positions actually searched (the gate may skip some)
-    zero_prob_tokens: int  # tokens the kNN-LM gave probability 0 (lambda 1, no neighbour)
-    followed: int | None = None  # positions scored from followed pointers (None: off)
-    base_correct: int = 0  # positions where the LM's argmax is the token that came
-    knn_correct: int = 0  # ... and the kNN-LM's argmax
-
-    @property
-    def base_perplexity(self) -> float:
-        return perplexity(self.base_nll, self.tokens)
-
-    @property
-    def base_top1(self) -> float:
-        """Top-1 next-token accuracy of the LM alone."""
-        return self.base_correct / self.tokens if self.tokens else 0.0
-
-    @property
-    def knn_top1(self) -> float:
-        """Top-1 next-token accuracy of the kNN-LM (its whole mixed distribution)."""
-        return self.knn_correct / self.tokens if self.tokens else 0.0
-
-    @property
-    def knn_perplexity(self) -> float:
-        return perplexity(self.knn_nll, self.tokens)
-
-    @property
-    def search_ms_per_query(self) -> float:
-        return 1000 * self.search_seconds / self.queries if self.queries else 0.0
-
-    @property
-    def skipped_share(self) -> float:
-        return 1 - self.queries / self.tokens if self.tokens else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "tokens": self.tokens,
-            "base_perplexity": self.base_perplexity,
-            "knn_perplexity": self.knn_perplexity,
-            "change_percent": 100 * (self.knn_perplexity / self.base_perplexity - 1),
-            "base_top1": self.base_top1,
-            "knn_top1": self.knn_top1,
-            "lm_seconds": self.lm_seconds,
-            "search_seconds": self.search_seconds,
-            "searches": self.queries,
-            "skipped_share": self.skipped_share,
-            "search_ms_per_query": self.search_ms_per_query,
-            "zero_probability_tokens": self.zero_prob_tokens,
-            **({} if self.followed is None else {"followed_pointers": self.followed}),
-        }
 
 
 class KnnLM:
@@ -527,7 +471,24 @@ class KnnLM:
 
     # --- the pipeline ----------------------------------------------------------------------
 
-    def lm_view(self, group: list[tuple[int, np.ndarray, Window]], *, full: bool = False) -> LMView:
+    def window_batches(
+        self, sequences: Sequence[np.ndarray], *, interleave: bool = False
+    ) -> list[list[WindowJob]]:
+        """``windows.window_batches`` with this kNN-LM's window, stride and batch size."""
+        return window_batches(
+            sequences,
+            window=self.window,
+            stride=self.stride,
+            batch_size=self.batch_size,
+            interleave=interleave,
+        )
+
+    def lm_views(self, sequences: Sequence[np.ndarray]) -> Iterator[LMView]:
+        """The LM's half of the pipeline alone, batch by batch (the base LM's cost)."""
+        for batch in self.window_batches(sequences):
+            yield self.lm_view(batch)
+
+    def lm_view(self, group: list[WindowJob], *, full: bool = False) -> LMView:
         """The LM over a batch of windows (sequence index, tokens, window), reduced to what
         scoring needs at each scored position; with ``full``, its log-probs [m, V] too."""
         started = time.perf_counter()
@@ -859,13 +820,8 @@ class KnnLM:
                 (``Scored.lm_correct``, ``Scored.correct``); it keeps the LM's log-probs
                 of a batch until its search is done.
         """
-        jobs = [
-            (i, seq, w)
-            for i, seq in enumerate(sequences)
-            for w in sliding_windows(len(seq), window=self.window, stride=self.stride)
-        ]
-        total = sum(len(w.positions) for _, _, w in jobs)
-        groups = [jobs[lo : lo + self.batch_size] for lo in range(0, len(jobs), self.batch_size)]
+        groups = self.window_batches(sequences)
+        total = sum(len(w.positions) for group in groups for _, _, w in group)
         options: dict[str, Any] = {"full": full, "use_gate": use_gate, "with_cosine": with_cosine}
         if top1:
             options["top1"] = True
@@ -967,12 +923,6 @@ def _place(
 
 # No pointers: a text's first position, or one after a gap or a skipped search (immutable).
 _NO_POINTERS = Pointers(position=-1, ids=[], values=np.zeros(0, dtype=np.int64))
-
-
-def perplexity(nll: float, tokens: int) -> float:
-    """exp(nll / tokens): inf where the mean NLL is infinite or past float range."""
-    mean = nll / tokens
-    return math.exp(mean) if mean < 709.0 else math.inf
 
 
 def lm_summary(lm_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,8 +30,9 @@ if TYPE_CHECKING:
     import numpy as np
 
     from knn_store.doc_cache import DocumentCache
-    from knn_store.knn_lm import EvalResult, KnnLM
+    from knn_store.knn_lm import KnnLM
     from knn_store.lm import LanguageModel
+    from knn_store.results import EvalResult
 
 
 @dataclass

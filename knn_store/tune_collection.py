@@ -21,7 +21,7 @@ from knn_store.progress import Progress, no_progress
 if TYPE_CHECKING:  # the CLI imports this module for its choices: torch loads on use
     import numpy as np
 
-    from knn_store.session import Session
+    from knn_store.knn_lm import KnnLM
     from knn_store.settings import KnnlmSettings
     from knn_store.tuning import LeverFit, TuneResult, TuningData
 
@@ -95,7 +95,7 @@ def tune_collection(
     held-out part worse; ``options.force`` saves anyway, and says so in the record.
     """
     from knn_store import open_session
-    from knn_store.tuning import check_not_held, check_tuning_size, collect, tune
+    from knn_store.tuning import check_tuning_size, collect
 
     options = options or TuneOptions()
     shared = set(validation_texts) & set(test_texts)
@@ -118,28 +118,56 @@ def tune_collection(
         tokens = sum(max(len(s) - 1, 0) for s in sequences)  # each token after the first
         check_tuning_size(tokens, options.save, buckets=options.buckets, held_out=True)
         validation = collect(knn_lm, sequences, on_progress=on_progress)
-        forced: list[str] = []  # what each rule refused, where options.force saves anyway
-        _rule(check_not_held, validation, force=options.force, overridden=forced)
         test = (
             collect(knn_lm, session.encode(test_texts), on_progress=on_progress)
             if test_texts
             else None
         )
-        retrieve_seconds = time.perf_counter() - started
-        result = tune(
+        outcome = tune_evidence(
+            knn_lm,
             validation,
             test,
-            buckets=options.buckets,
-            learn_temperature=options.learn_temperature or options.save == "learned-t",
+            options=options,
+            sequences=sequences,
+            retrieve_seconds=time.perf_counter() - started,
         )
-        summary = _summary(result, retrieve_seconds)
-        outcome = TuneOutcome(result, summary, key_type=session.lm.key_type)
-        if options.save != "none":
-            _fit_and_save(session, sequences, validation, test, result, options, outcome, forced)
-        if forced:
-            summary["forced"] = forced
+    outcome.summary.update(collection=settings.collection)
+    return outcome
+
+
+def tune_evidence(
+    knn_lm: KnnLM,
+    validation: TuningData,
+    test: TuningData | None = None,
+    *,
+    options: TuneOptions | None = None,
+    sequences: Sequence[np.ndarray] = (),
+    retrieve_seconds: float = 0.0,
+) -> TuneOutcome:
+    """``tune_collection`` from evidence already collected (``tuning.collect``, or a
+    benchmark's exact neighbours): the refusal rules, every fit, and the save with
+    ``knn_lm``'s store, k and domains. ``sequences`` are the validation tokens, needed only
+    to fit the levers."""
+    from knn_store.tuning import check_not_held, tune
+
+    options = options or TuneOptions()
+    if options.fit_levers and not sequences:
+        raise ValueError("fitting the levers needs the validation token sequences")
+    forced: list[str] = []  # what each rule refused, where options.force saves anyway
+    _rule(check_not_held, validation, force=options.force, overridden=forced)
+    result = tune(
+        validation,
+        test,
+        buckets=options.buckets,
+        learn_temperature=options.learn_temperature or options.save == "learned-t",
+    )
+    summary = _summary(result, retrieve_seconds)
+    outcome = TuneOutcome(result, summary, key_type=knn_lm.lm.key_type)
+    if options.save != "none":
+        _fit_and_save(knn_lm, list(sequences), validation, test, result, options, outcome, forced)
+    if forced:
+        summary["forced"] = forced
     summary.update(
-        collection=settings.collection,
         saved=None if options.save == "none" else options.save,
         domains=list(knn_lm.filter.domains),
     )
@@ -158,7 +186,7 @@ def _rule(check: Any, *args: Any, force: bool, overridden: list[str], **kwargs: 
 
 
 def _fit_and_save(
-    session: Session,
+    knn_lm: KnnLM,
     sequences: list[np.ndarray],
     validation: TuningData,
     test: TuningData | None,
@@ -172,7 +200,7 @@ def _fit_and_save(
     from knn_store.saved_policy import SavedPolicy
     from knn_store.tuning import HOLDOUT_FOLDS, check_held_out, check_saveable, fit_gate
 
-    knn_lm, summary = session.knn_lm, outcome.summary
+    store, summary = knn_lm.store, outcome.summary
     kind = options.save
     chosen = result.policies[kind]
     gate = None
@@ -202,13 +230,13 @@ def _fit_and_save(
         "folds": HOLDOUT_FOLDS,
         "change_percent": None if held_out is None else 100 * held_out,
     }
-    meta = session.store.meta
+    meta = store.meta
     assert meta is not None
     levers = None
     if options.fit_levers:
         if not meta.successors:
             outcome.notes.append(
-                f"pointer threshold not fitted: collection {session.store.name!r} has no "
+                f"pointer threshold not fitted: collection {store.name!r} has no "
                 "successor links; run `knnlm rebuild --successors` to fit it"
             )
         tuned = knn_lm.with_options(
@@ -233,7 +261,7 @@ def _fit_and_save(
         cache_weight=0.0 if levers is None else levers.cache_weight,
         cache_temperature=None if levers is None else levers.cache_temperature,
     )
-    session.store.save_policy(saved.to_dict())
+    store.save_policy(saved.to_dict())
 
 
 def split_held_out(
@@ -385,4 +413,5 @@ __all__ = [
     "TuneOutcome",
     "split_held_out",
     "tune_collection",
+    "tune_evidence",
 ]

@@ -928,7 +928,6 @@ def fit_levers(
     """
     from knn_store.doc_cache import CacheState, DocumentCache
     from knn_store.pointers import PointerState
-    from knn_store.windows import sliding_windows
 
     if not 0 <= max_cost < math.inf:
         raise ValueError(f"`max_cost` must be finite and >= 0, got {max_cost}")
@@ -936,20 +935,16 @@ def fit_levers(
     caches = [DocumentCache(temperature=t, weight=0.0) for t in temps]
     cache_states = [CacheState() for _ in temps]
     plain = knn_lm.with_options(pointer_min=0, cache=None)
-    jobs = [
-        (i, seq, w)
-        for i, seq in enumerate(sequences)
-        for w in sliding_windows(len(seq), window=knn_lm.window, stride=knn_lm.stride)
-    ]
-    total = sum(len(w.positions) for _, _, w in jobs)
+    batches = knn_lm.window_batches(sequences)
+    total = sum(len(w.positions) for batch in batches for _, _, w in batch)
     views: list[LMView] = []
     plain_lp: list[torch.Tensor] = []  # float32 [m] per batch, no pointers
     cache_lp: list[list[torch.Tensor]] = [[] for _ in temps]
     has_memory: list[torch.Tensor] = []
     done = 0
     on_progress("levers", done, total)
-    for lo in range(0, len(jobs), knn_lm.batch_size):
-        view = knn_lm.lm_view(jobs[lo : lo + knn_lm.batch_size])
+    for batch in batches:
+        view = knn_lm.lm_view(batch)
         views.append(view)
         plain_lp.append(plain.finish(view).log_prob.cpu())
         for cache, state, out in zip(caches, cache_states, cache_lp, strict=True):

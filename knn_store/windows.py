@@ -79,3 +79,41 @@ def pack_windows(
         input_ids[row, : win.end - win.start] = seq[win.start : win.end]
         mask[row, : win.end - win.start] = 1
     return input_ids, mask
+
+
+WindowJob = tuple[int, np.ndarray, Window]  # (text index, its tokens, one of its windows)
+
+
+def window_batches(
+    sequences: Sequence[np.ndarray],
+    *,
+    window: int,
+    stride: int,
+    batch_size: int,
+    interleave: bool = False,
+) -> list[list[WindowJob]]:
+    """Every window of token ``sequences``, in batches of at most ``batch_size``: what one
+    LM call takes. Each text's windows come in order; by default text after text, with
+    ``interleave`` window j of every text before window j + 1 of any (more texts step
+    together, as pointer following across batches wants).
+
+    >>> seqs = [np.arange(6), np.arange(4)]
+    >>> [[(i, w.start) for i, _, w in b] for b in window_batches(seqs, window=4, stride=2,
+    ...                                                         batch_size=2)]
+    [[(0, 0), (0, 2)], [(1, 0)]]
+    >>> [[(i, w.start) for i, _, w in b] for b in window_batches(seqs, window=4, stride=2,
+    ...                                                         batch_size=2, interleave=True)]
+    [[(0, 0), (1, 0)], [(0, 2)]]
+    """
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be positive, got {batch_size}")
+    per_text = [
+        [(i, seq, w) for w in sliding_windows(len(seq), window=window, stride=stride)]
+        for i, seq in enumerate(sequences)
+    ]
+    if interleave:
+        deepest = max((len(t) for t in per_text), default=0)
+        jobs = [t[j] for j in range(deepest) for t in per_text if j < len(t)]
+    else:
+        jobs = [job for t in per_text for job in t]
+    return [jobs[lo : lo + batch_size] for lo in range(0, len(jobs), batch_size)]

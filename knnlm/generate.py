@@ -55,6 +55,32 @@ _QUERY_OPTIONS = (*[o for o in MODEL_OPTIONS if o not in ("window", "stride")], 
     help="Nucleus sampling: the smallest set of tokens holding this much probability.",
 )
 @click.option(
+    "--sample-min-p",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Only tokens at least this fraction as likely as the likeliest (after the "
+    "temperature); 0 = all.",
+)
+@click.option(
+    "--repetition-penalty",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0.0, min_open=True),
+    help="Above 1 discourages every token already in the prompt or the output "
+    "(ln p times the penalty), as vLLM's; 1 = off.",
+)
+@click.option(
+    "--min-new-tokens",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="No end-of-text token before this many new tokens.",
+)
+@click.option(
+    "--ignore-eos", is_flag=True, help="Go on past an end-of-text token, to --max-new-tokens."
+)
+@click.option(
     "--seed",
     type=click.IntRange(-(2**63), 2**64 - 1),
     help="Random seed, for repeatable samples (-2**63 to 2**64 - 1).",
@@ -71,6 +97,10 @@ def generate(
     sample_temperature: float,
     sample_top_k: int,
     sample_top_p: float,
+    sample_min_p: float,
+    repetition_penalty: float,
+    min_new_tokens: int,
+    ignore_eos: bool,
     seed: int | None,
     no_knn: bool,
     search_domains: tuple[str, ...],
@@ -94,6 +124,10 @@ def generate(
     from knn_store.generation import Sampling, decode
 
     settings = settings_from(params)
+    if min_new_tokens > max_new_tokens:
+        raise ConfigError(
+            f"--min-new-tokens ({min_new_tokens}) is more than --max-new-tokens ({max_new_tokens})"
+        )
     sampling = Sampling(
         temperature=sample_temperature,
         top_k=sample_top_k,
@@ -101,6 +135,10 @@ def generate(
         seed=seed,
         max_new_tokens=max_new_tokens,
         knn=not no_knn,
+        min_p=sample_min_p,
+        repetition_penalty=repetition_penalty,
+        min_tokens=min_new_tokens,
+        ignore_eos=ignore_eos,
     )
     with open_session(settings, search_domains=search_domains) as session:
         lm = session.lm

@@ -215,6 +215,7 @@ def serve(
 
     from knn_store import open_session
     from knnlm.service.app import Limits, create_app
+    from knnlm.service.http_protocol import protocol_class
 
     # click reads an empty variable as unset, which would serve without a key
     key = serve_api_key if serve_api_key is not None else os.environ.get("KNNLM_SERVE_API_KEY")
@@ -259,6 +260,7 @@ def serve(
             app,
             host=host,
             port=port,
+            http=protocol_class(),
             log_level="info",
             access_log=access_log == "uvicorn",
             timeout_graceful_shutdown=shutdown_timeout * _GRACE_SHARE,  # type: ignore[arg-type]

@@ -20,12 +20,16 @@ class UvicornThread:
     ) -> None:
         import uvicorn
 
+        from knnlm.service.http_protocol import protocol_class
+
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         if shutdown_timeout is None:
-            config = uvicorn.Config(app, log_config=None, log_level=log_level)
+            config = uvicorn.Config(
+                app, log_config=None, log_level=log_level, http=protocol_class()
+            )
             self.server = uvicorn.Server(config)
         else:
             from knnlm.serve import _GRACE_SHARE, _server_class
@@ -34,6 +38,7 @@ class UvicornThread:
                 app,
                 log_config=None,
                 log_level=log_level,
+                http=protocol_class(),
                 timeout_graceful_shutdown=shutdown_timeout * _GRACE_SHARE,
             )
             self.server = _server_class()(

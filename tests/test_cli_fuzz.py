@@ -231,11 +231,16 @@ class Fuzzer:
                 ("--sample-top-k", ["0", "5"]),
                 ("--sample-top-p", ["0", "0.9", "1"]),
                 ("--seed", ["0", "1", "12345"]),
+                ("--sample-min-p", ["0", "0.1", "1"]),
+                ("--repetition-penalty", ["1", "1.3", "0.5"]),
+                ("--min-new-tokens", ["0", "1", "3"]),
             ]:
                 if rng.random() < 0.25:
                     args += [flag, self.pick(NUMBERS, valid)]
             if rng.random() < 0.1:
                 args.append("--no-knn")
+            if rng.random() < 0.1:
+                args.append("--ignore-eos")
         elif name == "rebuild":
             args = ["rebuild", "--to-collection", self.pick(NAMES, ["copy"]), *self.store()]
             args += self.storage()

@@ -465,6 +465,17 @@ def test_generate_with_extreme_sampling_limits(knnlm: Knnlm) -> None:
     refused = generate("--seed", str(2**64))
     assert refused.exit_code == 2 and "--seed" in refused.stderr, refused.output
     assert "Traceback" not in refused.output
+    # vLLM's sampling parameters, with the service's meaning
+    vllm = ["--sample-min-p", "1", "--repetition-penalty", "1", "--min-new-tokens", "5"]
+    assert _json_ok(generate(*vllm, "--ignore-eos"))["completion"] == greedy["completion"]
+    penalized = _json_ok(generate("--sample-temperature", "0", "--repetition-penalty", "50"))
+    assert penalized["new_tokens"] == 5
+    too_many = generate("--min-new-tokens", "6")
+    assert too_many.exit_code == 1 and "Traceback" not in too_many.output
+    _one_line_error(too_many, "--min-new-tokens")
+    for flag, value in [("--repetition-penalty", "0"), ("--sample-min-p", "1.5")]:
+        refused = generate(flag, value)
+        assert refused.exit_code == 2 and flag in refused.stderr, refused.output
 
 
 # --- 4. non-finite numbers in tune's own flags -----------------------------------------------

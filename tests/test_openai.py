@@ -215,6 +215,60 @@ def test_n_choices_use_seed_plus_index(client: Any) -> None:
     )
 
 
+def test_vllm_sampling_parameters_equal_decode(client: Any, server: Server) -> None:
+    """min_p, repetition_penalty and min_tokens over HTTP sample what ``decode`` samples
+    with the same ``Sampling`` (the library's own tests check it against references)."""
+    from knn_store.generation import Sampling, decode
+
+    extra = {"min_p": 0.05, "repetition_penalty": 1.4, "min_tokens": 3}
+    for seed in (1, 2):
+        got = client.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=8, temperature=1.2, seed=seed,
+            extra_body=extra,
+        )  # fmt: skip
+        sampling = Sampling(temperature=1.2, seed=seed, max_new_tokens=8, **extra)
+        ids = server.session.lm.encode(PROMPT)
+        (new,) = decode(server.session.knn_lm, [ids], [sampling])
+        assert got.choices[0].text == server.session.lm.tokenizer.decode(
+            new, skip_special_tokens=True
+        )
+        assert got.usage.completion_tokens == len(new) >= 3
+    # chat too: greedy repeats a token within 12, a strong penalty never does (byte tokens
+    # of a cut character all show as U+FFFD: they are told apart by nothing here)
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 12, "temperature": 0}
+
+    def shown(extra: dict[str, Any]) -> list[str]:
+        got = client.chat.completions.create(**body, logprobs=True, extra_body=extra)
+        return [t.token for t in got.choices[0].logprobs.content if t.token != "\ufffd"]
+
+    plain = shown({})
+    assert len(set(plain)) < len(plain)
+    penalized = shown({"repetition_penalty": 50.0})
+    assert len(set(penalized)) == len(penalized) > 0
+
+
+def test_ignore_eos_and_min_tokens_over_http(
+    client: Any, server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the greedy first token made an end-of-text token: a plain request stops at it,
+    ignore_eos goes on to the limit (finish "length"), min_tokens draws around it."""
+    from knn_store.generation import Sampling, decode
+
+    lm = server.session.lm
+    greedy = Sampling(temperature=0, max_new_tokens=1)
+    end = decode(server.session.knn_lm, [lm.encode(PROMPT)], [greedy])[0][0]
+    first = lm.tokenizer.decode([end])
+    monkeypatch.setitem(lm.__dict__, "stop_ids", (end,))
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 5, "temperature": 0, "logprobs": 0}
+    stopped = client.completions.create(**body).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.logprobs.tokens == [first]
+    passed = client.completions.create(**body, extra_body={"ignore_eos": True}).choices[0]
+    assert passed.finish_reason == "length" and len(passed.logprobs.tokens) == 5
+    assert passed.logprobs.tokens[0] == first
+    held = client.completions.create(**body, extra_body={"min_tokens": 5}).choices[0]
+    assert len(held.logprobs.tokens) == 5 and first not in held.logprobs.tokens
+
+
 def _stop_in(text: str) -> str:
     """A stop string from the middle of ``text`` (two characters, likely across tokens)."""
     middle = len(text) // 2
@@ -366,6 +420,14 @@ REFUSED: list[tuple[str, dict[str, Any], str, str | None]] = [
     ("/v1/completions", {"prompt": "x", "n": 9, "best_of": 9, "max_tokens": 1,
                          "seed": 1, "top_k": 0, "presence_penalty": 0}, None, None),
     ("/v1/completions", {"prompt": ["a", "b"], "n": 9}, "n", None),
+    ("/v1/completions", {"prompt": "x", "min_p": 1.5}, "min_p", None),
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, "repetition_penalty", None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens", None),
+    ("/v1/completions", {"prompt": "x", "ignore_eos": "yes"}, "ignore_eos", None),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "min_tokens": 3},
+     "min_tokens", None),
+    ("/v1/completions", {"prompt": "x", "min_p": 0, "repetition_penalty": 1,
+                         "min_tokens": 0, "ignore_eos": False}, None, None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\ud800"}]},
      "messages.0.content", "invalid_text"),
     ("/v1/chat/completions", {"messages": MESSAGES, "tools": [{"type": "function"}]},

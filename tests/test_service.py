@@ -43,8 +43,13 @@ STRANGE = "zebra quantum {}{}{} ~~~ 42"
 SCORES: list[tuple[dict[str, Any], list[str]]] = [
     ({"text": CODE}, []),
     ({"text": CODE, "lambda": 0.6}, ["--lambda", "0.6"]),
-    ({"text": CODE, "temperature": 3.0}, ["--temperature", "3.0"]),
-    ({"text": PROSE, "top_k": 3}, ["--top-k", "3"]),
+    ({"text": CODE, "knn_temperature": 3.0}, ["--temperature", "3.0"]),
+    ({"text": PROSE, "knn_top_k": 3}, ["--top-k", "3"]),
+    (
+        {"text": PROSE, "lambda": 0.3, "knn_temperature": 0.5, "knn_top_k": 5},
+        ["--lambda", "0.3", "--temperature", "0.5", "--top-k", "5"],
+    ),
+    # the older names, deprecated: the same numbers
     (
         {"text": PROSE, "lambda": 0.3, "temperature": 0.5, "top_k": 5},
         ["--lambda", "0.3", "--temperature", "0.5", "--top-k", "5"],
@@ -238,6 +243,11 @@ def test_score_equals_eval(served: Served) -> None:
         if "lambda" in body:  # a fixed lambda and no gate, as the flag means
             assert all(got["searched"])
             assert got["lambdas"] == [pytest.approx(body["lambda"])] * n
+        old = [name for name in ("temperature", "top_k") if name in body]
+        assert ("deprecation" in response.headers) == bool(old)
+        for name in old:  # each older name is told, with the one to send instead
+            assert f'"{name} is deprecated here: send knn_{name}"' in response.headers["warning"]
+    assert _ok(responses[-1]) == _ok(responses[-2])  # the older names mean the same
     default, _, t_only = (_ok(r) for r in responses[:3])
     # the saved gate skips some positions, with the saved T or with T from the request
     assert 0 < sum(default["searched"]) < default["tokens_count"]
@@ -355,6 +365,14 @@ BAD: list[tuple[str, Any, int, str]] = [
     ("/v1/score", {"text": "x", "top_k": 16_385}, 400, "top_k:"),
     ("/v1/score", {"text": "x", "top_k": 2.5}, 400, "top_k:"),
     ("/v1/score", {"text": "x", "k": 3}, 400, "k: unknown parameter"),
+    ("/v1/score", {"text": "x", "knn_temperature": 0}, 400, "knn_temperature:"),
+    ("/v1/score", {"text": "x", "knn_top_k": 0}, 400, "knn_top_k:"),
+    (
+        "/v1/score",
+        {"text": "x", "top_k": 3, "knn_top_k": 4},
+        400,
+        "top_k: the older name of knn_top_k; send knn_top_k alone",
+    ),
     ("/v1/score", {"text": LONG}, 413, "text:"),
     ("/v1/score", {"text": "x" * 30_000}, 413, "20,000 bytes"),
     ("/v1/explain", {"text": "x", "top": 0}, 400, "top:"),

@@ -760,6 +760,38 @@ def test_a_client_that_leaves_mid_body_is_counted_as_a_client_close(
     assert count("500") == 0
 
 
+def test_a_malformed_chunked_body_is_counted_as_the_400_its_client_got(
+    make_app: Callable[..., Any],
+) -> None:
+    """uvicorn answers a chunk it cannot parse with 400 itself, mid-request: that was
+    counted as a 500 (or a client close), not what the client got."""
+    app = make_app(body_timeout=30.0)
+    registry = app.state.metrics
+
+    def count(status: str) -> float:
+        value = registry.get_sample_value(
+            "knnlm_http_requests_total", {"route": "/v1/score", "status": status}
+        )
+        return value or 0.0
+
+    head = (
+        b"POST /v1/score HTTP/1.1\r\nHost: knnlm\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    with UvicornThread(app) as served:
+        with served.connect() as sock:
+            sock.sendall(head + b'5\r\n{"tex\r\n')  # one good chunk: the app reads on
+            _wait_for(lambda: registry.get_sample_value("knnlm_http_requests_in_progress") == 1,
+                      "the request to reach the app")  # fmt: skip
+            sock.sendall(b"zz\r\n")  # not a chunk size
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400 "), answer
+        _wait_for(lambda: count("400") == 1, "the request to be counted as 400")
+    assert count("500") == count("499") == 0
+
+
 def test_a_compressed_body_is_refused_with_415(make_app: Callable[..., Any]) -> None:
     """`Content-Encoding: gzip` was ignored, the compressed bytes read as if they were JSON."""
     import gzip

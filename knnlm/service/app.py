@@ -20,12 +20,13 @@ from importlib.metadata import version
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from knn_store.errors import ConfigError
-from knnlm.service.batcher import Batcher, KnnOptions, TokenScores
+from knn_store.results import TokenScores
+from knnlm.service.batcher import Batcher, KnnOptions
 from knnlm.service.errors import ApiError, error_response, install_error_handlers, one_line
 from knnlm.service.guard import Guard
 from knnlm.service.json_body import JsonBody
@@ -41,6 +42,8 @@ from knnlm.service.openai_protocol import (
 from knnlm.service.openai_serving import OpenAIServing
 from knnlm.service.page import install_page
 from knnlm.service.schemas import (
+    RENAMED_ON,
+    SCORE_RENAMED,
     ExplainRequest,
     ExplainResponse,
     Health,
@@ -181,11 +184,20 @@ def create_app(
         response_model=ScoreResponse,
         responses=error_responses(400, 401, 413, 429, 503),
     )
-    async def score(body: ScoreRequest, request: Request) -> ScoreResponse:
+    async def score(body: ScoreRequest, request: Request, response: Response) -> ScoreResponse:
         """Per-token log-probabilities and perplexities of the LM and the kNN-LM, the
-        numbers `knnlm eval` gives for the same text and flags."""
+        numbers `knnlm eval` gives for the same text and flags. The older names
+        `temperature` and `top_k` still work, answered with `Deprecation` and `Warning`
+        headers that name the new ones."""
         ids = await encode(body.text, "text")
-        options = KnnOptions(lmbda=body.lmbda, temperature=body.temperature, top_k=body.top_k)
+        if old := body.deprecated_names():
+            response.headers["Deprecation"] = RENAMED_ON
+            response.headers["Warning"] = ", ".join(
+                f'299 knnlm "{name} is deprecated here: send {SCORE_RENAMED[name]}"' for name in old
+            )
+        options = KnnOptions(
+            lmbda=body.lmbda, temperature=body.softmax_temperature, top_k=body.neighbours
+        )
         result = await result_or_cancel(request, batcher.score(ids, options), batcher)
         pieces = await run_in_threadpool(lm.tokenizer.batch_decode, result.targets[:, None])
         return _score_response(result, pieces)

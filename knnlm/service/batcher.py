@@ -49,15 +49,14 @@ from knn_store.errors import (
     ServiceUnavailable,
     ShuttingDown,
 )
-from knn_store.knn_lm import perplexity
-from knn_store.windows import sliding_windows
+from knn_store.results import TokenScores
 
 if TYPE_CHECKING:
     import torch
 
-    from knn_store.explain import TokenExplanation
     from knn_store.generation import Sampling, Step
     from knn_store.knn_lm import KnnLM
+    from knn_store.results import TokenExplanation
     from knn_store.session import Session
 
 log = logging.getLogger(__name__)
@@ -71,37 +70,6 @@ class KnnOptions:
     lmbda: float | None = None
     temperature: float | None = None
     top_k: int | None = None
-
-
-@dataclass(frozen=True)
-class TokenScores:
-    """One text scored: per predicted token, in order (arrays of length ``tokens``)."""
-
-    targets: np.ndarray  # int64, the token that came next
-    base_log_probs: np.ndarray  # float32, log p_LM(target)
-    knn_log_probs: np.ndarray  # float32, the kNN-LM's log p(target); -inf where it gave 0
-    lambdas: np.ndarray  # float32
-    searched: np.ndarray  # bool, False where the retrieval gate skipped the search
-
-    @property
-    def tokens(self) -> int:
-        return len(self.targets)
-
-    @property
-    def base_nll(self) -> float:
-        return -float(np.sum(self.base_log_probs, dtype=np.float64))
-
-    @property
-    def knn_nll(self) -> float:
-        return -float(np.sum(self.knn_log_probs, dtype=np.float64))
-
-    @property
-    def base_perplexity(self) -> float:
-        return perplexity(self.base_nll, self.tokens)
-
-    @property
-    def knn_perplexity(self) -> float:
-        return perplexity(self.knn_nll, self.tokens)
 
 
 @dataclass
@@ -296,7 +264,7 @@ class Batcher:
 
     def _windows(self, ids: np.ndarray) -> int:
         knn_lm = self.session.knn_lm
-        n = sum(1 for _ in sliding_windows(len(ids), window=knn_lm.window, stride=knn_lm.stride))
+        n = sum(len(batch) for batch in knn_lm.window_batches([ids]))
         if n == 0:
             raise CorpusError("nothing to score: the text is shorter than 2 tokens")
         return n
@@ -574,7 +542,6 @@ class Batcher:
         """One ``decode`` for every prompt; a request is answered as soon as its row ends."""
         from knn_store.generation import decode
 
-        stop = set(self.session.lm.stop_ids)
         got: list[list[int]] = [[] for _ in batch]
         steps = 0
 
@@ -607,8 +574,7 @@ class Batcher:
                 except Exception:  # a gone client must not stop the other rows
                     log.warning("a streaming callback failed; its request stops streaming")
                     job.on_step = None
-            ended = step.token in stop or len(got[row]) >= job.args.max_new_tokens
-            if ended or not go_on:
+            if step.last or not go_on:
                 _settle(job.future, result=list(got[row]))
             return go_on
 

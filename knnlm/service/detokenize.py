@@ -58,8 +58,10 @@ class ChoiceText:
 
     ``add`` takes each new token (its text, ln p and top tokens) and answers False once a
     stop string appears in the text: the row ends there and ``text`` excludes the stop
-    string. ``sendable`` is the text that may be streamed now: without a character still
-    cut between tokens and without an ending that could become a stop string.
+    string. With ``min_tokens``, as vLLM's, only a stop string that ends in the text of
+    token ``min_tokens`` or a later one counts. ``sendable`` is the text that may be
+    streamed now: without a character still cut between tokens and without an ending that
+    could become a stop string.
 
     >>> decode = lambda ids: "".join(chr(i) for i in ids)
     >>> choice = ChoiceText(decode, decode_one=lambda i: chr(i), stops=("cd",))
@@ -71,10 +73,19 @@ class ChoiceText:
     ['a', 'b']
     """
 
-    def __init__(self, decode: Decode, *, decode_one: Callable[[int], str], stops: Sequence[str]):
+    def __init__(
+        self,
+        decode: Decode,
+        *,
+        decode_one: Callable[[int], str],
+        stops: Sequence[str],
+        min_tokens: int = 0,
+    ):
         self._decode = decode
         self._decode_one = decode_one
         self.stops = tuple(stops)
+        self.min_tokens = min_tokens  # a stop string counts only where it ends after these
+        self._free_from = 0  # where the text of the first min_tokens - 1 tokens ends
         self.tokens: list[int] = []
         self.entries: list[TokenEntry] = []
         self.raw = ""  # all tokens decoded
@@ -98,8 +109,15 @@ class ChoiceText:
         if after.startswith(before):
             self._offset += len(after) - len(before)
         self.raw = self._decode(self.tokens)
+        if len(self.tokens) < self.min_tokens:  # too soon for a stop string to end the text
+            self._free_from = len(self.raw)
+            return True
         if self.stop_reason is None and self.stops:
-            found = [(at, s) for s in self.stops if (at := self.raw.find(s)) >= 0]
+            found = [
+                (at, s)
+                for s in self.stops
+                if (at := self.raw.find(s, max(0, self._free_from - len(s) + 1))) >= 0
+            ]
             if found:
                 self.cut, self.stop_reason = min(found, key=lambda f: f[0])
                 return False

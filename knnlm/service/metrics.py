@@ -65,6 +65,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 
 from knnlm.service.access_log import log_request
+from knnlm.service.http_protocol import SERVER_ANSWERED
 from knnlm.service.schemas import error_responses
 
 if TYPE_CHECKING:
@@ -257,16 +258,16 @@ class Observer:
         try:
             await self.app(scope, receive, observed)
             if not answered:  # the app gave up without an answer: its client had left
-                status = CLIENT_CLOSED
+                status = _unanswered(scope)
         except asyncio.CancelledError:
             if not answered:  # the client, or the server, left before any answer
-                status = CLIENT_CLOSED
+                status = _unanswered(scope)
             raise
         except ClientDisconnect:
             # the client left (or timed out) while its body was read: nobody to answer, and
-            # no server error either
+            # no server error either; or uvicorn refused the body's framing with a 400
             if not answered:
-                status = CLIENT_CLOSED
+                status = _unanswered(scope)
         finally:
             self.metrics.in_progress.dec()
             seconds = time.perf_counter() - started
@@ -283,6 +284,12 @@ class Observer:
                     "client": f"{client[0]}:{client[1]}" if client else None,
                 }
             )
+
+
+def _unanswered(scope: Scope) -> int:
+    """The status of a request the app did not answer: the one uvicorn sent itself
+    (``http_protocol``), else a client close."""
+    return int(scope.get(SERVER_ANSWERED, CLIENT_CLOSED))
 
 
 def _request_id(scope: Scope) -> str:

@@ -14,8 +14,12 @@ What a field does here:
   distribution sampled: the kNN-LM's interpolation, before temperature and top_p),
   ``echo`` (completions), ``user`` (accepted, used and logged nowhere), and ``best_of``
   equal to ``n``;
-- extensions: ``knn`` (default true; false samples from the base LM alone) and ``top_k``
-  (sample among the k likeliest tokens; 0 = all);
+- extensions: ``knn`` (default true; false samples from the base LM alone), and vLLM's
+  sampling parameters with vLLM's meaning and order (``knn_store.generation.Sampling``):
+  ``top_k`` (sample among the k likeliest tokens; 0 = all), ``min_p``,
+  ``repetition_penalty`` (over the prompt's and the output's tokens), ``min_tokens`` (no
+  end-of-text token, and no stop string ending, within the first ``min_tokens``; at most
+  the completion's token limit) and ``ignore_eos``;
 - accepted only when neutral, refused by name with a 400 (code ``unsupported_parameter``)
   otherwise, since nothing here could honour them: ``presence_penalty`` and
   ``frequency_penalty`` (0), ``logit_bias`` ({}), ``suffix`` (""), ``tools`` and
@@ -119,6 +123,31 @@ class _Sampling(_Request):
     )
     top_k: int | None = Field(
         default=None, ge=0, description="knnlm extension: the k likeliest tokens; 0 = all."
+    )
+    min_p: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="vLLM's: only tokens at least this fraction as likely as the likeliest "
+        "(after temperature); default 0 = all.",
+    )
+    repetition_penalty: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="vLLM's: > 1 discourages every token already in the prompt or the "
+        "output (ln p times the penalty); default 1 = off.",
+    )
+    min_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="vLLM's: no end-of-text token, and no stop string ending, within the "
+        "first this many new tokens; at most the token limit.",
+    )
+    ignore_eos: bool | None = Field(
+        default=None,
+        description="vLLM's: go on past an end-of-text token, to the token limit or a stop string.",
     )
     n: int = Field(default=1, ge=1, description="Choices per prompt, sharing one batch.")
     stream: bool | None = Field(default=False, description="Server-sent events.")

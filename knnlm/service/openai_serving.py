@@ -9,7 +9,8 @@ decoding rows, and the rows' tokens become OpenAI's responses or server-sent eve
   ``stop_reason`` names it. An end-of-text token also gives "stop" (``stop_reason`` null);
   running out of ``max_tokens`` gives "length".
 - Log-probabilities are those of the distribution sampled from (the kNN-LM's interpolation,
-  or the LM's with ``knn: false``), before temperature and top_p reshape it: the numbers
+  or the LM's with ``knn: false``), before the sampling parameters (temperature, top_p,
+  repetition_penalty, ...) reshape it: the numbers
   ``/v1/score`` gives for the same text. Echoed prompt tokens take theirs from the same
   scoring as ``/v1/score``; their ``top_logprobs`` are null (scoring keeps only the token
   that came).
@@ -33,7 +34,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from knn_store.errors import KnnlmError
-from knnlm.service.batcher import Batcher, KnnOptions, TokenScores
+from knn_store.results import TokenScores
+from knnlm.service.batcher import Batcher, KnnOptions
 from knnlm.service.detokenize import ChoiceText, TokenEntry, finite, token_offsets
 from knnlm.service.errors import ApiError, error_body, knnlm_error_status, one_line
 from knnlm.service.openai_protocol import (
@@ -88,6 +90,7 @@ class _Row:
     text: ChoiceText
     future: Future[list[int]]
     on_step: _OnStep | None  # None: nothing to generate (echo with max_tokens 0)
+    ignore_eos: bool = False  # an end-of-text token did not end it
 
 
 class OpenAIServing:
@@ -383,6 +386,13 @@ class OpenAIServing:
                 index = p * body.n + i
                 seed = None if body.seed is None else body.seed + index
                 sampling = None
+                if (body.min_tokens or 0) > prompt.max_new:
+                    raise ApiError(
+                        400,
+                        f"min_tokens: {body.min_tokens} is more than the tokens this "
+                        f"completion may add ({prompt.max_new})",
+                        param="min_tokens",
+                    )
                 if prompt.max_new:
                     sampling = Sampling(
                         temperature=1.0 if body.temperature is None else body.temperature,
@@ -391,12 +401,23 @@ class OpenAIServing:
                         seed=seed,
                         max_new_tokens=prompt.max_new,
                         knn=body.knn,
+                        min_p=body.min_p or 0.0,
+                        repetition_penalty=(
+                            1.0 if body.repetition_penalty is None else body.repetition_penalty
+                        ),
+                        min_tokens=body.min_tokens or 0,
+                        ignore_eos=bool(body.ignore_eos),
                     )
                 plans.append((prompt, sampling))
         rows: list[_Row] = []
         try:
             for index, (prompt, sampling) in enumerate(plans):
-                text = ChoiceText(self._decode, decode_one=self._decode_one, stops=stops)
+                text = ChoiceText(
+                    self._decode,
+                    decode_one=self._decode_one,
+                    stops=stops,
+                    min_tokens=body.min_tokens or 0,
+                )
                 on_step = None
                 if sampling is None:
                     future: Future[list[int]] = Future()
@@ -406,7 +427,7 @@ class OpenAIServing:
                     future = self.batcher.complete(
                         prompt.ids, sampling, on_step=on_step, top_logprobs=top
                     )
-                rows.append(_Row(index, prompt, text, future, on_step))
+                rows.append(_Row(index, prompt, text, future, on_step, bool(body.ignore_eos)))
         except BaseException:
             _abandon(rows, self.batcher)
             raise
@@ -461,7 +482,9 @@ class OpenAIServing:
 
     def _finish_reason(self, row: _Row) -> str:
         tokens = row.text.tokens
-        if row.text.stop_reason is not None or (tokens and tokens[-1] in self.lm.stop_ids):
+        if row.text.stop_reason is not None:
+            return "stop"
+        if tokens and tokens[-1] in self.lm.stop_ids and not row.ignore_eos:
             return "stop"
         return "length"
 

@@ -13,9 +13,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
+from knn_store.results import TokenExplanation
 from knn_store.settings import MAX_TOP_K
 
 
@@ -54,6 +62,12 @@ UnicodeText = Annotated[str, AfterValidator(valid_unicode)]
 Text = Annotated[str, AfterValidator(valid_unicode), AfterValidator(_not_blank)]
 
 
+# /v1/score's older names of its retrieval settings -> their names now (the same names mean
+# sampling on the completion routes)
+SCORE_RENAMED = {"temperature": "knn_temperature", "top_k": "knn_top_k"}
+RENAMED_ON = "@1796515200"  # RFC 9745's Deprecation date (2026-12-06), for those names
+
+
 class ScoreRequest(_Request):
     """Score a text as `knnlm eval` would; the optional fields act as its flags."""
 
@@ -67,15 +81,55 @@ class ScoreRequest(_Request):
         description="A fixed lambda at every position, without the retrieval gate "
         "(`--lambda`). Default: the server's policy.",
     )
+    knn_temperature: float | None = Field(
+        default=None,
+        gt=0.0,
+        allow_inf_nan=False,
+        description="The kNN softmax's temperature over -d^2 (`--temperature`).",
+    )
+    knn_top_k: int | None = Field(
+        default=None, ge=1, le=MAX_TOP_K, description="Neighbours per query (`--top-k`)."
+    )
     temperature: float | None = Field(
         default=None,
         gt=0.0,
         allow_inf_nan=False,
-        description="Softmax temperature over -d^2 (`--temperature`).",
+        description="Deprecated: the older name of knn_temperature (on the completion "
+        "routes, temperature means sampling's).",
+        json_schema_extra={"deprecated": True},
     )
     top_k: int | None = Field(
-        default=None, ge=1, le=MAX_TOP_K, description="Neighbours per query (`--top-k`)."
+        default=None,
+        ge=1,
+        le=MAX_TOP_K,
+        description="Deprecated: the older name of knn_top_k (on the completion routes, "
+        "top_k means sampling's).",
+        json_schema_extra={"deprecated": True},
     )
+
+    @field_validator("temperature", "top_k")
+    @classmethod
+    def _not_both_names(cls, value: Any, info: ValidationInfo) -> Any:
+        new = SCORE_RENAMED[str(info.field_name)]
+        if value is not None and info.data.get(new) is not None:  # new names come first
+            raise PydanticCustomError(
+                "renamed_parameter",
+                "the older name of {new}; send {new} alone",
+                {"new": new},
+            )
+        return value
+
+    @property
+    def neighbours(self) -> int | None:
+        return self.knn_top_k if self.knn_top_k is not None else self.top_k
+
+    @property
+    def softmax_temperature(self) -> float | None:
+        return self.knn_temperature if self.knn_temperature is not None else self.temperature
+
+    def deprecated_names(self) -> list[str]:
+        """The older names this request used."""
+        return [old for old in SCORE_RENAMED if getattr(self, old) is not None]
 
 
 class ScoreResponse(BaseModel):
@@ -104,42 +158,10 @@ class ExplainRequest(_Request):
     )
 
 
-class Neighbour(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    sq_distance: float
-    token: str
-    domain: str | None
-    source: str | None
-    offset: int | None
-    context: str | None
-
-
-class TokenExplanation(BaseModel):
-    """One line of `knnlm explain --json`."""
-
-    model_config = ConfigDict(extra="allow")
-
-    position: int
-    token: str
-    prob: float
-    lm_prob: float
-    knn_prob: float
-    lmbda: float
-    searched: bool = Field(description="False where the gate skipped it or pointers served.")
-    lm_top: list[tuple[str, float]]
-    knn_top: list[tuple[str, float]]
-    neighbours: list[Neighbour]
-    followed: bool = Field(
-        default=False, description="Scored from pointers the last token left, no search."
-    )
-    cache_prob: float | None = Field(
-        default=None, description="The document cache's p(token); null with the cache off."
-    )
-    cache_weight: float = Field(default=0.0, description="The cache's weight in `prob`.")
-
-
 class ExplainResponse(BaseModel):
+    """One row per predicted token: `knnlm explain --json`'s lines (the fields are
+    ``knn_store.results.TokenExplanation``'s)."""
+
     tokens: list[TokenExplanation]
 
 
