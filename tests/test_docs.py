@@ -58,3 +58,41 @@ def test_every_relative_link_resolves(page: Path) -> None:
 def test_readme_is_short() -> None:
     lines = len(README.read_text().splitlines())
     assert lines <= README_MAX_LINES, f"README.md has {lines} lines; the rest belongs in docs/"
+
+
+MEASURED = re.compile(r"<!-- measured: ([0-9a-f]{7,40}) (benchmarks/\S+\.py) -->")
+
+
+def _changed_since(commit: str, script: str) -> list[str]:
+    """The commits after ``commit`` that changed ``script`` (git's history of this checkout)."""
+    import subprocess
+
+    known = subprocess.run(
+        ["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True
+    )
+    if known.returncode != 0:
+        pytest.skip(f"commit {commit} is not in this checkout's history (a shallow clone)")
+    log = subprocess.run(
+        ["git", "-C", str(ROOT), "log", "--format=%h", f"{commit}..HEAD", "--", script],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return log.stdout.split()
+
+
+def test_results_whose_script_changed_are_marked_stale() -> None:
+    """Each section of docs/performance.md names the commit and script it was measured with;
+    it says **Stale** exactly when the script changed after that commit."""
+    text = (ROOT / "docs" / "performance.md").read_text()
+    sections = re.split(r"^## ", text, flags=re.M)[1:]
+    checked = 0
+    for section in sections:
+        title = section.splitlines()[0]
+        for commit, script in MEASURED.findall(section):
+            assert (ROOT / script).is_file(), (title, script)
+            changed = _changed_since(commit, script)
+            said = "**Stale:**" in section and f"`{script}` (after {commit})" in section
+            assert said == bool(changed), (title, script, commit, changed)
+            checked += 1
+    assert checked >= 6
