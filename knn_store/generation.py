@@ -30,8 +30,9 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor
 
+from knn_store.decode_memory import DecodeMemory
 from knn_store.errors import ConfigError
-from knn_store.knn_lm import DecodeMemory, KnnLM
+from knn_store.knn_lm import KnnLM
 from knn_store.lm import KeyCapture
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
@@ -221,9 +222,9 @@ def decode(
     row).
 
     With pointer following or a document cache on (``KnnLM.uses_memory``), each row keeps
-    its own memory (``KnnLM.decode_memory``): the first forward's keys of every prompt
-    position feed it (``KnnLM.read_prompts``), each step scores from it
-    (``KnnLM.step_log_probs``) and then records the token drawn (``KnnLM.advance``), so a
+    its own memory (``DecodeMemory.start``): the first forward's keys of every prompt
+    position feed it (``DecodeMemory.read_prompts``), each step scores from it
+    (``DecodeMemory.step``) and then records the token drawn (``DecodeMemory.advance``), so a
     step's distribution is what ``KnnLM.score`` gives at that position of prompt plus
     tokens so far. Rows never see each other's memory.
     """
@@ -252,7 +253,7 @@ def decode(
     ]
     wants_knn = np.array([s.knn for s in sampling])
     memory = (
-        knn_lm.decode_memory([len(p) for p in prompts])
+        DecodeMemory.start(knn_lm, [len(p) for p in prompts])
         if knn_lm.uses_memory and wants_knn.any()
         else None
     )
@@ -298,7 +299,7 @@ def decode(
                     mixed, gated = knn_lm.next_token(log_probs[index], keys[index])
                     searched[knn_rows] = gated.cpu().numpy()
                 else:
-                    mixed = knn_lm.step_log_probs(memory, knn_rows, log_probs[index], keys[index])
+                    mixed = memory.step(knn_rows, log_probs[index], keys[index])
                     searched[knn_rows] = memory.searched[knn_rows]
                 log_probs[index] = mixed
             log_probs = log_probs.cpu()
@@ -353,7 +354,7 @@ def decode(
                 took = np.flatnonzero(came >= 0)
                 seen[torch.from_numpy(took), torch.from_numpy(came[took])] = True
             if memory is not None:
-                knn_lm.advance(memory, came)
+                memory.advance(came)
             ids = step
             mask = torch.cat([mask, torch.ones((b, 1), dtype=torch.long)], dim=1)
             position = position[:, -1:] + 1
@@ -385,8 +386,7 @@ def _read_prompts(
     lm_log_probs = None
     if knn_lm.pointer_min:  # the gate decides at each prompt position, as eval's does
         lm_log_probs = torch.log_softmax(logits[at].float(), dim=-1)  # [m, V]
-    knn_lm.read_prompts(
-        memory,
+    memory.read_prompts(
         sequence=sequence,
         position=position,
         keys=keys[at],

@@ -25,14 +25,7 @@ from knn_store.gate import RetrievalGate
 from knn_store.knn import interpolate, knn_log_probs, knn_target_log_probs
 from knn_store.lambdas import LambdaPolicy, QueryFeatures
 from knn_store.lm import LanguageModel
-from knn_store.pointers import (
-    UNKNOWN,
-    Pointers,
-    PointerState,
-    follow,
-    pointer_neighbours,
-    union_neighbours,
-)
+from knn_store.pointers import PointerState, PointerWalk
 from knn_store.progress import Progress, no_progress
 from knn_store.results import EvalResult
 from knn_store.store.base import KnnStore, Neighbours, PointFilter
@@ -85,34 +78,6 @@ class Scored:
 
     def __len__(self) -> int:
         return len(self.lm.targets)
-
-
-@dataclass(frozen=True)
-class _PendingFollow:
-    """One generation step's neighbours, kept until the sampled token says whom to follow."""
-
-    rows: np.ndarray  # int64 [L], the generation's rows that stepped
-    position: np.ndarray  # int64 [L], the position each scored
-    neighbours: Neighbours  # [L, w]
-    nexts: np.ndarray  # int64 [L, w], their successors' values (``pointers.follow``)
-    allowed: np.ndarray  # bool [L], the gate's decisions
-
-
-@dataclass
-class DecodeMemory:
-    """What one generation carries from step to step, per row (each row one text): the
-    pointers (``pointers``) and the document cache (``cache``) of each row, keyed by row,
-    so that rows never see each other's. Make one per generation with
-    ``KnnLM.decode_memory``; not thread-safe.
-    """
-
-    position: np.ndarray  # int64 [b], each row's newest position: the next step's query
-    pointers: PointerState | None  # None: pointer following off
-    cache: CacheState | None  # None: no document cache
-    followed: np.ndarray  # bool [b], whether each row's last step followed pointers
-    searched: np.ndarray  # bool [b], whether each row's last step searched the datastore
-    pending: _PendingFollow | None = None  # the last step's, until ``advance``
-    cache_rows: np.ndarray | None = None  # the rows the last step put into the cache
 
 
 class KnnLM:
@@ -182,6 +147,7 @@ class KnnLM:
         self.search_batch = search_batch
         self.pointer_min = pointer_min
         self.cache = cache
+        self.retomaton = PointerWalk(store, k, pointer_min, self.search, self.filter)
 
     def with_options(self, **changes: Any) -> KnnLM:
         """A copy with some arguments replaced (per-request lambda, T or k in the service)."""
@@ -240,14 +206,14 @@ class KnnLM:
             chunk = queries[rows[lo : lo + self.search_batch]]  # [b, dim]
             part = self.store.search(chunk, k=self.k, options=self.search, filter=self.filter)
             if with_cosine:
-                part = replace(part, cosine=self._nearest_cosine(chunk, part))
+                part = replace(part, cosine=self.nearest_cosine(chunk, part))
             parts.append(part)
         found = Neighbours.concat(parts, k=self.k)
         if len(rows) == len(queries):
             return found
         return found.scatter(rows, len(queries))
 
-    def _nearest_cosine(self, queries: np.ndarray, neighbours: Neighbours) -> np.ndarray:
+    def nearest_cosine(self, queries: np.ndarray, neighbours: Neighbours) -> np.ndarray:
         """float32 [b]: cosine of each query and its nearest stored key (0 without one)."""
         assert neighbours.point_ids is not None
         nearest = neighbours.point_ids[:, 0]  # [b]
@@ -298,10 +264,10 @@ class KnnLM:
         if not searched.any():
             return lm_log_probs, searched
         neighbours = self.neighbours(keys, searched=None if searched.all() else searched)
-        mixed = self._mix_neighbours(lm_log_probs, neighbours, entropy, max_log_prob, searched)
+        mixed = self.mix_neighbours(lm_log_probs, neighbours, entropy, max_log_prob, searched)
         return mixed, searched
 
-    def _mix_neighbours(
+    def mix_neighbours(
         self,
         lm_log_probs: torch.Tensor,
         neighbours: Neighbours,
@@ -330,144 +296,8 @@ class KnnLM:
     def uses_memory(self) -> bool:
         """Whether a position's distribution depends on the text before it beyond the LM's
         context: pointer following or the document cache is on. Generation then goes
-        through ``decode_memory``, ``read_prompts``, ``step_log_probs`` and ``advance``."""
+        through a ``decode_memory.DecodeMemory``."""
         return bool(self.pointer_min) or self.cache is not None
-
-    def decode_memory(self, prompt_lengths: Sequence[int]) -> DecodeMemory:
-        """A fresh memory for one generation of ``len(prompt_lengths)`` texts (rows); each
-        row's first query is its prompt's last position. Rows never share pointers or cache."""
-        return DecodeMemory(
-            position=np.asarray(prompt_lengths, dtype=np.int64) - 1,
-            pointers=PointerState() if self.pointer_min else None,
-            cache=CacheState() if self.cache is not None else None,
-            followed=np.zeros(len(prompt_lengths), dtype=bool),
-            searched=np.zeros(len(prompt_lengths), dtype=bool),
-        )
-
-    def read_prompts(
-        self,
-        memory: DecodeMemory,
-        *,
-        sequence: np.ndarray,
-        position: np.ndarray,
-        keys: torch.Tensor,
-        targets: np.ndarray,
-        lm_log_probs: torch.Tensor | None,
-        use_gate: bool = True,
-    ) -> None:
-        """Feed the prompts' own positions into ``memory``, as eval walks a text's positions
-        before the one it scores: the cache takes each position's key and next token, and
-        pointer following walks them (searching or following, then following the prompt's
-        true next token), so the first generated step starts from the state eval has there.
-
-        Args:
-            memory: from ``decode_memory``.
-            sequence, position: int64 [m], each prompt position's row and absolute position
-                (0 .. prompt length - 2 of each row: those whose next token is known).
-            keys: float [m, dim] of those positions.
-            targets: int64 [m], the prompt token after each.
-            lm_log_probs: float [m, V], the LM's log p there, for the gate (with pointers
-                only; None when pointers are off).
-        """
-        if not len(sequence):
-            return
-        if memory.pointers is not None:
-            ok = np.ones(len(sequence), dtype=bool)
-            if use_gate and self.gate is not None:
-                assert lm_log_probs is not None, "the gate needs the prompts' LM log-probs"
-                ok = self.search_mask(*lm_summary(lm_log_probs)).cpu().numpy()
-            queries = keys.detach().float().cpu().numpy()  # [m, dim]
-            self._walk(memory.pointers, sequence, position, queries, targets, ok)
-        if self.cache is not None and memory.cache is not None:
-            self.cache.target_log_probs(
-                memory.cache,
-                sequence=sequence,
-                position=position,
-                keys=keys,
-                targets=torch.as_tensor(targets, device=keys.device),
-                vocab_size=self.lm.vocab_size,
-            )
-
-    def step_log_probs(
-        self,
-        memory: DecodeMemory,
-        rows: np.ndarray,
-        lm_log_probs: torch.Tensor,
-        keys: torch.Tensor,
-        *,
-        use_gate: bool = True,
-    ) -> torch.Tensor:
-        """The kNN-LM's log p float [L, V] at the newest position of ``rows`` (int [L]) of a
-        generation, from the LM's log p [L, V] and keys [L, dim] there: what ``score`` with
-        ``full`` gives at that position of the text (prompt plus tokens so far). Pointer
-        following takes each row's pointers, or searches (one batched search); the cache
-        looks at the row's earlier positions. Call ``advance`` with the tokens that came
-        before the next step. Without pointers and cache this is ``next_token_log_probs``.
-        """
-        rows = np.asarray(rows, dtype=np.int64)
-        state = memory.pointers
-        if state is None:
-            mixed, searched = self.next_token(lm_log_probs, keys, use_gate=use_gate)
-            memory.searched[rows] = searched.cpu().numpy()
-        else:
-            entropy, max_log_prob = lm_summary(lm_log_probs)
-            allowed = (
-                self.search_mask(entropy, max_log_prob)
-                if use_gate
-                else torch.ones(len(rows), dtype=torch.bool, device=lm_log_probs.device)
-            )
-            ok = allowed.cpu().numpy()  # [L]
-            queries = keys.detach().float().cpu().numpy()  # [L, dim]
-            position = memory.position[rows]  # [L]
-            neighbours, nexts, _, followed = self._pointer_step(state, rows, position, queries, ok)
-            memory.pending = _PendingFollow(rows, position, neighbours, nexts, ok)
-            memory.followed[rows] = followed
-            memory.searched[rows] = ok & ~followed
-            if self.policy.needs_cosine:
-                neighbours = replace(neighbours, cosine=self._nearest_cosine(queries, neighbours))
-            mixed = self._mix_neighbours(lm_log_probs, neighbours, entropy, max_log_prob, allowed)
-        if self.cache is not None and memory.cache is not None:
-            # the rows join the cache now with a placeholder value; ``advance`` writes in
-            # the token that came (a position's own value never weighs in its distribution)
-            cached = self.cache.target_log_probs(
-                memory.cache,
-                sequence=rows,
-                position=memory.position[rows],
-                keys=keys,
-                targets=torch.zeros(len(rows), dtype=torch.long, device=keys.device),
-                vocab_size=lm_log_probs.shape[-1],
-                full=True,
-            )
-            assert cached.log_probs is not None
-            mixed = self.cache.mix(mixed, cached.log_probs, cached.has_memory)
-            memory.cache_rows = rows
-        return mixed
-
-    def advance(self, memory: DecodeMemory, tokens: np.ndarray) -> None:
-        """Move ``memory`` past the last ``step_log_probs``: ``tokens`` int64 [b] holds the
-        token each row drew (< 0: the row drew none and ends). Pointer following follows
-        the neighbours whose value is that token; the cache records it as the value of the
-        position it followed. Every stepped row's position moves on by one."""
-        tokens = np.asarray(tokens, dtype=np.int64)
-        pending, memory.pending = memory.pending, None
-        if pending is not None and memory.pointers is not None:
-            came = tokens[pending.rows]  # [L]
-            self._advance_pointers(
-                memory.pointers,
-                pending.rows,
-                pending.position,
-                pending.neighbours,
-                pending.nexts,
-                came,
-                pending.allowed & (came >= 0),
-            )
-        cache_rows, memory.cache_rows = memory.cache_rows, None
-        if cache_rows is not None and memory.cache is not None:
-            for row in cache_rows[tokens[cache_rows] >= 0]:  # one write per row
-                memory.cache.values[int(row)][-1] = int(tokens[row])
-        stepped = pending.rows if pending is not None else cache_rows
-        if stepped is not None:
-            memory.position[stepped] += 1
 
     # --- the pipeline ----------------------------------------------------------------------
 
@@ -616,12 +446,12 @@ class KnnLM:
         *,
         with_cosine: bool | None,
     ) -> tuple[Neighbours, torch.Tensor, torch.Tensor]:
-        """Neighbours of a view's positions with pointer following (``_walk``); positions
+        """Neighbours of a view's positions with pointer following (``PointerWalk.walk``); positions
         where ``allowed`` (bool [m], the gate) is False get none, and their text's pointers
         are dropped. Returns the neighbours [m, w] and the bool [m] masks searched, followed.
         """
         queries = view.keys.detach().float().cpu().numpy()  # [m, dim]
-        out, searched, followed = self._walk(
+        out, searched, followed = self.retomaton.walk(
             state,
             view.sequence,
             view.position,
@@ -630,172 +460,13 @@ class KnnLM:
             allowed.cpu().numpy(),
         )
         if self.policy.needs_cosine if with_cosine is None else with_cosine:
-            out = replace(out, cosine=self._nearest_cosine(queries, out))
+            out = replace(out, cosine=self.nearest_cosine(queries, out))
         device = view.keys.device
         return (
             out,
             torch.from_numpy(searched).to(device),
             torch.from_numpy(followed).to(device),
         )
-
-    def _walk(
-        self,
-        state: PointerState,
-        sequence: np.ndarray,
-        position: np.ndarray,
-        queries: np.ndarray,
-        targets: np.ndarray,
-        allowed: np.ndarray,
-    ) -> tuple[Neighbours, np.ndarray, np.ndarray]:
-        """RetoMaton over m positions of some texts whose next tokens are known: each
-        position takes its neighbours (``_pointer_step``), then its text follows the token
-        that came (``_advance_pointers``).
-
-        A text's positions depend on each other, so they go one step at a time; each step
-        takes the next position of every text at once (one engine scoring of the pointers,
-        one search, and after the search one lookup of the matches' ``next``).
-
-        Args:
-            state: the pointers each text's earlier positions left; updated.
-            sequence, position: int64 [m], each row's text and absolute position.
-            queries: float32 [m, dim]; targets: int64 [m], the token after each position.
-            allowed: bool [m], False where the gate skips (no neighbours, pointers dropped).
-
-        Returns:
-            The neighbours [m, w] (w >= k the widest row: a union, or all the pointers
-            followed; the rest padded) and the bool [m] masks searched, followed.
-        """
-        m = len(sequence)
-        out = Neighbours.empty(m, self.k)
-        nexts = np.full((m, self.k), UNKNOWN, dtype=np.int64)  # [m, k], see pointers.follow
-        searched = np.zeros(m, dtype=bool)
-        followed = np.zeros(m, dtype=bool)
-        # each text's rows in position order; ``step`` is a row's rank within its text
-        order = np.lexsort((position, sequence))  # [m]
-        text = sequence[order]
-        starts = np.flatnonzero(np.r_[True, text[1:] != text[:-1]])  # first row of each text
-        step = np.arange(m) - np.repeat(starts, np.diff(np.r_[starts, m]))  # [m]
-        for s in range(int(step.max()) + 1 if m else 0):
-            rows = order[step == s]  # [L], one per text
-            found, found_next, searched[rows], followed[rows] = self._pointer_step(
-                state, sequence[rows], position[rows], queries[rows], allowed[rows]
-            )
-            out, nexts = _place(out, nexts, found, found_next, rows)
-            self._advance_pointers(
-                state,
-                sequence[rows],
-                position[rows],
-                found,
-                found_next,
-                targets[rows],
-                allowed[rows],
-            )
-        return out, searched, followed
-
-    def _pointer_step(
-        self,
-        state: PointerState,
-        sequence: np.ndarray,
-        position: np.ndarray,
-        queries: np.ndarray,
-        allowed: np.ndarray,
-    ) -> tuple[Neighbours, np.ndarray, np.ndarray, np.ndarray]:
-        """Neighbours of one position of each of L texts: the pointers its text's previous
-        position left, scored by the engine (one batched request for every row that has
-        any), if at least ``pointer_min`` of them are in the store; else one batched search
-        for all such rows, scoring the search's neighbours united with the pointers the row
-        had (``pointers.union_neighbours``, as RetoMaton does). Rows where ``allowed`` is
-        False get neither.
-
-        Args:
-            state: the pointers of each text (read; its counts are updated).
-            sequence, position: int64 [L], each row's text and absolute position.
-            queries: float32 [L, dim].
-            allowed: bool [L], the gate's decisions.
-
-        Returns:
-            ``Neighbours`` [L, w] (w >= k), their ``next`` values int64 [L, w] (for
-            ``_advance_pointers``), and the bool [L] masks searched, followed.
-        """
-        n = len(sequence)
-        ready = [
-            state.ready(int(s), int(p)) or _NO_POINTERS
-            for s, p in zip(sequence, position, strict=True)
-        ]
-        has = allowed & np.array([len(p) > 0 for p in ready], dtype=bool)  # [L]
-        out = Neighbours.empty(n, self.k)
-        nexts = np.full((n, self.k), UNKNOWN, dtype=np.int64)  # [L, k]
-        # every row's pointers scored at once: those that remain decide, and a row that
-        # searches anyway unites them with its search's neighbours
-        pointed = Neighbours.empty(n, 1)  # [L, P], rows without pointers empty
-        pointed_next = np.full((n, 1), -1, dtype=np.int64)
-        if has.any():
-            mine = [p for p, h in zip(ready, has, strict=True) if h]
-            width = max(self.k, *(len(p) for p in mine))
-            found, found_next = pointer_neighbours(
-                self.store, queries[has], mine, k=width, state=state
-            )
-            pointed, pointed_next = _place(
-                Neighbours.empty(n, width),
-                np.full((n, width), -1, dtype=np.int64),
-                found,
-                found_next,
-                has,
-            )
-        present = (pointed.token_ids >= 0).sum(axis=1)  # [L], pointers in the store
-        use = allowed & (present >= self.pointer_min)  # [L]; pointer_min >= 1
-        look = allowed & ~use  # [L]
-        if use.any():
-            out, nexts = _place(out, nexts, *_rows(pointed, pointed_next, use), use)
-        if look.any():
-            found = self.store.search(
-                queries[look], k=self.k, options=self.search, filter=self.filter
-            )
-            found_next = np.full(found.token_ids.shape, UNKNOWN, dtype=np.int64)
-            most = int(present[look].max())
-            if most:  # fewer than pointer_min pointers, but some: score the union
-                before = int((found.token_ids >= 0).sum())
-                found, found_next = union_neighbours(
-                    found, *_rows(pointed, pointed_next, look), width=self.k + most
-                )
-                state.united += int((present[look] > 0).sum())
-                state.added += int((found.token_ids >= 0).sum()) - before
-            out, nexts = _place(out, nexts, found, found_next, look)
-        state.followed += int(use.sum())
-        state.searched += int(look.sum())
-        return out, nexts, look, use
-
-    def _advance_pointers(
-        self,
-        state: PointerState,
-        sequence: np.ndarray,
-        position: np.ndarray,
-        neighbours: Neighbours,
-        nexts: np.ndarray,
-        came: np.ndarray,
-        allowed: np.ndarray,
-    ) -> None:
-        """After one position of each of L texts (``_pointer_step``'s ``neighbours`` and
-        ``nexts`` [L, w]): each text keeps the successors of the neighbours whose value is
-        the token that came (``came`` int64 [L]: the true one in eval, the sampled one in
-        generation) for its next position. Rows where ``allowed`` (bool [L]) is False
-        drop their text's pointers."""
-        active = np.flatnonzero(allowed)
-        if len(active):
-            assert neighbours.point_ids is not None
-            successors = follow(
-                self.store,
-                positions=position[active],
-                point_ids=neighbours.point_ids[active],
-                token_ids=neighbours.token_ids[active],
-                nexts=nexts[active],
-                targets=came[active],
-                state=state,
-            )
-            for text, pointers in zip(sequence[active], successors, strict=True):
-                state.by_sequence[int(text)] = pointers
-        for text in sequence[~allowed]:
-            state.by_sequence.pop(int(text), None)
 
     def score(
         self,
@@ -885,44 +556,6 @@ class KnnLM:
             base_correct=base_correct,
             knn_correct=knn_correct,
         )
-
-
-def _rows(
-    neighbours: Neighbours, nexts: np.ndarray, rows: np.ndarray
-) -> tuple[Neighbours, np.ndarray]:
-    """Rows ``rows`` (int [b] or bool [m]) of ``neighbours`` [m, w] and ``nexts`` [m, w]."""
-    assert neighbours.point_ids is not None
-    return Neighbours(
-        neighbours.token_ids[rows], neighbours.sq_distances[rows], neighbours.point_ids[rows]
-    ), nexts[rows]
-
-
-def _place(
-    out: Neighbours, nexts: np.ndarray, found: Neighbours, found_next: np.ndarray, rows: np.ndarray
-) -> tuple[Neighbours, np.ndarray]:
-    """``found`` [b, w] and its ``next`` values [b, w] written into rows ``rows`` (int [b],
-    or bool [m] with b True) of ``out`` and ``nexts`` [m, w'], in place when w <= w'; when
-    w > w' (a union, or more pointers than k) both are first widened with missing
-    neighbours. Returns the two."""
-    width, have = found.token_ids.shape[1], out.token_ids.shape[1]
-    if width > have:  # pad every row to the new width: -1 / inf / None, next -1
-        wider = Neighbours.empty(len(out), width)
-        assert wider.point_ids is not None and out.point_ids is not None
-        wider.token_ids[:, :have] = out.token_ids
-        wider.sq_distances[:, :have] = out.sq_distances
-        wider.point_ids[:, :have] = out.point_ids
-        out = Neighbours(wider.token_ids, wider.sq_distances, wider.point_ids)
-        nexts = np.concatenate([nexts, np.full((len(nexts), width - have), -1, np.int64)], 1)
-    assert out.point_ids is not None and found.point_ids is not None
-    out.token_ids[rows, :width] = found.token_ids
-    out.sq_distances[rows, :width] = found.sq_distances
-    out.point_ids[rows, :width] = found.point_ids
-    nexts[rows, :width] = found_next
-    return out, nexts
-
-
-# No pointers: a text's first position, or one after a gap or a skipped search (immutable).
-_NO_POINTERS = Pointers(position=-1, ids=[], values=np.zeros(0, dtype=np.int64))
 
 
 def lm_summary(lm_log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -33,7 +33,8 @@ from itertools import pairwise
 
 import numpy as np
 
-from knn_store.store.base import KnnStore, Neighbours
+from knn_store.store.base import KnnStore, Neighbours, PointFilter
+from knn_store.store.config import SearchOptions
 from knn_store.store.point_ids import successor_ids
 
 UNKNOWN = -2  # a neighbour's ``next`` not read yet (``follow`` reads it if it matches)
@@ -220,3 +221,214 @@ def _count(state: PointerState | None, points: int) -> None:
     if state is not None:
         state.lookups += 1
         state.looked_up += points
+
+
+@dataclass(frozen=True)
+class PointerWalk:
+    """RetoMaton over the positions of texts: at each position, follow the pointers the
+    last one left where at least ``pointer_min`` of them are in the store, else search
+    (``k`` neighbours, with ``search`` and ``filter``); then keep the successors of the
+    neighbours whose value is the token that came. ``KnnLM`` holds one."""
+
+    store: KnnStore
+    k: int
+    pointer_min: int
+    search: SearchOptions
+    filter: PointFilter
+
+    def walk(
+        self,
+        state: PointerState,
+        sequence: np.ndarray,
+        position: np.ndarray,
+        queries: np.ndarray,
+        targets: np.ndarray,
+        allowed: np.ndarray,
+    ) -> tuple[Neighbours, np.ndarray, np.ndarray]:
+        """RetoMaton over m positions of some texts whose next tokens are known: each
+        position takes its neighbours (``step``), then its text follows the token
+        that came (``advance``).
+
+        A text's positions depend on each other, so they go one step at a time; each step
+        takes the next position of every text at once (one engine scoring of the pointers,
+        one search, and after the search one lookup of the matches' ``next``).
+
+        Args:
+            state: the pointers each text's earlier positions left; updated.
+            sequence, position: int64 [m], each row's text and absolute position.
+            queries: float32 [m, dim]; targets: int64 [m], the token after each position.
+            allowed: bool [m], False where the gate skips (no neighbours, pointers dropped).
+
+        Returns:
+            The neighbours [m, w] (w >= k the widest row: a union, or all the pointers
+            followed; the rest padded) and the bool [m] masks searched, followed.
+        """
+        m = len(sequence)
+        out = Neighbours.empty(m, self.k)
+        nexts = np.full((m, self.k), UNKNOWN, dtype=np.int64)  # [m, k], see follow
+        searched = np.zeros(m, dtype=bool)
+        followed = np.zeros(m, dtype=bool)
+        # each text's rows in position order; ``step`` is a row's rank within its text
+        order = np.lexsort((position, sequence))  # [m]
+        text = sequence[order]
+        starts = np.flatnonzero(np.r_[True, text[1:] != text[:-1]])  # first row of each text
+        step = np.arange(m) - np.repeat(starts, np.diff(np.r_[starts, m]))  # [m]
+        for s in range(int(step.max()) + 1 if m else 0):
+            rows = order[step == s]  # [L], one per text
+            found, found_next, searched[rows], followed[rows] = self.step(
+                state, sequence[rows], position[rows], queries[rows], allowed[rows]
+            )
+            out, nexts = _place(out, nexts, found, found_next, rows)
+            self.advance(
+                state,
+                sequence[rows],
+                position[rows],
+                found,
+                found_next,
+                targets[rows],
+                allowed[rows],
+            )
+        return out, searched, followed
+
+    def step(
+        self,
+        state: PointerState,
+        sequence: np.ndarray,
+        position: np.ndarray,
+        queries: np.ndarray,
+        allowed: np.ndarray,
+    ) -> tuple[Neighbours, np.ndarray, np.ndarray, np.ndarray]:
+        """Neighbours of one position of each of L texts: the pointers its text's previous
+        position left, scored by the engine (one batched request for every row that has
+        any), if at least ``pointer_min`` of them are in the store; else one batched search
+        for all such rows, scoring the search's neighbours united with the pointers the row
+        had (``union_neighbours``, as RetoMaton does). Rows where ``allowed`` is
+        False get neither.
+
+        Args:
+            state: the pointers of each text (read; its counts are updated).
+            sequence, position: int64 [L], each row's text and absolute position.
+            queries: float32 [L, dim].
+            allowed: bool [L], the gate's decisions.
+
+        Returns:
+            ``Neighbours`` [L, w] (w >= k), their ``next`` values int64 [L, w] (for
+            ``advance``), and the bool [L] masks searched, followed.
+        """
+        n = len(sequence)
+        ready = [
+            state.ready(int(s), int(p)) or NO_POINTERS
+            for s, p in zip(sequence, position, strict=True)
+        ]
+        has = allowed & np.array([len(p) > 0 for p in ready], dtype=bool)  # [L]
+        out = Neighbours.empty(n, self.k)
+        nexts = np.full((n, self.k), UNKNOWN, dtype=np.int64)  # [L, k]
+        # every row's pointers scored at once: those that remain decide, and a row that
+        # searches anyway unites them with its search's neighbours
+        pointed = Neighbours.empty(n, 1)  # [L, P], rows without pointers empty
+        pointed_next = np.full((n, 1), -1, dtype=np.int64)
+        if has.any():
+            mine = [p for p, h in zip(ready, has, strict=True) if h]
+            width = max(self.k, *(len(p) for p in mine))
+            found, found_next = pointer_neighbours(
+                self.store, queries[has], mine, k=width, state=state
+            )
+            pointed, pointed_next = _place(
+                Neighbours.empty(n, width),
+                np.full((n, width), -1, dtype=np.int64),
+                found,
+                found_next,
+                has,
+            )
+        present = (pointed.token_ids >= 0).sum(axis=1)  # [L], pointers in the store
+        use = allowed & (present >= self.pointer_min)  # [L]; pointer_min >= 1
+        look = allowed & ~use  # [L]
+        if use.any():
+            out, nexts = _place(out, nexts, *_rows(pointed, pointed_next, use), use)
+        if look.any():
+            found = self.store.search(
+                queries[look], k=self.k, options=self.search, filter=self.filter
+            )
+            found_next = np.full(found.token_ids.shape, UNKNOWN, dtype=np.int64)
+            most = int(present[look].max())
+            if most:  # fewer than pointer_min pointers, but some: score the union
+                before = int((found.token_ids >= 0).sum())
+                found, found_next = union_neighbours(
+                    found, *_rows(pointed, pointed_next, look), width=self.k + most
+                )
+                state.united += int((present[look] > 0).sum())
+                state.added += int((found.token_ids >= 0).sum()) - before
+            out, nexts = _place(out, nexts, found, found_next, look)
+        state.followed += int(use.sum())
+        state.searched += int(look.sum())
+        return out, nexts, look, use
+
+    def advance(
+        self,
+        state: PointerState,
+        sequence: np.ndarray,
+        position: np.ndarray,
+        neighbours: Neighbours,
+        nexts: np.ndarray,
+        came: np.ndarray,
+        allowed: np.ndarray,
+    ) -> None:
+        """After one position of each of L texts (``step``'s ``neighbours`` and
+        ``nexts`` [L, w]): each text keeps the successors of the neighbours whose value is
+        the token that came (``came`` int64 [L]: the true one in eval, the sampled one in
+        generation) for its next position. Rows where ``allowed`` (bool [L]) is False
+        drop their text's pointers."""
+        active = np.flatnonzero(allowed)
+        if len(active):
+            assert neighbours.point_ids is not None
+            successors = follow(
+                self.store,
+                positions=position[active],
+                point_ids=neighbours.point_ids[active],
+                token_ids=neighbours.token_ids[active],
+                nexts=nexts[active],
+                targets=came[active],
+                state=state,
+            )
+            for text, pointers in zip(sequence[active], successors, strict=True):
+                state.by_sequence[int(text)] = pointers
+        for text in sequence[~allowed]:
+            state.by_sequence.pop(int(text), None)
+
+
+def _rows(
+    neighbours: Neighbours, nexts: np.ndarray, rows: np.ndarray
+) -> tuple[Neighbours, np.ndarray]:
+    """Rows ``rows`` (int [b] or bool [m]) of ``neighbours`` [m, w] and ``nexts`` [m, w]."""
+    assert neighbours.point_ids is not None
+    return Neighbours(
+        neighbours.token_ids[rows], neighbours.sq_distances[rows], neighbours.point_ids[rows]
+    ), nexts[rows]
+
+
+def _place(
+    out: Neighbours, nexts: np.ndarray, found: Neighbours, found_next: np.ndarray, rows: np.ndarray
+) -> tuple[Neighbours, np.ndarray]:
+    """``found`` [b, w] and its ``next`` values [b, w] written into rows ``rows`` (int [b],
+    or bool [m] with b True) of ``out`` and ``nexts`` [m, w'], in place when w <= w'; when
+    w > w' (a union, or more pointers than k) both are first widened with missing
+    neighbours. Returns the two."""
+    width, have = found.token_ids.shape[1], out.token_ids.shape[1]
+    if width > have:  # pad every row to the new width: -1 / inf / None, next -1
+        wider = Neighbours.empty(len(out), width)
+        assert wider.point_ids is not None and out.point_ids is not None
+        wider.token_ids[:, :have] = out.token_ids
+        wider.sq_distances[:, :have] = out.sq_distances
+        wider.point_ids[:, :have] = out.point_ids
+        out = Neighbours(wider.token_ids, wider.sq_distances, wider.point_ids)
+        nexts = np.concatenate([nexts, np.full((len(nexts), width - have), -1, np.int64)], 1)
+    assert out.point_ids is not None and found.point_ids is not None
+    out.token_ids[rows, :width] = found.token_ids
+    out.sq_distances[rows, :width] = found.sq_distances
+    out.point_ids[rows, :width] = found.point_ids
+    nexts[rows, :width] = found_next
+    return out, nexts
+
+
+# No pointers: a text's first position, or one after a gap or a skipped search (immutable).
+NO_POINTERS = Pointers(position=-1, ids=[], values=np.zeros(0, dtype=np.int64))

@@ -4,20 +4,20 @@ by the code that knows what a policy means."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from knn_store.errors import StoreDamaged
+from knn_store.progress import Progress, no_progress
 from knn_store.saved_policy import verify_policy
 from knn_store.store.base import KnnStore
 from knn_store.store.check import CheckReport, check_collection
 
 
 def check(
-    store: KnnStore, *, full: bool = True, on_points: Callable[[int], None] | None = None
+    store: KnnStore, *, full: bool = True, on_progress: Progress = no_progress
 ) -> CheckReport:
     """``check_collection`` with the tuned policy verified too."""
-    return check_collection(store, full=full, on_points=on_points, verify_policy=verify_policy)
+    return check_collection(store, full=full, on_progress=on_progress, verify_policy=verify_policy)
 
 
 def seal_records(store: KnnStore, unsealed: list[str]) -> list[str]:

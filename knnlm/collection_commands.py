@@ -6,10 +6,10 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import click
-from tqdm import tqdm
 
 from knn_store.errors import StoreDamaged, StoreUnavailable
 from knnlm.options import SERVER_ONLY, STORAGE_OPTIONS, STORE_OPTIONS, options, settings_from
+from knnlm.progress import Bars
 
 if TYPE_CHECKING:
     pass
@@ -90,10 +90,8 @@ def check(quiet: bool, seal_records: bool, **params: Any) -> None:
             click.echo(f"{'open':22} FAIL  {exc}")
             raise SystemExit(1) from None
         with store:
-            total = store.count()
-            bar = tqdm(total=total, unit="pt", unit_scale=True, desc="check", disable=quiet)
-            with bar:
-                report = summary.check(store, on_points=bar.update)
+            with Bars(quiet=quiet) as bars:
+                report = summary.check(store, on_progress=bars)
             sealed = summary.seal_records(store, unsealed) if report.ok and seal_records else []
     for f in report.findings:
         click.echo(f"{f.what:22} {'ok  ' if f.ok else 'FAIL'}  {f.detail}")
@@ -318,10 +316,8 @@ def _copy(
     # A target that exists (a copy to resume) keeps its own settings unless flags say others.
     base = (target.meta or source.meta).storage
     storage = replace(base, **settings.storage_overrides())
-    total = source.count(flt)
-    bar = tqdm(total=total, unit="pt", unit_scale=True, desc="copy", disable=quiet)
     try:
-        with bar:
+        with Bars(quiet=quiet) as bars:
             report = copy_collection(
                 source,
                 target,
@@ -329,7 +325,7 @@ def _copy(
                 filter=flt,
                 checkpoint_dir=settings.data_dir / ".transfers",
                 into_existing=into_existing,
-                on_batch=bar.update,
+                on_progress=bars,
             )
     except StoreUnavailable as exc:  # transient: a rerun resumes; anything else would recur
         raise type(exc)(f"{exc}; run the same command again to resume") from exc

@@ -6,7 +6,16 @@ from typing import Any
 
 from tqdm import tqdm
 
-_UNITS = {"read": "doc", "check": "pt", "copy": "pt"}
+# each stage's unit (tokens unless named); bytes count in powers of 1024
+_UNITS = {
+    "read": "doc",
+    "check": "pt",
+    "copy": "pt",
+    "hash": "B",
+    "write": "B",
+    "unpack": "B",
+    "download": "B",
+}
 
 
 class Bars:
@@ -31,6 +40,7 @@ class Bars:
                 desc=stage,
                 unit=unit,
                 unit_scale=True,
+                unit_divisor=1024 if unit == "B" else 1000,
                 leave=stage not in self.transient,
             )
             self._bars[stage] = bar

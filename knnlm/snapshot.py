@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from tqdm import tqdm
 
 from knnlm.options import STORE_OPTIONS, options, output_options, settings_from
+from knnlm.progress import Bars
 
 if TYPE_CHECKING:
     from knn_store.settings import KnnlmSettings
@@ -67,12 +65,12 @@ def create(output: Path | None, as_json: bool, quiet: bool, **params: Any) -> No
     from knn_store.store.snapshot import create_snapshot, snapshot_folder
 
     settings = settings_from(params)
-    with open_store(settings) as store, _bars(quiet) as progress:
+    with open_store(settings) as store, Bars(quiet=quiet) as bars:
         made = create_snapshot(
             store,
             folder=snapshot_folder(settings.data_dir, store.name),
             output=output,
-            progress=progress,
+            on_progress=bars,
         )
     if as_json:
         click.echo(json.dumps(_summary(made)))
@@ -169,7 +167,7 @@ def restore(
     def open_collection(name: str) -> KnnStore:
         return open_store(settings, create=True, collection=name)
 
-    with _bars(quiet) as progress:
+    with Bars(quiet=quiet) as bars:
         report = restore_snapshot(
             found,
             target,
@@ -177,7 +175,7 @@ def restore(
             data_dir=settings.data_dir,
             open_collection=open_collection,
             replace=replace,
-            progress=progress,
+            on_progress=bars,
         )
     if as_json:
         click.echo(
@@ -234,32 +232,6 @@ def _summary(s: Snapshot) -> dict[str, Any]:
         "kind": m.kind,
         "source": m.source.get("backend"),
     }
-
-
-@contextmanager
-def _bars(quiet: bool) -> Iterator[Callable[[str, int, str], Callable[[int], None]]]:
-    """Progress bars on stderr, one per stage of the work (none with --quiet)."""
-    bars: list[tqdm] = []
-
-    def start(what: str, total: int, unit: str) -> Callable[[int], None]:
-        for bar in bars:
-            bar.close()
-        bar = tqdm(
-            total=total or None,
-            desc=what,
-            unit=unit,
-            unit_scale=True,
-            unit_divisor=1024 if unit == "B" else 1000,
-            disable=quiet,
-        )
-        bars.append(bar)
-        return bar.update
-
-    try:
-        yield start
-    finally:
-        for bar in bars:
-            bar.close()
 
 
 def _size(n: float) -> str:

@@ -20,6 +20,7 @@ import torch
 from ingest.corpus import read_corpus
 from ingest.worker import IngestWorker
 from knn_store import ConfigError, KnnLM, KnnlmSettings, load_language_model, open_store
+from knn_store.decode_memory import DecodeMemory
 from knn_store.doc_cache import DocumentCache
 from knn_store.gate import RetrievalGate
 from knn_store.generation import KnnLogitsProcessor, Sampling, Step, decode
@@ -220,8 +221,8 @@ def test_with_the_levers_off_decode_is_the_stateless_path(
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("decode used a memory with both levers off")
 
-    monkeypatch.setattr(KnnLM, "decode_memory", refuse)
-    monkeypatch.setattr(KnnLM, "step_log_probs", refuse)
+    monkeypatch.setattr(DecodeMemory, "start", refuse)
+    monkeypatch.setattr(DecodeMemory, "step", refuse)
     off, off_steps = _generate(_knn_lm(linked), prompts, sampling)
     assert off == zero and off_steps == zero_steps
     assert all(s.followed is None for r in off_steps for s in off_steps[r])

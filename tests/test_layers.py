@@ -33,6 +33,7 @@ LAYER_OF = {
     "knn_store.gate": "core",
     "knn_store.windows": "core",
     "knn_store.progress": "core",
+    "knn_store.results": "core",
     "knn_store.doc_cache": "core",
     "knn_store.store": "store",
     "knn_store.settings": "settings",
@@ -44,6 +45,7 @@ LAYER_OF = {
     "knn_store.generation": "model",
     "knn_store.summary": "model",
     "knn_store.pointers": "model",
+    "knn_store.decode_memory": "model",
     "knn_store.session": "session",
     "knn_store": "session",  # the package itself: its __init__ imports the session
     "ingest": "ingest",

@@ -309,7 +309,7 @@ def test_pointers_the_store_lacks_do_not_count(
             pointer_min=pointer_min,
         )
         state = PointerState(by_sequence={0: pointers})
-        found, nexts, searched, followed = knn_lm._pointer_step(
+        found, nexts, searched, followed = knn_lm.retomaton.step(
             state, np.array([0]), np.array([5]), query, np.array([True])
         )
         assert followed.tolist() == [follows] and searched.tolist() == [not follows]

@@ -10,7 +10,7 @@ by facet); a backend implements the few ``_``-prefixed primitives below.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from knn_store.errors import (
     StoreDamaged,
     StoreError,
 )
+from knn_store.progress import Progress, no_progress
 from knn_store.store.config import SearchOptions, StorageConfig
 from knn_store.store.point_ids import tokens_from_ids
 
@@ -749,12 +750,12 @@ class KnnStore(abc.ABC):
             ) from exc
 
     def file_problems(
-        self, *, deep: bool = False, on_bytes: Callable[[int], None] | None = None
+        self, *, deep: bool = False, on_progress: Progress = no_progress
     ) -> list[str]:
         """What is wrong with the storage files (embedded engines): files too short for the
         points they hold, files whose content differs from the checksum recorded at the last
         completed write (with ``deep`` every file is hashed, otherwise only those whose
-        modification time moved; ``on_bytes`` counts the bytes hashed), and damage a
+        modification time moved; ``on_progress`` hears the bytes hashed, stage "hash"), and damage a
         ``knnlm check`` flagged. [] where the engine's files are not ours to see (a server)."""
         return []
 

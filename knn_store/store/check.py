@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from knn_store.errors import KnnlmError, StoreError
+from knn_store.progress import Counter, Progress, no_progress
 from knn_store.store.base import INDEXED_FIELDS, KnnStore
 
 SAMPLE_POINTS = 256  # keys read back by the quick check (`knnlm info`)
@@ -52,7 +53,7 @@ def check_collection(
     store: KnnStore,
     *,
     full: bool = True,
-    on_points: Callable[[int], None] | None = None,
+    on_progress: Progress = no_progress,
     verify_policy: PolicyVerifier | None = None,
 ) -> CheckReport:
     """Check ``store``: its record, counts, payload indexes, policy and, with ``full``,
@@ -60,7 +61,8 @@ def check_collection(
     ``full``, one search and the first page of keys, so that ``info`` still notices an
     unreadable vector file without a scan of the whole collection.
 
-    ``on_points`` is called with the number of points of each scrolled batch (progress).
+    ``on_progress`` hears the bytes hashed (stage "hash") and the points scrolled
+    (stage "check").
     ``verify_policy`` reads the tuned policy (``knn_store.saved_policy.verify_policy``);
     without it the policy is only checked to be a JSON object.
     """
@@ -82,13 +84,13 @@ def check_collection(
             "`knnlm push` again to finish it",
         )
     _guard(report, "storage settings", lambda: _storage(store))
-    _guard(report, "storage files", lambda: _files(store, deep=full))
+    _guard(report, "storage files", lambda: _files(store, deep=full, on_progress=on_progress))
     _guard(report, "payload indexes", lambda: _indexes(store))
     _guard(report, "point counts", lambda: _counts(store))
     _guard(report, "policy", lambda: _policy(store, verify_policy))
     if full:
         _guard(report, "keys (exact scan)", lambda: _probe(store))
-        _guard(report, "keys (every point)", lambda: _scroll_all(store, on_points))
+        _guard(report, "keys (every point)", lambda: _scroll_all(store, on_progress))
         # What a full check finds wrong with the keys and their files is kept with the
         # store: every reader refuses it until a check finds them sound (damage that kept
         # its files' times, a failing disk's, is seen only by hashing every file, as here).
@@ -125,8 +127,8 @@ def _storage(store: KnnStore) -> tuple[bool, str]:
     return True, f"{store.meta.storage.describe()} (as the server reports)"
 
 
-def _files(store: KnnStore, *, deep: bool) -> tuple[bool, str]:
-    problems = store.file_problems(deep=deep)
+def _files(store: KnnStore, *, deep: bool, on_progress: Progress) -> tuple[bool, str]:
+    problems = store.file_problems(deep=deep, on_progress=on_progress)
     if problems:
         return False, "; ".join(problems)
     detail = "key and id files as long as their points need"
@@ -199,15 +201,15 @@ def _sample(store: KnnStore) -> tuple[bool, str]:
     return True, "no points yet"
 
 
-def _scroll_all(store: KnnStore, on_points: Callable[[int], None] | None) -> tuple[bool, str]:
+def _scroll_all(store: KnnStore, on_progress: Progress) -> tuple[bool, str]:
     assert store.meta is not None
     seen = bad = 0
+    counter = Counter(on_progress, "check", store.count())
     try:
         for points, _ in store.scroll(batch=4096):
             seen += len(points)
             bad += int((~np.isfinite(points.keys)).any(axis=1).sum())
-            if on_points is not None:
-                on_points(len(points))
+            counter.add(len(points))
     except StoreError as exc:
         return False, f"reading stopped after {seen:,} points: {exc}"
     if bad:

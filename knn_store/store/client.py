@@ -32,6 +32,7 @@ from knn_store.errors import (
     StoreError,
     StoreUnavailable,
 )
+from knn_store.progress import Counter, Progress, no_progress
 from knn_store.store.base import (
     DOMAIN_FIELD,
     FACET_LIMIT,
@@ -634,9 +635,7 @@ class QdrantClientStore(KnnStore):
         """Whether collection ``name`` exists where this one lives, whatever it holds."""
         return bool(self._call("read the collection list", self._client.collection_exists, name))
 
-    def download_snapshot(
-        self, path: Path, *, on_bytes: Callable[[int], None] | None = None
-    ) -> str:
+    def download_snapshot(self, path: Path, *, on_progress: Progress = no_progress) -> str:
         """Have the server snapshot this collection (points, config and metadata: the record
         and the policy), stream the file into ``path`` and delete it on the server. Returns
         its sha256, checked against the server's."""
@@ -655,6 +654,7 @@ class QdrantClientStore(KnnStore):
 
         def fetch() -> str:
             digest = hashlib.sha256()
+            counter = Counter(on_progress, "download")
             # streamed through the REST client's own httpx client: a snapshot may not fit
             # in memory, which the generated `get_snapshot` would need
             with http.stream("GET", url) as response, path.open("wb") as out:
@@ -664,8 +664,7 @@ class QdrantClientStore(KnnStore):
                 for chunk in response.iter_bytes(1 << 20):
                     out.write(chunk)
                     digest.update(chunk)
-                    if on_bytes is not None:
-                        on_bytes(len(chunk))
+                    counter.add(len(chunk))
             return digest.hexdigest()
 
         try:

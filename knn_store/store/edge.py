@@ -33,6 +33,7 @@ from knn_store.errors import (
     StoreLocked,
     StoreUnavailable,
 )
+from knn_store.progress import Progress, no_progress
 from knn_store.store import file_sums
 from knn_store.store.base import (
     DOMAIN_FIELD,
@@ -486,17 +487,15 @@ class EdgeStore(KnnStore):
         self.save_state()
 
     def file_problems(
-        self, *, deep: bool = False, on_bytes: Callable[[int], None] | None = None
+        self, *, deep: bool = False, on_progress: Progress = no_progress
     ) -> list[str]:
         segments = self.path / SHARD_DIR / "segments"
         problems = segment_file_problems(segments)
         seen = self._found_at_open
-        content = self._content_problems(deep=deep, on_bytes=on_bytes)
+        content = self._content_problems(deep=deep, on_progress=on_progress)
         return problems + seen + [p for p in content if p not in seen]
 
-    def _content_problems(
-        self, *, deep: bool, on_bytes: Callable[[int], None] | None = None
-    ) -> list[str]:
+    def _content_problems(self, *, deep: bool, on_progress: Progress = no_progress) -> list[str]:
         """Segment files unlike the checksums of the last completed write, or no
         checksums where there should be."""
         segments = self.path / SHARD_DIR / "segments"
@@ -512,7 +511,7 @@ class EdgeStore(KnnStore):
             return problems
         sums = state.get("files")
         if isinstance(sums, dict):
-            found = file_sums.verify(segments, sums, deep=deep, on_bytes=on_bytes)
+            found = file_sums.verify(segments, sums, deep=deep, on_progress=on_progress)
             problems += [f"segment file {text}" for text in found.problems]
             if found.moved and not problems and self._lock is not None:
                 # the same content under a new time: hash it again only if it moves again

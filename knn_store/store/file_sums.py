@@ -27,11 +27,12 @@ machine while the other is busy, against 0.5 GB/s for the standard library's bla
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
+
+from knn_store.progress import Counter, Progress, no_progress
 
 CHUNK = 16 * 2**20  # bytes read per step: memory stays flat whatever the file's size
 
@@ -39,7 +40,7 @@ CHUNK = 16 * 2**20  # bytes read per step: memory stays flat whatever the file's
 FileSums = dict[str, list[int | str]]
 
 
-def digest(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+def digest(path: Path, counter: Counter | None = None) -> str:
     """The xxh3-128 digest of a file's content, read in ``CHUNK`` steps."""
     hasher = xxhash.xxh3_128()
     buffer = bytearray(CHUNK)
@@ -47,8 +48,8 @@ def digest(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
     with path.open("rb", buffering=0) as f:
         while n := f.readinto(buffer):
             hasher.update(view[:n])
-            if on_bytes is not None:
-                on_bytes(n)
+            if counter is not None:
+                counter.add(n)
     return hasher.hexdigest()
 
 
@@ -106,13 +107,15 @@ def verify(
     sums: FileSums,
     *,
     deep: bool = False,
-    on_bytes: Callable[[int], None] | None = None,
+    on_progress: Progress = no_progress,
 ) -> Verified:
     """Compare the files under ``folder`` with their record: files gone, added, of another
     size, or of other content. Without ``deep``, only files whose modification time moved
-    are hashed."""
+    are hashed; ``on_progress`` hears the bytes hashed (stage "hash")."""
     found = Verified()
     present = _files(folder)
+    total = sum(int(size) for size, _, _ in sums.values())
+    counter = Counter(on_progress, "hash", total) if deep else None
     for name in sorted(set(sums) - set(present)):
         found.problems.append(f"{name} is missing")
     for name in sorted(set(present) - set(sums)):
@@ -126,7 +129,7 @@ def verify(
                 continue
             if not deep and st.st_mtime_ns == mtime:
                 continue
-            if digest(present[name], on_bytes) != expected:
+            if digest(present[name], counter) != expected:
                 found.problems.append(
                     f"{name} changed since the last completed write (content checksum)"
                 )

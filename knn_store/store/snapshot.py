@@ -52,6 +52,7 @@ from knn_store.errors import (
     StoreLocked,
     StoreUnavailable,
 )
+from knn_store.progress import Counter, Progress, no_progress
 from knn_store.store.base import CollectionMeta, KnnStore
 from knn_store.store.records import seal
 
@@ -68,14 +69,6 @@ _ZEROS = bytes(_BLOCK)
 _SPARE_BYTES = 32 * 2**20  # free space a snapshot or a restore leaves on the disk
 _MAX_MANIFEST = 64 * 2**20
 _MAX_SPARSE = 8**11 - 2**20  # a sparse member's stored size must fit the ustar size field
-
-# A progress reporter: called with (what, total, unit) when a stage starts; returns the
-# function to call with each step's amount. The CLI draws bars with it.
-Progress = Callable[[str, int, str], Callable[[int], None]]
-
-
-def _no_progress(what: str, total: int, unit: str) -> Callable[[int], None]:
-    return lambda n: None
 
 
 @dataclass(frozen=True)
@@ -182,14 +175,13 @@ def create_snapshot(
     *,
     folder: Path,
     output: Path | None = None,
-    progress: Progress | None = None,
+    on_progress: Progress = no_progress,
 ) -> Snapshot:
     """Write a snapshot of ``store``'s collection into ``folder`` (or to ``output``: a file, or
     a folder to write into) and return it. A damaged collection is refused."""
     from knn_store.store.client import QdrantClientStore
     from knn_store.store.edge import EdgeStore
 
-    progress = progress or _no_progress
     if store.meta is None:
         raise CollectionMissing(f"collection {store.name!r} is empty: nothing to snapshot")
     _require_sound(store)
@@ -213,7 +205,7 @@ def create_snapshot(
     if isinstance(store, EdgeStore):
         store.flush()
         manifest = SnapshotManifest(kind="edge", **base)
-        _write_snapshot(dest, manifest, _edge_members(store.path), progress)
+        _write_snapshot(dest, manifest, _edge_members(store.path), on_progress)
     elif backend == "local":
         from knn_store.store.transfer import copy_collection
 
@@ -222,15 +214,15 @@ def create_snapshot(
             tempfile.TemporaryDirectory(prefix=".export-", dir=dest.parent) as tmp,
             EdgeStore(Path(tmp) / store.name) as edge,
         ):
-            copy_collection(store, edge, on_batch=progress("copy", base["points"], "pt"))
+            copy_collection(store, edge, on_progress=on_progress)
             edge.replace_meta(store.meta)  # the record itself, not one of a copy
             manifest = SnapshotManifest(kind="edge", **base)
-            _write_snapshot(dest, manifest, _edge_members(edge.path), progress)
+            _write_snapshot(dest, manifest, _edge_members(edge.path), on_progress)
     else:
         assert isinstance(store, QdrantClientStore)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=dest.parent) as tmp:
             downloaded = Path(tmp) / SERVER_MEMBER
-            store.download_snapshot(downloaded, on_bytes=progress("download", 0, "B"))
+            store.download_snapshot(downloaded, on_progress=on_progress)
             _require_every_shard(downloaded, store.name)
             if store.count() != base["points"] or store.domains() != base["domains"]:
                 raise StoreError(
@@ -238,7 +230,7 @@ def create_snapshot(
                     "take it again when no ingest is running"
                 )
             manifest = SnapshotManifest(kind="server", **base)
-            _write_snapshot(dest, manifest, [(downloaded, SERVER_MEMBER)], progress)
+            _write_snapshot(dest, manifest, [(downloaded, SERVER_MEMBER)], on_progress)
     return read_snapshot(dest)
 
 
@@ -376,7 +368,7 @@ def restore_snapshot(
     data_dir: Path,
     open_collection: Callable[[str], KnnStore] | None = None,
     replace: bool = False,
-    progress: Progress | None = None,
+    on_progress: Progress = no_progress,
 ) -> RestoreReport:
     """Restore ``snapshot`` as collection ``target`` of ``backend`` ("edge", "local" or
     "qdrant").
@@ -385,19 +377,18 @@ def restore_snapshot(
     ``open_collection(name)`` opens a collection of a local-mode or server backend (made on
     its first write if missing). An existing ``target`` is refused unless ``replace``.
     """
-    progress = progress or _no_progress
     if not target or "/" in target or target.startswith("."):
         raise ConfigError(f"{target!r} is not a collection name")
     CollectionMeta.from_dict(snapshot.manifest.record)  # a record this knnlm cannot read
     started = time.perf_counter()
     if backend == "edge":
-        how, location, replaced = _restore_edge(snapshot, target, data_dir, replace, progress)
+        how, location, replaced = _restore_edge(snapshot, target, data_dir, replace, on_progress)
     else:
         if open_collection is None:
             raise ValueError("restoring onto a local-mode or server backend needs open_collection")
         restore = _restore_local if backend == "local" else _restore_server
         how, location, replaced = restore(
-            snapshot, target, data_dir, open_collection, replace, progress
+            snapshot, target, data_dir, open_collection, replace, on_progress
         )
     m = snapshot.manifest
     return RestoreReport(
@@ -414,7 +405,7 @@ def restore_snapshot(
 
 
 def _restore_edge(
-    snapshot: Snapshot, target: str, data_dir: Path, replace: bool, progress: Progress
+    snapshot: Snapshot, target: str, data_dir: Path, replace: bool, on_progress: Progress
 ) -> tuple[str, str, bool]:
     path = data_dir / target
     _mkdir(data_dir)
@@ -428,11 +419,11 @@ def _restore_edge(
                 "is removed only once the snapshot is in place), or restore with "
                 "--to-collection NEW"
             )
-        return _swap_in(snapshot, path, exists, progress)
+        return _swap_in(snapshot, path, exists, on_progress)
 
 
 def _swap_in(
-    snapshot: Snapshot, path: Path, exists: bool, progress: Progress
+    snapshot: Snapshot, path: Path, exists: bool, on_progress: Progress
 ) -> tuple[str, str, bool]:
     data_dir, target = path.parent, path.name
     for stale in data_dir.glob(f".{target}.restoring-*"):  # left by a restore that was killed
@@ -441,7 +432,7 @@ def _swap_in(
     staging = data_dir / f".{target}.restoring-{token}"  # hidden: never taken for a collection
     try:
         _mkdir(staging)
-        store = _unpacked_edge(snapshot, staging, target, progress)
+        store = _unpacked_edge(snapshot, staging, target, on_progress)
         store.close()
         old = data_dir / f".{target}.replaced-{token}" if exists else None
         if old is not None:
@@ -465,7 +456,7 @@ def _restore_local(
     data_dir: Path,
     open_collection: Callable[[str], KnnStore],
     replace: bool,
-    progress: Progress,
+    on_progress: Progress,
 ) -> tuple[str, str, bool]:
     _mkdir(data_dir)
     with open_collection(target) as dest:
@@ -477,12 +468,12 @@ def _restore_local(
             )
         with (
             tempfile.TemporaryDirectory(prefix=".restore-", dir=data_dir) as tmp,
-            _unpacked_edge(snapshot, Path(tmp), target, progress) as edge,
+            _unpacked_edge(snapshot, Path(tmp), target, on_progress) as edge,
         ):
             if exists:
                 dest.drop()
             try:
-                _copy_back(edge, dest, snapshot, progress)
+                _copy_back(edge, dest, snapshot, on_progress)
             except BaseException:
                 dest.drop()  # nothing half-restored stays behind
                 raise
@@ -495,7 +486,7 @@ def _restore_server(
     data_dir: Path,
     open_collection: Callable[[str], KnnStore],
     replace: bool,
-    progress: Progress,
+    on_progress: Progress,
 ) -> tuple[str, str, bool]:
     from knn_store.store.client import QdrantClientStore
 
@@ -514,20 +505,18 @@ def _restore_server(
             )
         with tempfile.TemporaryDirectory(prefix=".restore-", dir=data_dir) as tmp:
             if m.kind == "server":
-                _unpack(snapshot, Path(tmp), {}, progress)
+                _unpack(snapshot, Path(tmp), {}, on_progress)
                 upload = Path(tmp) / SERVER_MEMBER
                 checksum = m.files[SERVER_MEMBER]["sha256"]
                 how = "recovered by the server"
             else:
                 try:
-                    with _unpacked_edge(snapshot, Path(tmp) / "edge", target, progress) as edge:
+                    with _unpacked_edge(snapshot, Path(tmp) / "edge", target, on_progress) as edge:
                         if staging.meta is not None:  # left by a restore that was stopped
                             staging.drop()
-                        _copy_back(edge, staging, snapshot, progress)
+                        _copy_back(edge, staging, snapshot, on_progress)
                     upload = Path(tmp) / "staging.snapshot"
-                    checksum = staging.download_snapshot(
-                        upload, on_bytes=progress("download", 0, "B")
-                    )
+                    checksum = staging.download_snapshot(upload, on_progress=on_progress)
                 except BaseException:
                     _drop_quietly(staging)
                     raise
@@ -543,17 +532,19 @@ def _restore_server(
     return how, location, exists
 
 
-def _copy_back(source: KnnStore, target: KnnStore, snapshot: Snapshot, progress: Progress) -> None:
+def _copy_back(
+    source: KnnStore, target: KnnStore, snapshot: Snapshot, on_progress: Progress
+) -> None:
     """Copy the collection unpacked from ``snapshot`` into ``target``, with the snapshot's
     own record (not that of a copy), and check it."""
     from knn_store.store.transfer import copy_collection
 
-    copy_collection(source, target, on_batch=progress("copy", source.count(), "pt"))
+    copy_collection(source, target, on_progress=on_progress)
     target.replace_meta(CollectionMeta.from_dict(snapshot.manifest.record))
     _verify(target, snapshot)
 
 
-def _unpacked_edge(snapshot: Snapshot, root: Path, target: str, progress: Progress) -> KnnStore:
+def _unpacked_edge(snapshot: Snapshot, root: Path, target: str, on_progress: Progress) -> KnnStore:
     """Unpack ``snapshot`` into an embedded collection ``root/target``, check it against its
     manifest and return it open. A ``server`` snapshot goes through Qdrant Edge's own
     unpacking of a server shard snapshot."""
@@ -562,9 +553,9 @@ def _unpacked_edge(snapshot: Snapshot, root: Path, target: str, progress: Progre
     m = snapshot.manifest
     _mkdir(root)
     if m.kind == "edge":
-        _unpack(snapshot, root, {EDGE_PREFIX: f"{target}/"}, progress)
+        _unpack(snapshot, root, {EDGE_PREFIX: f"{target}/"}, on_progress)
     else:
-        _server_to_edge(snapshot, root, target, progress)
+        _server_to_edge(snapshot, root, target, on_progress)
     folder = root / target
     if not (folder / "meta.json").is_file():
         raise StoreDamaged(f"{snapshot.path} holds no collection record (meta.json)")
@@ -583,7 +574,7 @@ def _unpacked_edge(snapshot: Snapshot, root: Path, target: str, progress: Progre
     return store
 
 
-def _server_to_edge(snapshot: Snapshot, root: Path, target: str, progress: Progress) -> None:
+def _server_to_edge(snapshot: Snapshot, root: Path, target: str, on_progress: Progress) -> None:
     """Turn a ``server`` snapshot into an embedded collection folder ``root/target``: the
     server snapshot's one shard is a shard snapshot, which Qdrant Edge unpacks."""
     import qdrant_edge as qe
@@ -598,7 +589,7 @@ def _server_to_edge(snapshot: Snapshot, root: Path, target: str, progress: Progr
             f"{why}; restore it onto a server instead (--backend qdrant --url ...)"
         )
 
-    _unpack(snapshot, root, {}, progress)
+    _unpack(snapshot, root, {}, on_progress)
     server_file, shard_file = root / SERVER_MEMBER, root / "shard.snapshot"
     try:
         with tarfile.open(server_file, "r:") as tar:
@@ -726,7 +717,7 @@ def _scan(source: Path, name: str) -> _Member:
 
 
 def _write_snapshot(
-    dest: Path, manifest: SnapshotManifest, files: list[tuple[Path, str]], progress: Progress
+    dest: Path, manifest: SnapshotManifest, files: list[tuple[Path, str]], on_progress: Progress
 ) -> None:
     """Write the manifest, then ``files`` (source path, member name), into ``dest``: through
     a ``.partial`` file, so that a snapshot cut short never looks like one."""
@@ -739,7 +730,7 @@ def _write_snapshot(
     stored = sum(m.stored for m in members)
     _require_space(dest.parent, stored, "write the snapshot")
     partial = dest.with_name(dest.name + ".partial")
-    advance = progress("write", stored, "B")
+    advance = Counter(on_progress, "write", stored).add
     try:
         with partial.open("wb") as raw:
             with tarfile.open(
@@ -828,7 +819,7 @@ class _ChunkReader:
         return b"".join(parts)
 
 
-def _unpack(snapshot: Snapshot, dest: Path, rename: dict[str, str], progress: Progress) -> None:
+def _unpack(snapshot: Snapshot, dest: Path, rename: dict[str, str], on_progress: Progress) -> None:
     """Extract every member of ``snapshot`` under ``dest`` (``rename`` maps member-name
     prefixes to others), sparse, checking each against the manifest's size and sha256."""
     m = snapshot.manifest
@@ -836,7 +827,7 @@ def _unpack(snapshot: Snapshot, dest: Path, rename: dict[str, str], progress: Pr
     expected = dict(m.files)
     logical = sum(f["size"] for f in m.files.values())
     _require_space(dest, snapshot.size, "restore the snapshot")
-    advance = progress("unpack", logical, "B")
+    advance = Counter(on_progress, "unpack", logical).add
     try:
         with tarfile.open(snapshot.path, "r:") as tar:
             members = iter(tar)

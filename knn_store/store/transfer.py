@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from knn_store.errors import ConfigError, StoreDamaged, StoreError
+from knn_store.progress import Counter, Progress, no_progress
 from knn_store.store.base import NEXT_FIELD, KnnStore, PointBatch, PointFilter
 from knn_store.store.config import StorageConfig
 from knn_store.store.point_ids import id_parts
@@ -41,7 +42,7 @@ def copy_collection(
     checkpoint_dir: Path | None = None,
     batch: int = 1024,
     into_existing: bool = False,
-    on_batch: Callable[[int], None] | None = None,
+    on_progress: Progress = no_progress,
     successors: bool = False,
 ) -> CopyReport:
     """Copy ``source``'s points (those ``filter`` selects), record and tuned policy into
@@ -55,7 +56,7 @@ def copy_collection(
 
     Args:
         checkpoint_dir: where to keep the resume point (None: start from the beginning).
-        on_batch: called with the number of points of each batch sent (progress bars).
+        on_progress: hears the points sent (stage "copy", out of the source's count).
         successors: give every point the ``next`` field (its successor's value), which
             pointer following needs; the copy's record then says so (``meta.successors``).
     """
@@ -100,6 +101,7 @@ def copy_collection(
     state = _Checkpoint(checkpoint_dir, source, target, flt)
     offset = state.load()
     copied = 0
+    counter = Counter(on_progress, "copy", source.count(flt))
     pages = source.scroll(filter=flt, batch=batch, offset=offset)
     if successors:
         pages = with_successor_tokens(pages)
@@ -107,8 +109,7 @@ def copy_collection(
         _require_finite(points, source)
         target.upsert(points)
         copied += len(points)
-        if on_batch is not None:
-            on_batch(len(points))
+        counter.add(len(points))
         if sends % 32 == 0 or next_offset is None:
             target.flush()  # lets the engine trim its write-ahead log as it goes
             state.save(next_offset)

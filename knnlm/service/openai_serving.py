@@ -19,13 +19,10 @@ decoding rows, and the rows' tokens become OpenAI's responses or server-sent eve
 
 from __future__ import annotations
 
-import asyncio
-import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,64 +30,38 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from knn_store.errors import KnnlmError
-from knn_store.results import TokenScores
 from knnlm.service.batcher import Batcher, KnnOptions
 from knnlm.service.detokenize import ChoiceText, TokenEntry, finite, token_offsets
-from knnlm.service.errors import ApiError, error_body, knnlm_error_status, one_line
+from knnlm.service.errors import ApiError, one_line
+from knnlm.service.openai_choices import (
+    OnStep,
+    Prompt,
+    Row,
+    Scores,
+    abandon,
+    chat_logprobs,
+    completion_logprobs,
+    shifted,
+    usage_of,
+)
 from knnlm.service.openai_protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatLogprobs,
     ChatResponseMessage,
-    ChatTokenLogprob,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
-    TopLogprob,
-    Usage,
     _Sampling,
 )
+from knnlm.service.openai_stream import ChatEvents, CompletionEvents, Events, sse
 from knnlm.service.waiting import result_or_cancel
 
 if TYPE_CHECKING:
-    from knn_store.generation import Sampling, Step
+    from knn_store.generation import Sampling
     from knn_store.lm import LanguageModel
-
-
-@dataclass(frozen=True)
-class _Prompt:
-    ids: np.ndarray  # int64 [n], BOS first
-    text: str  # as echo shows it
-    max_new: int  # tokens to add at most; 0: none (echo only)
-
-
-@dataclass(frozen=True)
-class _Scores:
-    """The echoed prompts' scores, one per prompt (None: nothing to predict)."""
-
-    per_prompt: list[TokenScores | None]
-    n: int  # choices per prompt
-    knn: bool  # the kNN-LM's numbers, or the LM's
-
-    def of(self, row: _Row) -> TokenScores | None:
-        return self.per_prompt[row.index // self.n]
-
-
-@dataclass
-class _Row:
-    """One choice being generated."""
-
-    index: int
-    prompt: _Prompt
-    text: ChoiceText
-    future: Future[list[int]]
-    on_step: _OnStep | None  # None: nothing to generate (echo with max_tokens 0)
-    ignore_eos: bool = False  # an end-of-text token did not end it
 
 
 class OpenAIServing:
@@ -183,26 +154,26 @@ class OpenAIServing:
             try:
                 scores = await self._prompt_scores(prompts, body, request)
             except BaseException:
-                _abandon(rows, self.batcher)
+                abandon(rows, self.batcher)
                 raise
         head = self._head("cmpl")
         if body.stream:
-            format_ = _CompletionEvents(self, head, rows, echo=echo, want=want, scores=scores)
+            format_ = CompletionEvents(self, head, rows, echo=echo, want=want, scores=scores)
             return self._stream(rows, format_, body)
         await self._finish(rows, request)
         choices = [
             CompletionChoice(
                 index=row.index,
                 text=(row.prompt.text if echo else "") + row.text.text,
-                logprobs=_completion_logprobs(self.entries(row, echo, scores)) if want else None,
-                finish_reason=self._finish_reason(row),
+                logprobs=completion_logprobs(self.entries(row, echo, scores)) if want else None,
+                finish_reason=self.finish_reason(row),
                 stop_reason=row.text.stop_reason,
             )
             for row in rows
         ]
-        return CompletionResponse(**head, choices=choices, usage=_usage(rows))
+        return CompletionResponse(**head, choices=choices, usage=usage_of(rows))
 
-    async def _completion_prompts(self, body: CompletionRequest) -> list[_Prompt]:
+    async def _completion_prompts(self, body: CompletionRequest) -> list[Prompt]:
         prompt = body.prompt
         if isinstance(prompt, str):
             given: list[str | list[int]] = [prompt]
@@ -224,7 +195,7 @@ class OpenAIServing:
             asked = body.max_tokens
             if "max_tokens" not in body.model_fields_set and asked is not None:
                 asked = min(asked, self.max_completion_tokens)  # OpenAI's default of 16, capped
-            out.append(_Prompt(ids, text, self._max_new(ids, asked, "max_tokens")))
+            out.append(Prompt(ids, text, self._max_new(ids, asked, "max_tokens")))
         return out
 
     async def _token_prompt(self, ids: list[int], field: str) -> tuple[np.ndarray, str]:
@@ -268,24 +239,24 @@ class OpenAIServing:
         self._check_choices(1, body.n)
         ids = await self._chat_prompt(body)
         field = "max_completion_tokens" if body.max_tokens is None else "max_tokens"
-        prompts = [_Prompt(ids, "", self._max_new(ids, limit, field))]
+        prompts = [Prompt(ids, "", self._max_new(ids, limit, field))]
         want = bool(body.logprobs)
         rows = self._submit(prompts, body, top=(body.top_logprobs or 0) if want else 0)
         head = self._head("chatcmpl")
         if body.stream:
-            return self._stream(rows, _ChatEvents(self, head, rows, want=want), body)
+            return self._stream(rows, ChatEvents(self, head, rows, want=want), body)
         await self._finish(rows, request)
         choices = [
             ChatChoice(
                 index=row.index,
                 message=ChatResponseMessage(content=row.text.text),
-                logprobs=_chat_logprobs(row.text.kept_entries()) if want else None,
-                finish_reason=self._finish_reason(row),
+                logprobs=chat_logprobs(row.text.kept_entries()) if want else None,
+                finish_reason=self.finish_reason(row),
                 stop_reason=row.text.stop_reason,
             )
             for row in rows
         ]
-        return ChatCompletionResponse(**head, choices=choices, usage=_usage(rows))
+        return ChatCompletionResponse(**head, choices=choices, usage=usage_of(rows))
 
     async def _chat_prompt(self, body: ChatCompletionRequest) -> np.ndarray:
         tokenizer = self.lm.tokenizer
@@ -375,12 +346,12 @@ class OpenAIServing:
             )
         return asked
 
-    def _submit(self, prompts: Sequence[_Prompt], body: _Sampling, *, top: int) -> list[_Row]:
+    def _submit(self, prompts: Sequence[Prompt], body: _Sampling, *, top: int) -> list[Row]:
         """n rows per prompt, submitted back to back so that they share a batch."""
         from knn_store.generation import Sampling
 
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        plans: list[tuple[_Prompt, Sampling | None]] = []
+        plans: list[tuple[Prompt, Sampling | None]] = []
         for p, prompt in enumerate(prompts):
             for i in range(body.n):
                 index = p * body.n + i
@@ -409,7 +380,7 @@ class OpenAIServing:
                         ignore_eos=bool(body.ignore_eos),
                     )
                 plans.append((prompt, sampling))
-        rows: list[_Row] = []
+        rows: list[Row] = []
         try:
             for index, (prompt, sampling) in enumerate(plans):
                 text = ChoiceText(
@@ -423,28 +394,28 @@ class OpenAIServing:
                     future: Future[list[int]] = Future()
                     future.set_result([])
                 else:
-                    on_step = _OnStep(text, want_top=top > 0)
+                    on_step = OnStep(text, want_top=top > 0)
                     future = self.batcher.complete(
                         prompt.ids, sampling, on_step=on_step, top_logprobs=top
                     )
-                rows.append(_Row(index, prompt, text, future, on_step, bool(body.ignore_eos)))
+                rows.append(Row(index, prompt, text, future, on_step, bool(body.ignore_eos)))
         except BaseException:
-            _abandon(rows, self.batcher)
+            abandon(rows, self.batcher)
             raise
         return rows
 
-    async def _finish(self, rows: list[_Row], request: Request) -> None:
+    async def _finish(self, rows: list[Row], request: Request) -> None:
         """Wait for every row; if the client leaves or one row fails, end the others."""
         try:
             for row in rows:  # one at a time: one listener on the client's disconnect
                 await result_or_cancel(request, row.future, self.batcher)
         except BaseException:
-            _abandon(rows, self.batcher)
+            abandon(rows, self.batcher)
             raise
 
     async def _prompt_scores(
-        self, prompts: Sequence[_Prompt], body: CompletionRequest, request: Request
-    ) -> _Scores:
+        self, prompts: Sequence[Prompt], body: CompletionRequest, request: Request
+    ) -> Scores:
         """/v1/score's numbers for every prompt that has a token to predict."""
         futures = [
             self.batcher.score(p.ids, KnnOptions()) if len(p.ids) >= 2 else None for p in prompts
@@ -452,17 +423,17 @@ class OpenAIServing:
         scores = [
             None if f is None else await result_or_cancel(request, f, self.batcher) for f in futures
         ]
-        return _Scores(scores, n=body.n, knn=body.knn)
+        return Scores(scores, n=body.n, knn=body.knn)
 
-    def entries(self, row: _Row, echo: bool, scores: _Scores | None) -> list[TokenEntry]:
+    def entries(self, row: Row, echo: bool, scores: Scores | None) -> list[TokenEntry]:
         """The row's token records, the echoed prompt's first."""
         generated = row.text.kept_entries()
         if not echo:
             return generated
         shift = len(row.prompt.text)
-        return [*self.prompt_entries(row, scores), *(_shifted(e, shift) for e in generated)]
+        return [*self.prompt_entries(row, scores), *(shifted(e, shift) for e in generated)]
 
-    def prompt_entries(self, row: _Row, scores: _Scores | None) -> list[TokenEntry]:
+    def prompt_entries(self, row: Row, scores: Scores | None) -> list[TokenEntry]:
         """The echoed prompt's tokens (BOS left out), with /v1/score's log-probabilities."""
         prefix = len(self.lm.prefix_ids)
         ids = row.prompt.ids.tolist()[prefix:]
@@ -480,7 +451,7 @@ class OpenAIServing:
             for t, lp, off in zip(ids, log_probs, offsets, strict=True)
         ]
 
-    def _finish_reason(self, row: _Row) -> str:
+    def finish_reason(self, row: Row) -> str:
         tokens = row.text.tokens
         if row.text.stop_reason is not None:
             return "stop"
@@ -507,285 +478,11 @@ class OpenAIServing:
             self._token_text[token] = text
         return text
 
-    def _stream(self, rows: list[_Row], events: _Events, body: _Sampling) -> StreamingResponse:
+    def _stream(self, rows: list[Row], events: Events, body: _Sampling) -> StreamingResponse:
         options = body.stream_options
         usage = bool(options and options.include_usage)
         return StreamingResponse(
-            _sse(rows, events, usage=usage, batcher=self.batcher),
+            sse(rows, events, usage=usage, batcher=self.batcher),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
         )
-
-
-class _OnStep:
-    """The batcher's callback for one row, on the model's worker thread: feeds the row's
-    text, tells a stream, and ends the row at a stop string or once the client is gone."""
-
-    def __init__(self, text: ChoiceText, *, want_top: bool) -> None:
-        self.text = text
-        self.want_top = want_top
-        self.listener: Callable[[], None] | None = None
-        self.gone = False
-        # (text a stream may send, entries within it): replaced whole, so that the event
-        # loop's thread never reads a half-updated ChoiceText
-        self.snapshot: tuple[str, int] = ("", 0)
-
-    def __call__(self, step: Step) -> bool:
-        go_on = self.text.add(step.token, step.log_prob, step.top if self.want_top else None)
-        sendable = self.text.sendable()
-        self.snapshot = (sendable, self.text.ready(len(sendable)))
-        if self.listener is not None:
-            self.listener()
-        return go_on and not self.gone
-
-
-def _abandon(rows: Sequence[_Row], batcher: Batcher) -> None:
-    """End rows nobody waits for: a queued one never runs, a running one ends at its next
-    step (done ones are left as they are)."""
-    for row in rows:
-        batcher.cancel(row.future)
-        if row.on_step is not None:
-            row.on_step.gone = True
-
-
-def _shifted(entry: TokenEntry, by: int) -> TokenEntry:
-    return TokenEntry(entry.token, entry.logprob, entry.top, entry.offset + by)
-
-
-def _usage(rows: Sequence[_Row]) -> Usage:
-    """Each prompt counts once, whatever its n; every choice's tokens count."""
-    prompts = {id(row.prompt): row.prompt for row in rows}
-    prompt_tokens = sum(len(p.ids) for p in prompts.values())
-    completion = sum(len(row.text.tokens) for row in rows)
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=completion,
-        total_tokens=prompt_tokens + completion,
-    )
-
-
-def _completion_logprobs(entries: Sequence[TokenEntry]) -> CompletionLogprobs:
-    return CompletionLogprobs(
-        tokens=[e.token for e in entries],
-        token_logprobs=[e.logprob for e in entries],
-        top_logprobs=[None if e.top is None else dict(e.top) for e in entries],
-        text_offset=[e.offset for e in entries],
-    )
-
-
-def _bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
-
-
-def _chat_logprobs(entries: Sequence[TokenEntry]) -> ChatLogprobs:
-    return ChatLogprobs(
-        content=[
-            ChatTokenLogprob(
-                token=e.token,
-                logprob=-9999.0 if e.logprob is None else e.logprob,  # OpenAI's "unlikely"
-                bytes=_bytes(e.token),
-                top_logprobs=[
-                    TopLogprob(token=t, logprob=lp, bytes=_bytes(t)) for t, lp in e.top or ()
-                ],
-            )
-            for e in entries
-        ]
-    )
-
-
-# --- streams --------------------------------------------------------------------------------
-
-
-class _Events:
-    """What the chunks of one kind of stream look like."""
-
-    def __init__(self, serving: OpenAIServing, head: dict[str, Any], rows: list[_Row]) -> None:
-        self.serving = serving
-        self.head = head
-        self.rows = rows
-
-    def opening(self, row: _Row) -> dict[str, Any] | None:
-        return None
-
-    def delta(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def closing(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def usage(self) -> dict[str, Any]:
-        return {
-            **self.head,
-            "object": self.object,
-            "choices": [],
-            "usage": _usage(self.rows).model_dump(),
-        }
-
-    object = ""
-
-
-class _CompletionEvents(_Events):
-    object = "text_completion"
-
-    def __init__(
-        self,
-        serving: OpenAIServing,
-        head: dict[str, Any],
-        rows: list[_Row],
-        *,
-        echo: bool,
-        want: bool,
-        scores: _Scores | None,
-    ) -> None:
-        super().__init__(serving, head, rows)
-        self.echo = echo
-        self.want = want
-        self.scores = scores
-
-    def _chunk(
-        self, row: _Row, text: str, entries: list[TokenEntry], finish: str | None = None
-    ) -> dict[str, Any]:
-        logprobs = None
-        if self.want:
-            logprobs = _completion_logprobs(entries).model_dump()
-        choice = {
-            "index": row.index,
-            "text": text,
-            "logprobs": logprobs,
-            "finish_reason": finish,
-            "stop_reason": row.text.stop_reason if finish else None,
-        }
-        return {**self.head, "object": self.object, "choices": [choice]}
-
-    def _shift(self, row: _Row, entries: list[TokenEntry]) -> list[TokenEntry]:
-        by = len(row.prompt.text) if self.echo else 0
-        return [_shifted(e, by) for e in entries]
-
-    def opening(self, row: _Row) -> dict[str, Any] | None:
-        if not self.echo:
-            return None
-        entries = self.serving.prompt_entries(row, self.scores) if self.want else []
-        return self._chunk(row, row.prompt.text, entries)
-
-    def delta(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
-        return self._chunk(row, text, self._shift(row, entries))
-
-    def closing(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
-        finish = self.serving._finish_reason(row)
-        return self._chunk(row, text, self._shift(row, entries), finish)
-
-
-class _ChatEvents(_Events):
-    object = "chat.completion.chunk"
-
-    def __init__(
-        self, serving: OpenAIServing, head: dict[str, Any], rows: list[_Row], *, want: bool
-    ) -> None:
-        super().__init__(serving, head, rows)
-        self.want = want
-
-    def _chunk(
-        self,
-        row: _Row,
-        delta: dict[str, Any],
-        entries: list[TokenEntry] | None,
-        finish: str | None = None,
-    ) -> dict[str, Any]:
-        logprobs = None
-        if self.want and entries is not None:
-            logprobs = _chat_logprobs(entries).model_dump()
-        choice = {
-            "index": row.index,
-            "delta": delta,
-            "logprobs": logprobs,
-            "finish_reason": finish,
-            "stop_reason": row.text.stop_reason if finish else None,
-        }
-        return {**self.head, "object": self.object, "choices": [choice]}
-
-    def opening(self, row: _Row) -> dict[str, Any] | None:
-        return self._chunk(row, {"role": "assistant", "content": ""}, None)
-
-    def delta(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
-        return self._chunk(row, {"content": text}, entries)
-
-    def closing(self, row: _Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
-        delta = {"content": text} if text else {}
-        return self._chunk(row, delta, entries, self.serving._finish_reason(row))
-
-
-def _event(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body)}\n\n"
-
-
-async def _sse(
-    rows: list[_Row], events: _Events, *, usage: bool, batcher: Batcher
-) -> AsyncIterator[str]:
-    """Server-sent events: each row's opening chunk, then its text deltas as they become
-    safe to send (with the records of the tokens in them), its closing chunk with the
-    finish reason, the usage when asked, and ``[DONE]``. A row's deltas add up to its
-    non-streamed text; rows interleave, told apart by ``index``. A row that fails (a
-    deadline, the shutdown) ends the stream with an error event, then ``[DONE]``."""
-    loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-
-    def notify() -> None:  # on the model's worker thread, or where a future settles
-        if not loop.is_closed():
-            loop.call_soon_threadsafe(wake.set)
-
-    for row in rows:
-        if row.on_step is not None:
-            row.on_step.listener = notify
-        row.future.add_done_callback(lambda _: notify())
-    sent = {row.index: "" for row in rows}  # generated text sent
-    sent_entries = {row.index: 0 for row in rows}
-    done: set[int] = set()
-    try:
-        for row in rows:
-            opening = events.opening(row)
-            if opening is not None:
-                yield _event(opening)
-        while len(done) < len(rows):
-            wake.clear()
-            for row in rows:
-                if row.index in done:
-                    continue
-                i = row.index
-                if row.future.done():
-                    failure = _failure(row.future)
-                    if failure is not None:  # the error, then the end, as vLLM ends it
-                        yield _event(failure)
-                        yield "data: [DONE]\n\n"
-                        return
-                    text = row.text.text
-                    rest = text[len(sent[i]) :] if text.startswith(sent[i]) else ""
-                    entries = row.text.kept_entries()[sent_entries[i] :]
-                    yield _event(events.closing(row, rest, entries))
-                    done.add(i)
-                    continue
-                if row.on_step is None:
-                    continue
-                text, ready = row.on_step.snapshot
-                if len(text) > len(sent[i]) and text.startswith(sent[i]):
-                    entries = row.text.entries[sent_entries[i] : ready]
-                    yield _event(events.delta(row, text[len(sent[i]) :], entries))
-                    sent[i], sent_entries[i] = text, max(ready, sent_entries[i])
-            if len(done) < len(rows):
-                await wake.wait()
-        if usage:
-            yield _event(events.usage())
-        yield "data: [DONE]\n\n"
-    finally:
-        _abandon(rows, batcher)  # a client gone mid-stream: its rows end at their next token
-
-
-def _failure(future: Future[list[int]]) -> dict[str, Any] | None:
-    """The error event of a row that failed, or None."""
-    if future.cancelled():
-        return error_body(503, "the request was cancelled")
-    error = future.exception()
-    if error is None:
-        return None
-    if isinstance(error, KnnlmError):
-        return error_body(knnlm_error_status(error), str(error))
-    return error_body(500, "internal error; the server log has the details")
