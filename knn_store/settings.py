@@ -215,7 +215,7 @@ class KnnlmSettings(BaseSettings):
         "(`knnlm tune` fits it); --no-gate searches at every position.",
     )
 
-    # --- fewer searches, more memory (issue 16; both off by default) -----------------------
+    # --- fewer searches, more memory (both off by default) ---------------------------------
     pointer_min: int = Field(
         default=0,
         ge=0,

@@ -71,7 +71,7 @@ RETRIEVAL_OPTIONS = (
     "search_batch",
 )
 SEARCH_OPTIONS = (*RETRIEVAL_OPTIONS, "lmbda", "temperature", "gate")
-# Levers that save searches or add memory (issue 16): pointer following and the document
+# Levers that save searches or add memory: pointer following and the document
 # cache. ``open_session`` builds them from the settings, so each command that lists these
 # flags gets them the same way.
 LEVER_OPTIONS = ("pointer_min", "cache_weight", "cache_temperature")
