@@ -398,7 +398,8 @@ def test_grpc_errors_are_told_in_one_whole_line() -> None:
     import grpc
 
     from knn_store.errors import StoreUnavailable
-    from knn_store.store.client import QdrantClientStore, _describe
+    from knn_store.store.client import QdrantClientStore
+    from knn_store.store.client_errors import describe_error
 
     details = (
         "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:6334:\n"
@@ -406,7 +407,7 @@ def test_grpc_errors_are_told_in_one_whole_line() -> None:
     )
     error = _inactive_rpc_error(details)
     assert isinstance(error, grpc.RpcError) and "\n" in str(error)
-    line = _describe(error)
+    line = describe_error(error)
     assert "\n" not in line
     assert line.startswith("gRPC UNAVAILABLE: failed to connect to all addresses")
     assert line.endswith("Failed to connect to remote host: Connection refused")

@@ -232,7 +232,7 @@ def test_a_restore_killed_midway_leaves_no_collection(
     edge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Anything cut short stays in a hidden folder, which the next restore clears."""
-    from knn_store.store import snapshot as module
+    from knn_store.store import restore as module
 
     data_dir = edge[0]
     snap = _snapshot_edge(data_dir)

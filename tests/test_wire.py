@@ -309,3 +309,31 @@ def test_grpc_points_equal_the_clients_conversion() -> None:
         assert point == theirs
     with pytest.raises(TypeError, match="payload value"):
         grpc_points(PointBatch(ids=ids[:1], keys=keys[:1], payloads=[{"x": [1, 2]}]))
+
+
+def test_the_rest_transport_is_the_clients_own_and_a_moved_one_is_refused() -> None:
+    """``rest_transport`` is the one reach into qdrant-client's private REST client: it gives
+    that client's httpx transport (the API key header and TLS settings included) and base
+    URL, and refuses, in one line, a client that keeps them elsewhere."""
+    import httpx
+    from qdrant_client import QdrantClient
+
+    from knn_store.errors import StoreError
+    from knn_store.store.client import rest_transport
+
+    client = QdrantClient(
+        url="https://127.0.0.1:1", api_key="k-1", https=True, check_compatibility=False
+    )
+    try:
+        http, base = rest_transport(client)
+        assert isinstance(http, httpx.Client)
+        assert base == "https://127.0.0.1:1"
+        assert http.headers.get("api-key") == "k-1"
+    finally:
+        client.close()
+
+    class Moved:
+        http = None
+
+    with pytest.raises(StoreError, match="keeps its REST transport elsewhere"):
+        rest_transport(Moved())

@@ -5,6 +5,8 @@ Qdrant types never leave a backend module: callers see ``Neighbours``, ``PointBa
 ``StoredPoint``, ``PointArrays``, ``PointFilter`` and ``CollectionMeta`` only. ``KnnStore``
 holds everything the two engines do alike (meta checks, the ef rule, record mapping, counting
 by facet); a backend implements the few ``_``-prefixed primitives below.
+
+It is long because it is the one place that code lives: the engines only translate.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -438,6 +441,22 @@ class KnnStore(abc.ABC):
     def location(self) -> str:
         """Where the collection lives, for messages (never holds a secret)."""
         return self.name
+
+    @property
+    def backend(self) -> str:
+        """Which engine holds the collection: "edge" (Qdrant Edge), "local" (qdrant-client's
+        local mode) or "qdrant" (a server)."""
+        raise NotImplementedError
+
+    @property
+    def folder(self) -> Path | None:
+        """The collection's own folder, for an engine that keeps one on local disk."""
+        return None
+
+    def download_snapshot(self, path: Path, *, on_progress: Progress = no_progress) -> str:
+        """Have the engine snapshot this collection into ``path``; its sha256. Only a server
+        makes snapshots of its own."""
+        raise StoreError(f"{self.location} makes no snapshots of its own")
 
     def ensure_collection(self, meta: CollectionMeta) -> None:
         """Create the collection for ``meta``, or check that the existing one matches it."""

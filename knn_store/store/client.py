@@ -4,14 +4,16 @@ or qdrant-client's local mode (a numpy scan meant for tests, which warns past 20
 What built a collection, and its tuned policy, live in Qdrant's collection metadata, so every
 client of the server sees them. Every call is idempotent (upserts carry deterministic ids), so
 a call that got no answer is retried with bounded backoff before giving up.
+
+Its length is qdrant-client's surface, one method per operation of ``KnnStore``: what
+failures mean lives in ``client_errors``, the shared local-mode clients in
+``local_clients``, and the fast search and upsert path in ``wire``.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import ssl
-import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -45,7 +47,14 @@ from knn_store.store.base import (
     PointFilter,
     int_field,
 )
+from knn_store.store.client_errors import (
+    access_denied,
+    describe_error,
+    is_transient,
+    untrusted_certificate,
+)
 from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
+from knn_store.store.local_clients import LOCAL_CLIENTS
 from knn_store.store.records import seal, unseal
 from knn_store.store.wire import GrpcWire, RestWire, SearchSpec, Wire
 
@@ -53,7 +62,6 @@ log = logging.getLogger(__name__)
 _META_KEY = "knnlm"
 _POLICY_KEY = "knnlm_policy"
 _LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "0.0.0.0")
-_TRANSIENT_STATUS = (429, 502, 503, 504)
 _SLOW_CALL_S = 1.0  # a failed call that waited this long is told before it is retried
 # Concurrent requests per search batch to a server, unless --search-threads says otherwise:
 # with two, the server searches one half while the other is decoded (measured at 303k points,
@@ -215,7 +223,7 @@ class QdrantClientStore(KnnStore):
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise StoreUnavailable(f"cannot create {folder}: {exc.strerror or exc}") from exc
-            client = _LOCAL_CLIENTS.acquire(folder)
+            client = LOCAL_CLIENTS.acquire(folder)
             location = str(folder)
         return cls(
             client,
@@ -229,6 +237,10 @@ class QdrantClientStore(KnnStore):
     @property
     def location(self) -> str:
         return self._location
+
+    @property
+    def backend(self) -> str:
+        return "local" if self.local else "qdrant"
 
     @property
     def server_version(self) -> str | None:
@@ -270,7 +282,7 @@ class QdrantClientStore(KnnStore):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:
-                denied = _access_denied(exc)
+                denied = access_denied(exc)
                 if denied == "unauthenticated":
                     raise StoreAccessDenied(
                         f"Qdrant at {self._location} refused the API key to {what} (wrong, "
@@ -282,22 +294,22 @@ class QdrantClientStore(KnnStore):
                         f"read-only, or not granted collection {self.name!r}; use a "
                         "read-write key for ingest, tune, push and drops"
                     ) from exc
-                if _untrusted_certificate(exc):
+                if untrusted_certificate(exc):
                     raise StoreUnavailable(
                         f"cannot verify the TLS certificate of Qdrant at {self._location}: "
                         "pass the PEM file of its certificate authority with --ca-cert "
                         "(KNNLM_CA_CERT), or check the URL's host name"
                     ) from exc
-                if not _is_transient(exc):
+                if not is_transient(exc):
                     raise StoreError(
-                        f"Qdrant at {self._location} failed to {what}: {_describe(exc)}"
+                        f"Qdrant at {self._location} failed to {what}: {describe_error(exc)}"
                     ) from exc
                 out_of_time = deadline is not None and time.monotonic() + delay > deadline
                 if attempt == self.retries or out_of_time:
                     tries = f" after {attempt + 1} attempts" if attempt else ""
                     raise StoreUnavailable(
                         f"cannot reach Qdrant at {self._location} to {what}{tries}: "
-                        f"{_describe(exc)}; is the server running (`docker compose up -d`), "
+                        f"{describe_error(exc)}; is the server running (`docker compose up -d`), "
                         "and are the URL and API key right?"
                     ) from exc
                 if time.monotonic() - started >= _SLOW_CALL_S:  # a wait worth telling
@@ -305,7 +317,7 @@ class QdrantClientStore(KnnStore):
                         "Qdrant at %s did not answer (%s) to %s; retrying in %.1f s "
                         "(attempt %d of %d)",
                         self._location,
-                        _describe(exc),
+                        describe_error(exc),
                         what,
                         delay,
                         attempt + 2,
@@ -366,7 +378,7 @@ class QdrantClientStore(KnnStore):
                 raise ConfigError(
                     f"{self._server_name()} refused the storage settings "
                     f"({s.describe()}; quantization {s.quantization}): "
-                    f"{_describe(exc.__cause__ or exc)}"
+                    f"{describe_error(exc.__cause__ or exc)}"
                 ) from exc
             self._read_collection()
             assert self._meta is not None
@@ -438,7 +450,7 @@ class QdrantClientStore(KnnStore):
             self._pool.shutdown()
             self._pool = None
         if self.local and self._location != ":memory:":
-            _LOCAL_CLIENTS.release(Path(self._location))
+            LOCAL_CLIENTS.release(Path(self._location))
         else:
             self._client.close()
 
@@ -730,57 +742,6 @@ def rest_transport(client: Any) -> tuple[Any, str]:
     return http, host
 
 
-class _SharedLocalClients:
-    """One qdrant-client per local-mode folder in this process, shared by its collections.
-
-    Local mode locks its folder for one client, so two collections of one folder (rebuild
-    copies between them) must go through the same client; it closes with the last user.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._clients: dict[Path, tuple[Any, int]] = {}
-        atexit.register(self.close_all)  # a store left open: close it while Python still can
-
-    def close_all(self) -> None:
-        with self._lock:
-            clients, self._clients = list(self._clients.values()), {}
-        for client, _ in clients:
-            client.close()
-
-    def acquire(self, folder: Path) -> Any:
-        from qdrant_client import QdrantClient
-
-        key = folder.resolve()
-        with self._lock:
-            if key in self._clients:
-                client, users = self._clients[key]
-                self._clients[key] = (client, users + 1)
-                return client
-            try:
-                client = QdrantClient(path=str(folder))
-            except Exception as exc:  # portalocker's lock, or an unreadable folder
-                raise StoreUnavailable(
-                    f"cannot open qdrant-client local storage {folder}: {_describe(exc)}"
-                ) from exc
-            self._clients[key] = (client, 1)
-            return client
-
-    def release(self, folder: Path) -> None:
-        key = folder.resolve()
-        with self._lock:
-            if key not in self._clients:
-                return
-            client, users = self._clients.pop(key)
-            if users > 1:
-                self._clients[key] = (client, users - 1)
-                return
-        client.close()
-
-
-_LOCAL_CLIENTS = _SharedLocalClients()
-
-
 def _quantization_config(s: StorageConfig) -> Any:
     from qdrant_client import models
 
@@ -844,67 +805,3 @@ def _filter(flt: PointFilter) -> Any:
             for key, values in flt.conditions()
         ]
     )
-
-
-def _untrusted_certificate(exc: BaseException) -> bool:
-    """True when a TLS handshake failed on the server's certificate (REST or gRPC)."""
-    text = str(exc)
-    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
-        return True
-    import grpc
-
-    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "details", None)):
-        details = str(exc.details() or "")
-        return "certificate" in details.lower() or "handshake" in details.lower()
-    return False
-
-
-def _access_denied(exc: BaseException) -> str | None:
-    """'unauthenticated' when the server refused the key itself, 'forbidden' when the key
-    lacks the right (a read-only or per-collection key), over REST or gRPC; else None."""
-    import grpc
-    from qdrant_client.http.exceptions import UnexpectedResponse
-
-    if isinstance(exc, UnexpectedResponse):
-        return {401: "unauthenticated", 403: "forbidden"}.get(exc.status_code)
-    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
-        return {
-            grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
-            grpc.StatusCode.PERMISSION_DENIED: "forbidden",
-        }.get(exc.code())
-    return None
-
-
-def _is_transient(exc: BaseException) -> bool:
-    """True when the server never answered (refused, timed out) or said it is busy, over
-    REST or gRPC: the same call may succeed later."""
-    import grpc
-    import httpx
-    from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
-
-    if isinstance(exc, (ResponseHandlingException, httpx.TransportError, ConnectionError)):
-        return True
-    if isinstance(exc, UnexpectedResponse):
-        # a cluster whose replicas are away answers 500 "... currently unavailable"
-        unavailable = exc.status_code == 500 and "unavailable" in str(exc).lower()
-        return exc.status_code in _TRANSIENT_STATUS or unavailable
-    if isinstance(exc, grpc.RpcError):
-        code = exc.code() if callable(getattr(exc, "code", None)) else None
-        return code in (
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-        )
-    return False
-
-
-def _describe(exc: BaseException) -> str:
-    """One line about an exception. gRPC errors print over several lines, with the part
-    that matters (code and details) last, so they are read through their accessors."""
-    import grpc
-
-    if isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)):
-        details = exc.details() if callable(getattr(exc, "details", None)) else ""
-        return f"gRPC {exc.code().name}: {' '.join(str(details or '').split())}".strip()
-    text = " ".join(str(exc).split())
-    return text[:500] if text else type(exc).__name__

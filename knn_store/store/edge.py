@@ -1,5 +1,8 @@
 """The embedded backend: a Qdrant Edge shard on local disk (the default).
 
+Long for a reason: it owns every byte of its collection on disk (the records, the write
+state, the checks of its files before the engine opens them), which a server keeps to itself.
+
 Layout of one collection, ``<data_dir>/<collection>/``:
 
 - ``meta.json``: what built it (model, key type, storage settings); written last at
@@ -158,6 +161,14 @@ class EdgeStore(KnnStore):
     @property
     def location(self) -> str:
         return str(self.path)
+
+    @property
+    def backend(self) -> str:
+        return "edge"
+
+    @property
+    def folder(self) -> Path | None:
+        return self.path
 
     # --- lifecycle -------------------------------------------------------------------------
 

@@ -1,5 +1,8 @@
 """The model's one worker thread, and how it batches the requests waiting for it.
 
+One module because batching, isolation, cancellation and deadlines all act on the same queue
+and the same worker, under one lock.
+
 HTTP handlers never touch the LM: they submit jobs and wait on futures. The worker owns the
 session's LM and store. Each round it takes the oldest waiting job and every other waiting
 job that can share its work, up to ``max_batch`` windows (scoring) or rows (generation):
