@@ -5,8 +5,6 @@ against eval's distribution put through the reference processors."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -18,16 +16,10 @@ from transformers import (
     TopKLogitsWarper,
 )
 
-from ingest.corpus import read_corpus
-from ingest.worker import IngestWorker
-from knn_store import ConfigError, KnnLM, load_language_model, open_store
+from knn_store import ConfigError, KnnLM
 from knn_store.generation import Sampling, decode, penalize, sampling_probs
-from knn_store.lambdas import FixedLambda
-from knn_store.store.config import SearchOptions
-from knn_store.windows import Window
 from knnlm.service.detokenize import ChoiceText
-
-PROMPT = "def add(a, b):\n    return"
+from tests.test_generation import PROMPT, _eval_distribution, _knn_lm, setup  # noqa: F401
 
 
 def _log_probs(rows: int, vocab: int, seed: int) -> torch.Tensor:
@@ -162,27 +154,9 @@ def test_stop_strings_wait_for_min_tokens() -> None:
 
 
 @pytest.fixture
-def knn_lm(tiny_model: Path, corpus_dir: Path, settings_factory):
-    settings = settings_factory(tiny_model, window=64, stride=32)
-    lm = load_language_model(settings)
-    store = open_store(settings, create=True)
-    IngestWorker(lm, store, domain="code", window=64, stride=32).run(
-        list(read_corpus([corpus_dir], glob="**/*.txt"))
-    )
-    yield KnnLM(
-        lm, store, policy=FixedLambda(0.4), k=8, temperature=2.0,
-        search=SearchOptions(exact=True), window=64, stride=32,
-    )  # fmt: skip
-    store.close()
-
-
-def _eval_distribution(knn_lm: KnnLM, ids: np.ndarray) -> torch.Tensor:
-    """Eval's full distribution of the token after ``ids``, float [V]."""
-    ids = np.append(ids, 0)  # a dummy target: the distribution does not depend on it
-    view = knn_lm.lm_view([(0, ids, Window(start=0, end=len(ids), first=len(ids) - 2))], full=True)
-    scored = knn_lm.finish(view, full=True)
-    assert scored.log_probs is not None
-    return scored.log_probs[0]
+def knn_lm(setup) -> KnnLM:  # noqa: F811 (setup: the imported fixture)
+    """test_generation's kNN-LM: fixed lambda 0.4, k = 8, T = 2, exact search."""
+    return _knn_lm(*setup)
 
 
 def test_greedy_with_a_repetition_penalty_follows_the_reference(knn_lm: KnnLM) -> None:

@@ -738,6 +738,14 @@ def test_a_request_after_the_shutdown_began_gets_503_at_once_and_a_closed_connec
     assert time.monotonic() - started < 30  # not the drain window
 
 
+def _counted(registry: Any, route: str, status: str) -> float:
+    """Requests the app's metrics counted for ``route`` with ``status``."""
+    value = registry.get_sample_value(
+        "knnlm_http_requests_total", {"route": route, "status": status}
+    )
+    return value or 0.0
+
+
 def test_a_client_that_leaves_mid_body_is_counted_as_a_client_close(
     make_app: Callable[..., Any],
 ) -> None:
@@ -746,10 +754,7 @@ def test_a_client_that_leaves_mid_body_is_counted_as_a_client_close(
     registry = app.state.metrics
 
     def count(status: str) -> float:
-        value = registry.get_sample_value(
-            "knnlm_http_requests_total", {"route": "/v1/score", "status": status}
-        )
-        return value or 0.0
+        return _counted(registry, "/v1/score", status)
 
     with UvicornThread(app) as served:
         with served.connect() as leaving:
@@ -769,10 +774,7 @@ def test_a_malformed_chunked_body_is_counted_as_the_400_its_client_got(
     registry = app.state.metrics
 
     def count(status: str) -> float:
-        value = registry.get_sample_value(
-            "knnlm_http_requests_total", {"route": "/v1/score", "status": status}
-        )
-        return value or 0.0
+        return _counted(registry, "/v1/score", status)
 
     head = (
         b"POST /v1/score HTTP/1.1\r\nHost: knnlm\r\nContent-Type: application/json\r\n"
