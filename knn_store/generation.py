@@ -50,10 +50,9 @@ class Sampling:
     knn: False samples from the base LM alone.
     min_p: keep only tokens at least this fraction as likely as the likeliest (after
         temperature); 0 = all.
-    repetition_penalty: divides the log-probability's magnitude of every token already
-        in the prompt or the output by this much, as vLLM and transformers do to logits
-        (ln p < 0 is multiplied by it: p becomes p ** penalty); > 1 discourages repeats,
-        1 = off.
+    repetition_penalty: multiplies the log-probability (< 0) of every token already in
+        the prompt or the output by this much, as vLLM and transformers do to negative
+        logits: p becomes p ** penalty (unnormalized); > 1 discourages repeats, 1 = off.
     min_tokens: no end-of-text token can be drawn before this many new tokens.
     ignore_eos: an end-of-text token does not end the sequence (it still counts).
 

@@ -13,7 +13,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -23,9 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import CORPUS_LINES
-from tests.files import write
-from tests.test_service import AUTH, CODE, PROSE, SECRET, _cli, _save_a_policy
+from tests.serving import clean_environment, tiny_collection
+from tests.test_service import AUTH, CODE, PROSE, SECRET, _save_a_policy
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -51,30 +49,12 @@ def observed(
     tiny_models: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Observed]:
-    from knn_store import KnnlmSettings, open_session
+    from knn_store import open_session
 
     engine = request.param
     root = tmp_path_factory.mktemp(f"metrics-{engine}")
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.upper().startswith("KNNLM_"):
-                env.delenv(name)
-        for i, line in enumerate(CORPUS_LINES):
-            write(root / "corpus" / f"doc{i}.txt", line * 3)
-        model = tiny_models["gpt2"]
-        flags = ["--model", str(model), "--window", "16", "--stride", "8"]
-        flags += ["--data-dir", str(root / "data"), "--collection", "test", "--backend", engine]
-        _cli(["ingest", str(root / "corpus"), *flags, "-q", "--json"], root / "cache")
-        settings = KnnlmSettings(
-            model=str(model),
-            window=16,
-            stride=8,
-            data_dir=root / "data",
-            collection="test",
-            backend=engine,
-            model_cache=root / "cache",
-            top_k=8,
-        )
+    with clean_environment():
+        settings = tiny_collection(root, tiny_models["gpt2"], backend=engine).settings
         _save_a_policy(settings)  # a gate that skips some of CODE's positions
         observed = Observed(engine, open_session(settings))
         try:

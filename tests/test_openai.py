@@ -10,7 +10,6 @@ requests with the seed each choice uses, streams against the same request unstre
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,9 +20,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import CORPUS_LINES
-from tests.files import write
-from tests.serving import UvicornThread
+from tests.serving import UvicornThread, clean_environment, tiny_collection
 
 SECRET = "openai-key-61c0b2"
 MODEL = "tiny-chat"
@@ -62,7 +59,7 @@ def server(
 ) -> Iterator[Server]:
     from transformers import AutoTokenizer
 
-    from knn_store import KnnlmSettings, open_session
+    from knn_store import open_session
     from knnlm.service.app import Limits, create_app
 
     root = tmp_path_factory.mktemp("openai")
@@ -71,32 +68,16 @@ def server(
     tokenizer = AutoTokenizer.from_pretrained(model)
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(model)
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.upper().startswith("KNNLM_"):
-                env.delenv(name)
-        for i, line in enumerate(CORPUS_LINES):
-            write(root / "corpus" / f"doc{i}.txt", line * 3)
-        cache = root / "cache"
-        store = ["--data-dir", str(root / "data"), "--collection", "chat", "--backend", "local"]
+    with clean_environment():
         # one window holds the whole context: scores see what generation saw
-        windows = ["--window", "128", "--stride", "64"]
-        _cli(["ingest", str(root / "corpus"), "--model", str(model), *windows, *store, "-q",
-              "--json"], cache)  # fmt: skip
+        made = tiny_collection(
+            root, model, collection="chat", backend="local", window=128, stride=64
+        )
+        settings, cache, store = made.settings, made.cache, made.store_flags
         greedy = ["--max-new-tokens", "8", "--sample-temperature", "0", "--top-k", "8"]
         generated = _cli(
             ["generate", "-p", PROMPT, "--model", str(model), *store, *greedy, "--json"], cache
         )["completion"]
-        settings = KnnlmSettings(
-            model=str(model),
-            window=128,
-            stride=64,
-            data_dir=root / "data",
-            collection="chat",
-            backend="local",
-            model_cache=cache,
-            top_k=8,
-        )
         session = open_session(settings)
         limits = Limits(max_completion_tokens=48, max_text_tokens=120)
         app = create_app(session, api_key=SECRET, limits=limits, max_batch=16, batch_wait_ms=20)

@@ -25,10 +25,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.conftest import CORPUS_LINES
-from tests.files import write
-from tests.serving import UvicornThread
-from tests.test_service import AUTH, CODE, SECRET, _cli, _save_a_policy
+from tests.serving import UvicornThread, clean_environment, tiny_collection
+from tests.test_service import AUTH, CODE, SECRET, _save_a_policy
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -50,30 +48,15 @@ def server(
 ) -> Iterator[Server]:
     """``create_app`` under uvicorn in a thread, on a collection of the tiny GPT-2."""
 
-    from knn_store import KnnlmSettings, open_session
+    from knn_store import open_session
     from knnlm.service.app import create_app
 
     root = tmp_path_factory.mktemp("page")
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.upper().startswith("KNNLM_"):
-                env.delenv(name)
-        for i, line in enumerate(CORPUS_LINES):
-            write(root / "corpus" / f"doc{i}.txt", line * 3)
-        flags = ["--model", str(tiny_models["gpt2"]), "--window", "16", "--stride", "8"]
-        flags += ["--data-dir", str(root / "data"), "--collection", "page", "--backend", "edge"]
-        cache = root / "cache"
-        _cli(["ingest", str(root / "corpus"), *flags, "--domain", "code", "-q", "--json"], cache)
-        settings = KnnlmSettings(
-            model=str(tiny_models["gpt2"]),
-            window=16,
-            stride=8,
-            data_dir=root / "data",
-            collection="page",
-            backend="edge",
-            model_cache=cache,
-            top_k=8,
+    with clean_environment():
+        made = tiny_collection(
+            root, tiny_models["gpt2"], collection="page", ingest=("--domain", "code")
         )
+        settings = made.settings
         _save_a_policy(settings)
         session = open_session(settings)
     app = create_app(session, api_key=SECRET, batch_wait_ms=20)

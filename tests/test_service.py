@@ -27,12 +27,10 @@ from typing import Any
 
 import httpx
 import pytest
-from click.testing import CliRunner
 
-from knnlm.cli import cli
 from tests.conftest import CORPUS_LINES
 from tests.files import write
-from tests.serving import UvicornThread
+from tests.serving import UvicornThread, clean_environment, run_cli, tiny_collection
 
 SECRET = "serve-key-5d1f0a7c93"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -92,9 +90,7 @@ class Served:
 
 
 def _cli(args: list[str], cache: Path) -> dict[str, Any] | list[dict[str, Any]]:
-    result = CliRunner().invoke(cli, args, env={"KNNLM_MODEL_CACHE": str(cache)})
-    assert result.exit_code == 0, (result.output, result.exception)
-    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    lines = run_cli(args, cache)
     return lines[0] if len(lines) == 1 and args[0] != "explain" else lines
 
 
@@ -126,35 +122,16 @@ def served(
     tiny_models: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Served]:
-    from knn_store import KnnlmSettings, open_session
+    from knn_store import open_session
     from knnlm.service.app import Limits, create_app
 
     engine = request.param
     root = tmp_path_factory.mktemp(f"serve-{engine}")
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.upper().startswith("KNNLM_"):
-                env.delenv(name)
-        for i, line in enumerate(CORPUS_LINES):
-            write(root / "corpus" / f"doc{i}.txt", line * 3)
-        model = tiny_models["gpt2"]
-        store_flags = ["--data-dir", str(root / "data"), "--collection", "test"]
-        store_flags += ["--backend", engine]
-        model_flags = ["--model", str(model), "--window", "16", "--stride", "8"]
-        flags = [*model_flags, *store_flags, "--top-k", "8"]
-        generate_flags = ["--model", str(model), *store_flags, "--top-k", "8"]  # no windows
-        cache = root / "cache"
-        _cli(["ingest", str(root / "corpus"), *model_flags, *store_flags, "-q", "--json"], cache)
-        settings = KnnlmSettings(
-            model=str(model),
-            window=16,
-            stride=8,
-            data_dir=root / "data",
-            collection="test",
-            backend=engine,
-            model_cache=cache,
-            top_k=8,
-        )
+    with clean_environment():
+        made = tiny_collection(root, tiny_models["gpt2"], backend=engine)
+        settings, cache, store_flags = made.settings, made.cache, made.store_flags
+        flags = [*made.model_flags, *store_flags, "--top-k", "8"]
+        generate_flags = ["--model", str(made.settings.model), *store_flags, "--top-k", "8"]
         _save_a_policy(settings)
         evals = []
         for i, (_, extra) in enumerate(SCORES):
@@ -180,8 +157,8 @@ def served(
         try:
             yield served
         finally:
-            for made in served.apps:
-                made.state.batcher.close()
+            for each in served.apps:
+                each.state.batcher.close()
             session.close()
 
 

@@ -24,12 +24,9 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
 
-from knnlm.cli import cli
-from tests.conftest import CORPUS_LINES
-from tests.files import write
+from tests.serving import clean_environment, tiny_collection
 
 SECRET = "fuzz-key-0c4e7a21"
 AUTH = {"Authorization": f"Bearer {SECRET}"}
@@ -46,34 +43,11 @@ def fuzz_session(
     tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """A session on a tiny collection, shared by the module's apps."""
-    from knn_store import KnnlmSettings, open_session
+    from knn_store import open_session
 
     root = tmp_path_factory.mktemp("serve-fuzz")
-    with pytest.MonkeyPatch.context() as env:
-        for name in list(os.environ):
-            if name.upper().startswith("KNNLM_"):
-                env.delenv(name)
-        for i, line in enumerate(CORPUS_LINES):
-            write(root / "corpus" / f"doc{i}.txt", line * 3)
-        model = tiny_models["gpt2"]
-        settings = KnnlmSettings(
-            model=str(model),
-            window=16,
-            stride=8,
-            data_dir=root / "data",
-            collection="fuzz",
-            backend="edge",
-            model_cache=root / "cache",
-            top_k=8,
-        )
-        flags = ["--model", str(model), "--window", "16", "--stride", "8"]
-        flags += ["--data-dir", str(root / "data"), "--collection", "fuzz", "-q", "--json"]
-        result = CliRunner().invoke(
-            cli,
-            ["ingest", str(root / "corpus"), *flags],
-            env={"KNNLM_MODEL_CACHE": str(root / "cache")},
-        )
-        assert result.exit_code == 0, (result.output, result.exception)
+    with clean_environment():
+        settings = tiny_collection(root, tiny_models["gpt2"], collection="fuzz").settings
         with open_session(settings) as session:
             yield session
 

@@ -33,9 +33,7 @@ import pytest
 from click.testing import CliRunner
 
 from knnlm.cli import cli
-from tests.conftest import CORPUS_LINES
-from tests.files import write
-from tests.serving import UvicornThread
+from tests.serving import UvicornThread, clean_environment, tiny_collection
 
 PROMPT = "def add(a, b):\n   "
 CODE = "def add(a, b):\n    return a * b\nfor i in range(10):\n    print(i, i + i)\n"
@@ -60,35 +58,29 @@ def store(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     """A small collection, and what `knnlm generate` answered on it before a server opened
     it (the store admits one holder at a time)."""
     root = tmp_path_factory.mktemp("limits")
-    for i, line in enumerate(CORPUS_LINES):
-        write(root / "corpus" / f"doc{i}.txt", line * 3)
-    store_flags = ["--data-dir", str(root / "data"), "--collection", "limits"]
-    store_flags += ["--backend", "local", "--model", str(tiny_models["gpt2"])]
-    flags = [*store_flags, "--window", "16", "--stride", "8"]
-    cache = root / "cache"
-    _cli(["ingest", str(root / "corpus"), *flags, "-q", "--json"], cache)
+    with clean_environment():
+        made = tiny_collection(root, tiny_models["gpt2"], collection="limits", backend="local")
+    store_flags = [*made.store_flags, "--model", str(made.settings.model)]
+    flags, cache = [*store_flags, "--window", "16", "--stride", "8"], made.cache
     generate = ["generate", "-p", PROMPT, "--max-new-tokens", "12", *store_flags, "--top-k", "8"]
     generated = {
         t: _cli([*generate, "--sample-temperature", t, "--seed", "1", "--json"], cache)
         for t in ("0", "1e-40", "5e-324")
     }
-    return {"root": root, "flags": flags, "cache": cache, "generated": generated}
+    return {
+        "root": root,
+        "flags": flags,
+        "cache": cache,
+        "generated": generated,
+        "settings": made.settings,
+    }
 
 
 @pytest.fixture(scope="module")
 def session(store: dict[str, Any], tiny_models: dict[str, Path]) -> Iterator[Any]:
-    from knn_store import KnnlmSettings, open_session
+    from knn_store import open_session
 
-    settings = KnnlmSettings(
-        model=str(tiny_models["gpt2"]),
-        window=16,
-        stride=8,
-        data_dir=store["root"] / "data",
-        collection="limits",
-        backend="local",
-        model_cache=store["cache"],
-        top_k=8,
-    )
+    settings = store["settings"]
     with open_session(settings) as opened:
         yield opened
 
