@@ -158,7 +158,7 @@ def _harmful_learned(data: Any, temperature: float, **_: Any) -> Any:
 def test_tune_refuses_to_save_a_policy_worse_than_the_base_lm(
     knnlm: Knnlm, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("knn_store.tuning.fit_learned", _harmful_learned)
+    monkeypatch.setattr("knn_store.tuning.fit_all.fit_learned", _harmful_learned)  # what tune calls
     valid = _write(tmp_path / "valid.txt", _python_text(4, 16))
     result = _tune(knnlm, str(valid), "--exact", "--save", "learned", "--gate-max-cost", "0", "-q")
     _one_line_error(result, "worse than the base LM", "validation")
