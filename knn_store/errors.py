@@ -99,3 +99,10 @@ class RequestCancelled(KnnlmError):
     """The request was cancelled (its client left): nobody waits for its answer."""
 
     status = 499  # nginx's "client closed request"
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name where it has none): what a
+    one-line refusal quotes of an engine's or a library's error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from knn_store.errors import ConfigError
+from knn_store.errors import ConfigError, first_line
 from knn_store.store.base import CollectionMeta
 from knn_store.store.config import StorageConfig
 from knn_store.windows import Window, by_padded_width, pack_windows
@@ -460,8 +460,7 @@ def _from_pretrained(
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError, ImportError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"cannot load model {location!r}: {first_line}") from exc
+        raise ConfigError(f"cannot load model {location!r}: {first_line(exc)}") from exc
     finally:
         if bars:
             hf_logging.enable_progress_bar()

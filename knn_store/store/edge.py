@@ -35,6 +35,7 @@ from knn_store.errors import (
     StoreError,
     StoreLocked,
     StoreUnavailable,
+    first_line,
 )
 from knn_store.progress import Progress, no_progress
 from knn_store.store import file_sums
@@ -51,6 +52,7 @@ from knn_store.store.base import (
     int_field,
 )
 from knn_store.store.config import TURBO_BITS, SearchOptions, StorageConfig
+from knn_store.store.disk import SPARE_BYTES, require_free_space
 from knn_store.store.records import seal, sealing, unseal
 
 T = TypeVar("T")
@@ -59,9 +61,8 @@ META_FILE = "meta.json"
 POLICY_FILE = "policy.json"
 STATE_FILE = "state.json"
 SHARD_DIR = "shard"
-# Free space every write leaves on the disk, and what opening needs beyond what its files
-# may still fill: see EdgeStore._require_space.
-SPARE_BYTES = 32 * 2**20
+# What opening needs free beyond what its files may still fill (writes leave
+# disk.SPARE_BYTES): see EdgeStore._require_space.
 OPEN_SPARE_BYTES = 4 * 2**20
 
 
@@ -213,7 +214,7 @@ class EdgeStore(KnnStore):
         except Exception as exc:  # never delete what could not be read
             raise StoreDamaged(
                 f"{self.path / SHARD_DIR} has no {META_FILE} and cannot be read "
-                f"({_first_line(exc)}); it was left as it is: remove the folder yourself if "
+                f"({first_line(exc)}); it was left as it is: remove the folder yourself if "
                 "it holds nothing you need, or use another --collection"
             ) from exc
         if points:
@@ -366,20 +367,14 @@ class EdgeStore(KnnStore):
         the store (which replays its log) does. Stopping while space is left turns that
         into an error after which the store still opens and a rerun resumes.
         """
-        folder = self.path
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent
-        try:
-            free = shutil.disk_usage(folder).free
-        except OSError:
-            return  # nothing to measure with; the write itself will tell
-        wanted = needed + spare
-        if free < wanted:
-            raise StoreUnavailable(
-                f"only {_megabytes(free)} free on the disk of {self.path}, too little to "
-                f"{what} ({_megabytes(wanted)} wanted: Qdrant Edge cannot survive a disk that "
-                "fills up mid-write); free some space, then run the same command again"
-            )
+        require_free_space(
+            self.path,
+            needed,
+            what,
+            spare=spare,
+            why="Qdrant Edge cannot survive a disk that fills up mid-write",
+            then="run the same command again",
+        )
 
     def _require_shard(self) -> qe.EdgeShard:
         if self._shard is None:
@@ -392,7 +387,7 @@ class EdgeStore(KnnStore):
             return fn(*args)
         except Exception as exc:
             raise StoreError(
-                f"Qdrant Edge store {self.path} failed to {what}: {_first_line(exc)}"
+                f"Qdrant Edge store {self.path} failed to {what}: {first_line(exc)}"
             ) from exc
 
     # --- primitives ------------------------------------------------------------------------
@@ -622,7 +617,7 @@ def _filter(flt: PointFilter) -> qe.Filter | None:
 
 def _open_error(shard_path: Path, exc: Exception, *, create: bool) -> StoreError:
     """Name the real cause of a failed open: missing files, a corrupt WAL, or a lock."""
-    text = _first_line(exc)
+    text = first_line(exc)
     if create:
         return StoreUnavailable(
             f"cannot create Qdrant Edge store {shard_path}: {text}; is the disk writable?"
@@ -752,12 +747,3 @@ def _sum_stat(folder: Path, measure: Callable[[os.stat_result], int]) -> int:
             except OSError:  # gone meanwhile
                 continue
     return total
-
-
-def _megabytes(n: int) -> str:
-    return f"{n / 2**20:.1f} MB"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

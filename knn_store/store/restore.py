@@ -30,16 +30,16 @@ from knn_store.errors import (
     StoreError,
     StoreLocked,
     StoreUnavailable,
+    first_line,
 )
 from knn_store.progress import Progress, no_progress
 from knn_store.store.base import CollectionMeta, KnnStore
+from knn_store.store.disk import make_folder
 from knn_store.store.records import seal
 from knn_store.store.snapshot_files import (
     EDGE_PREFIX,
     SERVER_MEMBER,
     Snapshot,
-    first_line,
-    make_folder,
     tarinfo,
     unpack,
 )

@@ -32,6 +32,7 @@ from knn_store.errors import (
     StoreDamaged,
     StoreError,
     StoreUnavailable,
+    first_line,
 )
 from knn_store.progress import Progress, no_progress
 from knn_store.store.base import KnnStore
@@ -45,7 +46,6 @@ from knn_store.store.snapshot_files import (
     Snapshot,
     SnapshotManifest,
     find_snapshot,
-    first_line,
     list_snapshots,
     read_snapshot,
     write_snapshot,

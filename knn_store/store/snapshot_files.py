@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -21,9 +20,10 @@ from knn_store.errors import (
     KnnlmError,
     StoreDamaged,
     StoreError,
-    StoreUnavailable,
+    first_line,
 )
 from knn_store.progress import Counter, Progress
+from knn_store.store.disk import require_free_space
 
 SUFFIX = ".knnlm-snapshot.tar"
 MANIFEST = "knnlm-snapshot.json"
@@ -35,7 +35,6 @@ SERVER_MEMBER = "qdrant.snapshot"  # the member of a ``server`` snapshot
 KINDS = ("edge", "server")
 _BLOCK = 1 << 16  # zero runs shorter than this are stored as data
 _ZEROS = bytes(_BLOCK)
-_SPARE_BYTES = 32 * 2**20  # free space a snapshot or a restore leaves on the disk
 _MAX_MANIFEST = 64 * 2**20
 _MAX_SPARSE = 8**11 - 2**20  # a sparse member's stored size must fit the ustar size field
 
@@ -222,7 +221,7 @@ def write_snapshot(
     files = {m.name: {"size": m.size, "sha256": m.sha256} for m in members}
     manifest = replace(manifest, files=files)
     stored = sum(m.stored for m in members)
-    _require_space(dest.parent, stored, "write the snapshot")
+    require_free_space(dest.parent, stored, "write the snapshot")
     partial = dest.with_name(dest.name + ".partial")
     advance = Counter(on_progress, "write", stored).add
     try:
@@ -320,7 +319,7 @@ def unpack(snapshot: Snapshot, dest: Path, rename: dict[str, str], on_progress: 
     where = str(snapshot.path)
     expected = dict(m.files)
     logical = sum(f["size"] for f in m.files.values())
-    _require_space(dest, snapshot.size, "restore the snapshot")
+    require_free_space(dest, snapshot.size, "restore the snapshot")
     advance = Counter(on_progress, "unpack", logical).add
     try:
         with tarfile.open(snapshot.path, "r:") as tar:
@@ -388,30 +387,3 @@ def _check_member_name(name: str, kind: str, where: str) -> None:
         safe = safe and name == SERVER_MEMBER
     if not safe or name == MANIFEST:
         raise StoreDamaged(f"{where} lists a file {name!r} that a snapshot cannot hold")
-
-
-def _require_space(folder: Path, needed: int, what: str) -> None:
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        return  # nothing to measure with; the write itself will tell
-    if free < needed + _SPARE_BYTES:
-        raise StoreUnavailable(
-            f"only {free / 2**20:.1f} MB free on the disk of {folder}, too little to {what} "
-            f"({(needed + _SPARE_BYTES) / 2**20:.1f} MB wanted); free some space"
-        )
-
-
-def make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreUnavailable(f"cannot create {folder}: {exc.strerror or exc}") from exc
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
