@@ -44,6 +44,20 @@ class Events:
     def closing(self, row: Row, text: str, entries: list[TokenEntry]) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _envelope(
+        self, row: Row, content: dict[str, Any], logprobs: Any, finish: str | None
+    ) -> dict[str, Any]:
+        """One chunk of ``row``: its ``content`` (text, or a chat delta), log-probabilities
+        and, in its last chunk, why it finished."""
+        choice = {
+            "index": row.index,
+            **content,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+            "stop_reason": row.text.stop_reason if finish else None,
+        }
+        return {**self.head, "object": self.object, "choices": [choice]}
+
     def usage(self) -> dict[str, Any]:
         return {
             **self.head,
@@ -79,14 +93,7 @@ class CompletionEvents(Events):
         logprobs = None
         if self.want:
             logprobs = completion_logprobs(entries).model_dump()
-        choice = {
-            "index": row.index,
-            "text": text,
-            "logprobs": logprobs,
-            "finish_reason": finish,
-            "stop_reason": row.text.stop_reason if finish else None,
-        }
-        return {**self.head, "object": self.object, "choices": [choice]}
+        return self._envelope(row, {"text": text}, logprobs, finish)
 
     def _shift(self, row: Row, entries: list[TokenEntry]) -> list[TokenEntry]:
         by = len(row.prompt.text) if self.echo else 0
@@ -125,14 +132,7 @@ class ChatEvents(Events):
         logprobs = None
         if self.want and entries is not None:
             logprobs = chat_logprobs(entries).model_dump()
-        choice = {
-            "index": row.index,
-            "delta": delta,
-            "logprobs": logprobs,
-            "finish_reason": finish,
-            "stop_reason": row.text.stop_reason if finish else None,
-        }
-        return {**self.head, "object": self.object, "choices": [choice]}
+        return self._envelope(row, {"delta": delta}, logprobs, finish)
 
     def opening(self, row: Row) -> dict[str, Any] | None:
         return self._chunk(row, {"role": "assistant", "content": ""}, None)
