@@ -114,8 +114,7 @@ def verify(
     are hashed; ``on_progress`` hears the bytes hashed (stage "hash")."""
     found = Verified()
     present = _files(folder)
-    total = sum(int(size) for size, _, _ in sums.values())
-    counter = Counter(on_progress, "hash", total) if deep else None
+    counter = Counter(on_progress, "hash", total_bytes(sums)) if deep else None
     for name in sorted(set(sums) - set(present)):
         found.problems.append(f"{name} is missing")
     for name in sorted(set(present) - set(sums)):
