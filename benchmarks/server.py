@@ -63,8 +63,30 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:6333", help="the Qdrant server")
     parser.add_argument("--grpc-port", type=int, default=6334, help="the server's gRPC port")
     parser.add_argument("--collection", default="kd-server", help="the name on both stores")
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="also the tuned levers: the collection linked for pointer following (`knnlm "
+        "rebuild --successors`, named <collection>-linked) is tuned with --fit-levers, pushed "
+        "and evaluated with and without the document cache and pointers",
+    )
+    parser.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=EVAL_TOKENS,
+        help="tokens of each held-out split (validation, test); small for a trial run",
+    )
     args = parser.parse_args()
-    bench = Bench(args.work, args.results, args.tokens, args.url, args.grpc_port, args.collection)
+    bench = Bench(
+        args.work,
+        args.results,
+        args.tokens,
+        args.url,
+        args.grpc_port,
+        args.collection,
+        args.levers,
+        args.eval_tokens,
+    )
     stage: Callable[[], Any] = {
         "ingest": bench.ingest,
         "push": bench.push,
@@ -80,18 +102,28 @@ def main() -> None:
 
 class Bench:
     def __init__(
-        self, work: Path, results: Path, tokens: int, url: str, grpc_port: int, name: str
+        self,
+        work: Path,
+        results: Path,
+        tokens: int,
+        url: str,
+        grpc_port: int,
+        name: str,
+        levers: bool = False,
+        eval_tokens: int = EVAL_TOKENS,
     ) -> None:
         self.work = work
         # (a pure function of the file names; a new size empties ``work`` first)
-        self.splits = make_splits(work, "interleaved", tokens, EVAL_TOKENS)
+        self.splits = make_splits(work, "interleaved", tokens, eval_tokens)
         self.out = work / "bench"
         self.out.mkdir(parents=True, exist_ok=True)
         self.results = results
         self.tokens = tokens
         self.url = url
         self.grpc_port = grpc_port
-        self.name = name
+        self.levers = levers
+        self.name = f"{name}-linked" if levers else name  # pushed and evaluated
+        self.ingested = name
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -134,15 +166,18 @@ class Bench:
 
         return [d.text for d in read_corpus([self.splits[split]], glob="*.rst.gz")]
 
-    def knnlm(self, *args: str, json_report: bool = True) -> tuple[Any, float]:
+    def knnlm(
+        self, *args: str, json_report: bool = True, collection: str | None = None
+    ) -> tuple[Any, float]:
         """The command's --json report (its last line), or its printed output, and its
-        wall seconds."""
+        wall seconds; on ``collection`` (default: the one pushed and evaluated)."""
         command = [str(ROOT / ".venv/bin/knnlm"), *args, *(["--json"] if json_report else [])]
         print("$ knnlm", " ".join(args), file=sys.stderr, flush=True)
         started = time.perf_counter()
+        env = self.env() | ({"KNNLM_COLLECTION": collection} if collection else {})
         done = subprocess.run(
             command,
-            env={**os.environ, **self.env()},
+            env={**os.environ, **env},
             stdout=subprocess.PIPE,
             text=True,
             check=True,
@@ -156,14 +191,37 @@ class Bench:
 
     def ingest(self) -> None:
         """The Edge collection through the CLI (default storage), then `knnlm tune` on the
-        validation split: the policy and gate every eval below uses."""
+        validation split: the policy and gate every eval below uses.
+
+        With levers, the ingested collection is first copied with successor links (`knnlm
+        rebuild --successors`, no LM) and the tune fits the document cache and the pointer
+        threshold too; the linked copy is the one pushed and evaluated."""
         if not self.saved("ingest"):
             report, seconds = self.knnlm(
-                "ingest", self.splits["datastore"], "--glob", "*.rst.gz", "--domain", DOMAIN
+                "ingest",
+                self.splits["datastore"],
+                "--glob",
+                "*.rst.gz",
+                "--domain",
+                DOMAIN,
+                collection=self.ingested,
             )
             self.save("ingest", {"report": report, "wall_seconds": seconds})
+        if self.levers and not self.saved("successors"):
+            report, seconds = self.knnlm(
+                "rebuild",
+                "--to-collection",
+                self.name,
+                "--successors",
+                collection=self.ingested,
+                json_report=False,
+            )
+            self.save("successors", {"summary": report.strip(), "wall_seconds": seconds})
         if not self.saved("tune"):
-            report, seconds = self.knnlm("tune", self.splits["validation"], "--glob", "*.rst.gz")
+            levers = ["--fit-levers", "--pointer-budget", "0.2"] if self.levers else []
+            report, seconds = self.knnlm(
+                "tune", self.splits["validation"], "--glob", "*.rst.gz", *levers
+            )
             self.save("tune", {"report": report, "wall_seconds": seconds})
 
     def wait_indexed(self, *, share: float = 0.0, timeout: float = 3600.0) -> dict[str, Any]:
@@ -261,10 +319,16 @@ class Bench:
         chunks = [texts[i::3] for i in range(3)]
         lm = load_language_model(self.settings())
         sessions = {label: open_session(s, lm=lm) for label, s in self.backends(threads=(1,))}
-        gates = {label: s.knn_lm.gate for label, s in sessions.items()}
-        runs = [(label, False) for label in sessions]
+        # each store's kNN-LM as tuned (gate and levers), and without the levers
+        tuned = {label: s.knn_lm for label, s in sessions.items()}
+        plain = {label: m.with_options(pointer_min=0, cache=None) for label, m in tuned.items()}
+        gates = {label: m.gate for label, m in tuned.items()}
+        has_levers = tuned["edge"].uses_memory
+        runs = [(label, False, False) for label in sessions]
         if gates["edge"] is not None:  # the tuned policy has a gate: also with it
-            runs += [(label, True) for label in sessions if "threads" not in label]
+            runs += [(label, True, False) for label in sessions]
+        if has_levers:  # and with the document cache and pointers it fitted
+            runs += [(label, gates[label] is not None, True) for label in sessions]
         edge = sessions["edge"]
         for session in sessions.values():  # connections, caches, first pages
             session.knn_lm.evaluate(session.encode([texts[0][:3000]]))
@@ -279,20 +343,23 @@ class Bench:
             # the base LM before and after the turn's kNN-LM runs, each store in turn
             chunk_keys = self._base_pass(edge.knn_lm, seqs, state["base"])
             keys += chunk_keys
-            for label, gate in runs[c % len(runs) :] + runs[: c % len(runs)]:
-                knn_lm = sessions[label].knn_lm
+            for label, gate, levers in runs[c % len(runs) :] + runs[: c % len(runs)]:
+                knn_lm = (tuned if levers else plain)[label]
                 knn_lm.gate = gates[label] if gate else None
                 started = time.perf_counter()
                 result = knn_lm.evaluate(seqs)
                 seconds = time.perf_counter() - started
-                name = f"{label}, gate" if gate else label
+                name = _run_name(label, gate, levers)
                 _add(
-                    state["runs"].setdefault(name, {"backend": label, "gate": gate}),
+                    state["runs"].setdefault(
+                        name, {"backend": label, "gate": gate, "levers": levers}
+                    ),
                     seconds=seconds,
                     tokens=result.tokens,
                     knn_nll=result.knn_nll,
                     base_nll=result.base_nll,
                     searches=result.queries,
+                    followed=result.followed or 0,
                     search_seconds=result.search_seconds,
                     lm_seconds=result.lm_seconds,
                 )
@@ -731,6 +798,10 @@ def _versions(sessions: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _run_name(backend: str, gate: bool, levers: bool) -> str:
+    return backend + (", gate" if gate else "") + (", levers" if levers else "")
+
+
 def _eval_rows(state: dict[str, Any], versions: dict[str, Any]) -> dict:
     """Per run: perplexity (and its difference from Edge's with the same gate setting),
     search ms/query, tokens/s and the ratio to the base LM of the same turns."""
@@ -741,6 +812,8 @@ def _eval_rows(state: dict[str, Any], versions: dict[str, Any]) -> dict:
         rows[name] = {
             "backend": run["backend"],
             "gate": run["gate"],
+            "levers": run.get("levers", False),
+            "followed_share": run.get("followed", 0) / run["tokens"],
             "tokens": run["tokens"],
             "test_perplexity": math.exp(run["knn_nll"] / run["tokens"]),
             "base_perplexity": math.exp(run["base_nll"] / run["tokens"]),
@@ -754,7 +827,7 @@ def _eval_rows(state: dict[str, Any], versions: dict[str, Any]) -> dict:
             "lm_seconds": run["lm_seconds"],
         }
     for row in rows.values():
-        edge = rows["edge, gate" if row["gate"] else "edge"]
+        edge = rows[_run_name("edge", row["gate"], row["levers"])]
         row["perplexity_vs_edge_percent"] = 100 * (
             row["test_perplexity"] / edge["test_perplexity"] - 1
         )
@@ -819,8 +892,8 @@ def _cause(target: str, run: str, data: dict[str, Any]) -> str:
     """What this run's own figures say about a missed target."""
     runs = data.get("eval", {}).get("runs", {})
     if "shared cores" in target and runs:
-        edge = runs["edge, gate" if "gate" in run else "edge"]
         row = runs[run]
+        edge = runs[_run_name("edge", row["gate"], row.get("levers", False))]
         return (
             f"Edge itself ran at {edge['ratio']:.2f}x beside the same "
             f"{edge['base_tokens_per_s']:.0f} tok/s LM: the kNN-LM's own work (k = {data['k']} "
@@ -980,14 +1053,20 @@ def _tables(data: dict[str, Any]) -> list[str]:
             "ms/query is `search_seconds / queries` of `KnnLM.evaluate` (the search of a "
             "window batch overlaps the LM forward of the next).",
             "",
-            "| store | gate (searches skipped) | test ppl | vs Edge | search ms/query "
-            "| vs Edge | base LM tok/s | kNN-LM tok/s | kNN-LM / base LM |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| store | gate (searches skipped) | levers (positions from pointers) | test ppl "
+            "| vs Edge | search ms/query | vs Edge | base LM tok/s | kNN-LM tok/s "
+            "| kNN-LM / base LM |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for _, row in sorted(ev["runs"].items(), key=lambda x: (x[1]["gate"], x[0] != "edge")):
+        order = sorted(
+            ev["runs"].items(),
+            key=lambda x: (x[1]["gate"], x[1].get("levers", False), x[0] != "edge"),
+        )
+        for _, row in order:
             gate = f"yes ({100 * row['skipped_share']:.0f}%)" if row["gate"] else "no"
+            levers = f"yes ({100 * row['followed_share']:.0f}%)" if row.get("levers") else "no"
             lines.append(
-                f"| {row['backend']} | {gate} | {row['test_perplexity']:.4f} | "
+                f"| {row['backend']} | {gate} | {levers} | {row['test_perplexity']:.4f} | "
                 f"{row['perplexity_vs_edge_percent']:+.3f}% | {row['search_ms_per_query']:.2f} | "
                 f"{row['search_vs_edge']:.2f}x | {row['base_tokens_per_s']:.0f} | "
                 f"{row['knn_tokens_per_s']:.0f} | **{row['ratio']:.2f}x** |"
