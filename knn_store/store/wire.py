@@ -339,8 +339,7 @@ def grpc_queries(collection: str, queries: np.ndarray, spec: SearchSpec) -> list
     for i, row in enumerate(queries.tolist()):
         must = list(shared)
         if spec.ids is not None:
-            ids = [grpc.PointId(uuid=str(p)) for p in spec.ids[i]]
-            must.append(grpc.Condition(has_id=grpc.HasIdCondition(has_id=ids)))
+            must.append(grpc.Condition(has_id=_grpc_has_id(spec.ids[i])))
         requests.append(
             grpc.QueryPoints(
                 collection_name=collection,
@@ -353,6 +352,22 @@ def grpc_queries(collection: str, queries: np.ndarray, spec: SearchSpec) -> list
             )
         )
     return requests
+
+
+def _grpc_has_id(ids: Sequence[Any]) -> Any:
+    """The ``HasIdCondition`` of a row's point ids. UUID ids (all of knnlm's) are written as
+    its wire bytes, ``_ID_HEAD`` and the id's text per id, and parsed in one call: a
+    ``PointId`` message per id cost more than the search of its row (4.6 ms against 0.1 ms
+    for 1,024 ids)."""
+    from qdrant_client import grpc
+
+    texts = [str(p) for p in ids]
+    if not all(len(text) == 36 and text.isascii() for text in texts):
+        return grpc.HasIdCondition(has_id=[grpc.PointId(uuid=text) for text in texts])
+    body = np.empty((len(texts), 40), dtype=np.uint8)  # [n, 4 + 36]
+    body[:, :4] = _ID_HEAD  # HasIdCondition.has_id = 1 (38 bytes): PointId.uuid = 2 (36)
+    body[:, 4:] = np.frombuffer("".join(texts).encode("ascii"), dtype=np.uint8).reshape(-1, 36)
+    return grpc.HasIdCondition.FromString(body.tobytes())
 
 
 def grpc_points(batch: PointBatch) -> list[Any]:
