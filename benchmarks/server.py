@@ -372,6 +372,7 @@ class Bench:
             self._base_pass(edge.knn_lm, seqs, state["base"])
             state["load_averages"] = [*state.get("load_averages", []), [load, os.getloadavg()]]
             state["chunks_done"] = c + 1
+            state["chunks_planned"] = len(chunks)
             self.save("eval_partial", state)
         np.save(self.out / "test_keys.npy", np.concatenate(keys).astype(np.float32))
         versions = _versions(sessions)
@@ -742,6 +743,18 @@ class Bench:
         }
         return {"stages": written, "report_commit": commit()}
 
+    def versions(self) -> dict[str, Any]:
+        """``_versions`` of the stores the eval compares, opened anew."""
+        from knn_store import load_language_model, open_session
+
+        lm = load_language_model(self.settings())
+        sessions = {label: open_session(s, lm=lm) for label, s in self.backends(threads=(1,))}
+        try:
+            return _versions(sessions)
+        finally:
+            for session in sessions.values():
+                session.close()
+
     def report(self) -> None:
         """results.md, results.json (every figure) and server_vs_edge.png."""
         stages = {
@@ -757,6 +770,9 @@ class Bench:
                 "ingest_speed",
             )
         }
+        partial = self.saved("eval_partial")
+        if stages["eval"] is None and partial:  # an eval stopped between turns: its turns
+            stages["eval"] = _eval_rows(partial, self.versions())
         data = relative(
             {"datastore_tokens": self.tokens, "k": K, "window": WINDOW, "stride": STRIDE}
             | {name: value for name, value in stages.items() if value is not None}
@@ -798,6 +814,17 @@ def _versions(sessions: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _turns(ev: dict[str, Any]) -> str:
+    """How many turns the eval ran, each over its own part of the test split."""
+    done, planned = ev.get("turns", 3), ev.get("turns_planned", 3)
+    if done >= planned:
+        return f"{done} turns, each over a third of the split"
+    return (
+        f"{done} of {planned} turns, each over a third of the split (the eval stopped there; "
+        "its stage resumes with the next turn)"
+    )
+
+
 def _run_name(backend: str, gate: bool, levers: bool) -> str:
     return backend + (", gate" if gate else "") + (", levers" if levers else "")
 
@@ -834,6 +861,8 @@ def _eval_rows(state: dict[str, Any], versions: dict[str, Any]) -> dict:
         row["search_vs_edge"] = row["search_ms_per_query"] / edge["search_ms_per_query"]
     return {
         "runs": rows,
+        "turns": state["chunks_done"],
+        "turns_planned": state.get("chunks_planned", 3),
         "base": base,
         "versions": versions,
         "load_averages": state.get("load_averages"),
@@ -1064,8 +1093,8 @@ def _tables(data: dict[str, Any]) -> list[str]:
         lines += [
             "## Eval on the test split, every store in turns in one process",
             "",
-            f"{next(iter(ev['runs'].values()))['tokens']:,} test tokens, 3 turns over the "
-            f"same chunks (the order of the stores rotated each turn); the base LM ran "
+            f"{next(iter(ev['runs'].values()))['tokens']:,} test tokens, "
+            f"{_turns(ev)}. The order of the stores rotated each turn; the base LM ran "
             f"{base['passes']} times, before and after each turn's kNN-LM runs. Search "
             "ms/query is `search_seconds / queries` of `KnnLM.evaluate` (the search of a "
             "window batch overlaps the LM forward of the next).",
