@@ -15,7 +15,9 @@ starts one):
     python benchmarks/server.py ingest-speed  # ingest into the server vs into Edge
     python benchmarks/server.py report        # results.md, results.json and the plot
 
-Nothing here asserts on time.
+With ``--levers`` the ingest stage also copies the collection with successor links (named
+``<collection>-linked``) and tunes it with ``--fit-levers``; push and eval then use that copy,
+and eval adds runs with the document cache and pointers. Nothing here asserts on time.
 """
 
 from __future__ import annotations
@@ -771,13 +773,15 @@ class Bench:
             )
         }
         partial = self.saved("eval_partial")
+        names = list(stages)
         if stages["eval"] is None and partial:  # an eval stopped between turns: its turns
             stages["eval"] = _eval_rows(partial, self.versions())
+            names.append("eval_partial")
         data = relative(
             {"datastore_tokens": self.tokens, "k": K, "window": WINDOW, "stride": STRIDE}
             | {name: value for name, value in stages.items() if value is not None}
         )
-        data["measured"] = self.measured(list(stages))
+        data["measured"] = self.measured(names)
         data["targets"] = _targets(data)
         self.results.mkdir(parents=True, exist_ok=True)
         (self.results / "results.json").write_text(json.dumps(data, indent=1) + "\n")
@@ -961,7 +965,7 @@ def _cause(target: str, run: str, data: dict[str, Any]) -> str:
     if "perplexity" in target:
         return (
             "not explained by this run: the exact-search comparison (the `rebuilt` stage) was "
-            "not run at this size"
+            "not run"
         )
     speed = data.get("ingest_speed", {}).get("targets", {})
     if "ingest" in target and "server REST" in speed:

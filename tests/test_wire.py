@@ -20,6 +20,7 @@ from knn_store.store.base import NEXT_FIELD, PointBatch, PointFilter
 from knn_store.store.point_ids import id_words, tokens_from_ids
 from knn_store.store.wire import (
     SearchSpec,
+    _grpc_has_id,
     _hits_by_message,
     _scored_points,
     grpc_hits,
@@ -290,6 +291,20 @@ def test_grpc_queries_equal_the_clients_conversion(case: str) -> None:
         assert not b.params.indexed_only  # the client writes out the server's own default
         b.params.ClearField("indexed_only")
         assert a == b, (a, b)
+
+
+@pytest.mark.parametrize("kind", ["uuids", "none", "other text"])
+def test_grpc_has_id_equals_a_message_per_id(kind: str) -> None:
+    """The id list written as wire bytes parses to the message built id by id; ids that
+    are not 36-character UUID text take the message path and say the same."""
+    ids = {
+        "uuids": _uuids(np.random.default_rng(6), 300),
+        "none": [],
+        "other text": [*_uuids(np.random.default_rng(7), 2), "short", "é" * 36],
+    }[kind]
+    expected = grpc.HasIdCondition(has_id=[grpc.PointId(uuid=i) for i in ids])
+    assert _grpc_has_id(ids) == expected
+    assert _grpc_has_id(ids).SerializeToString() == expected.SerializeToString()
 
 
 def test_grpc_points_equal_the_clients_conversion() -> None:
